@@ -229,6 +229,19 @@ def image_path(folder: Path, frame_id: int) -> Path | None:
     return None
 
 
+def follow_pointer(path: Path) -> Path:
+    """A symlink checked out as a plain file (git without symlink support) holds its target's
+    relative path as text; follow it so such a checkout still works."""
+    if path.is_file() and path.stat().st_size < 1024:
+        try:
+            target = (path.parent / path.read_text().strip()).resolve()
+        except (UnicodeDecodeError, OSError, ValueError):
+            return path
+        if target.is_file() and target != path.resolve():
+            return target
+    return path
+
+
 def load_dataset(root: Path) -> Dataset:
     """Read and check the competition layout before any heavy work."""
     root = Path(root)
@@ -269,7 +282,7 @@ def load_dataset(root: Path) -> Dataset:
     extra = sorted(set(positions) - {i for i, f in frames.items() if f.split == "train"})
     if extra:
         raise DataError(f"{root / 'train_data/train_pos.csv'}: id {extra[0]} has a position but no intrinsics")
-    return Dataset(root, map_path, frames)
+    return Dataset(root, follow_pointer(map_path), frames)
 
 
 def read_image(path: Path, flags: int = cv2.IMREAD_GRAYSCALE) -> np.ndarray:
@@ -853,7 +866,7 @@ class Localizer:
         x1, y1 = min(self.mf.size[0], cx + half), min(self.mf.size[1], cy + half)
         window = (x0 / lv, y0 / lv, x1 / lv, y1 / lv)
         sub, _ = self.mf.window(x0, y0, x1, y1, self.s["features"]["max_map_keypoints"])
-        i0, i1, _ = self.matcher.match(v.features, v.size, sub, (max(1, int(x1 - x0)), max(1, int(y1 - y0))))
+        i0, i1, _ = self.matcher.match(v.features, v.size, sub, (int(np.ceil(x1 - x0)) + 1, int(np.ceil(y1 - y0)) + 1))
         t0 = self._tick("match", t0)
         p0, p1 = v.features.keypoints[i0], sub.keypoints[i1]
         Hv, inl = estimate_homography(p0, p1, self.s["geometry"])
@@ -1005,14 +1018,8 @@ def processing_order(targets: list[int], known: list[int], both_ends: bool) -> l
     if not both_ends:
         first = min(known)
         return sorted((t for t in targets if t < first), reverse=True) + sorted(t for t in targets if t > first)
-    resolved, todo, order = sorted(known), set(targets), []
-    while todo:
-        arr = np.array(resolved)
-        t = min(todo, key=lambda i: (np.abs(arr - i).min(), i))
-        order.append(t)
-        todo.discard(t)
-        resolved = sorted(resolved + [t])
-    return order
+    known_ids = np.array(sorted(known))
+    return sorted(targets, key=lambda i: (int(np.abs(known_ids - i).min()), i))
 
 
 def neighbours(i: int, resolved: dict[int, Estimate]) -> tuple[int | None, int | None]:

@@ -1,0 +1,142 @@
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pandas as pd
+import pytest
+
+import uavloc as U
+from conftest import ROOT
+
+
+def test_metric_hand_computed():
+    truth = pd.DataFrame({"id": [1, 2, 3, 4], "x_pixel": [0, 0, 0, 0], "y_pixel": [0, 0, 0, 0]})
+    pred = pd.DataFrame({"id": [1, 2, 3], "x_pixel": [10, 100, 400], "y_pixel": [0, 0, 300]})
+    m = U.metric(pred, truth)   # distances 10, 100, 500, missing
+    assert m["acc@25"] == 0.25 and m["acc@125"] == 0.5 and m["acc@500"] == 0.75
+    assert abs(m["score"] - 50.0) < 1e-9
+
+
+def test_settings_override_order(tmp_path):
+    user = tmp_path / "user.toml"
+    user.write_text('[features]\nbackend = "xfeat"\nmax_keypoints = 500\n')
+    s = U.load_settings(str(user), None, ["features.max_keypoints=700"])
+    assert s["features"]["backend"] == "xfeat" and s["features"]["max_keypoints"] == 700
+    s = U.load_settings(str(user), "reference", [])
+    assert s["reference"]["mode"] == "centre" and s["features"]["backend"] == "xfeat"
+    with pytest.raises(U.UsageError, match="unknown setting"):
+        U.load_settings(None, None, ["features.nope=1"])
+    with pytest.raises(U.UsageError, match="number"):
+        U.load_settings(None, None, ["features.max_keypoints=abc"])
+
+
+def test_settings_round_trip_through_toml(tmp_path):
+    s = U.load_settings()
+    s["geometry"]["ransac_threshold"] = 2.5
+    p = tmp_path / "s.toml"
+    p.write_text(U.dump_toml(s))
+    assert U.load_settings(str(p)) == s
+
+
+def test_processing_order_below_first_train_goes_backwards():
+    order = U.processing_order(list(range(1, 13)) + [20], list(range(13, 20)), both_ends=False)
+    assert order[:12] == list(range(12, 0, -1)) and order[-1] == 20
+
+
+def test_both_ends_order_alternates_from_the_two_known_ends():
+    order = U.processing_order([11, 12, 13, 14, 15, 16], [10, 17], both_ends=True)
+    assert order[:2] == [11, 16] and set(order[2:4]) == {12, 15}
+
+
+def test_block_split_hides_runs_not_single_ids():
+    ids = list(range(100))
+    hidden = U.block_split(ids, 0.25, 3, 5, seed=1)
+    assert 20 <= len(hidden) <= 25 and 0 not in hidden and 99 not in hidden
+    runs = np.split(np.array(hidden), np.flatnonzero(np.diff(hidden) > 1) + 1)
+    assert all(len(r) >= 2 for r in runs[:-1])
+    assert hidden == U.block_split(ids, 0.25, 3, 5, seed=1)
+
+
+def test_jump_is_rejected_and_interpolated():
+    known = {i: U.Estimate(i, 10.0 * i, 0.0, "truth") for i in (1, 5)}
+    H = np.eye(3)
+    done = {i: U.Estimate(i, 10.0 * i, 0.0, "map", H=H) for i in (2, 3, 4)}
+    done[3].x, done[3].y = 900.0, 700.0      # a wrong match far away
+    U.reject_jumps(done, known, bound=12.0, slack=5.0)
+    assert done[3].source == "interpolated" and done[2].source == "map"
+    U.fill_unmatched(done, known, (0, 0))
+    assert abs(done[3].x - 30.0) < 1e-9 and abs(done[3].y) < 1e-9
+
+
+def test_atomic_write_leaves_no_partial_file(tmp_path):
+    p = tmp_path / "a.csv"
+    U.atomic_write(p, "id\n1\n")
+    assert p.read_text() == "id\n1\n" and len(list(tmp_path.iterdir())) == 1
+
+
+def run_cli(*args, env=None):
+    return subprocess.run([sys.executable, str(ROOT / "uavloc.py"), *args], capture_output=True, text=True,
+                          env=env, timeout=600)
+
+
+def test_missing_map_is_one_clear_error(demo_data, tmp_path):
+    import shutil
+    data = tmp_path / "data"
+    shutil.copytree(demo_data, data)
+    (data / "map.png").unlink()
+    r = run_cli("--mode", "submit", "--data", str(data), "--out", str(tmp_path / "o"))
+    assert r.returncode == 3 and "map.png not found" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_missing_test_image_is_one_clear_error(demo_data, tmp_path):
+    import shutil
+    data = tmp_path / "data"
+    shutil.copytree(demo_data, data)
+    victim = sorted((data / "test_data/test_images").iterdir())[0]
+    victim.unlink()
+    r = run_cli("--mode", "submit", "--data", str(data), "--out", str(tmp_path / "o"))
+    assert r.returncode == 3 and "no image for test id" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_missing_weights_is_one_clear_error(demo_data, tmp_path):
+    r = run_cli("--mode", "submit", "--data", str(demo_data), "--out", str(tmp_path / "o"),
+                "--weights", str(tmp_path / "nowhere"), "--set", "features.backend=aliked")
+    assert r.returncode == 4 and "aliked-n16.pth" in r.stderr and "nowhere" in r.stderr
+    assert "Traceback" not in r.stderr
+
+
+def test_superpoint_loads_magicleap_layout_and_gives_256d(tmp_path):
+    torch = pytest.importorskip("torch")
+    net = U.superpoint_net()
+    keys = set(net.state_dict())
+    assert {"conv1a.weight", "convPb.weight", "convDb.weight"} <= keys
+    torch.save(net.state_dict(), tmp_path / "superpoint_v1.pth")
+    fresh = U.superpoint_net()
+    fresh.load_state_dict(torch.load(tmp_path / "superpoint_v1.pth", weights_only=True))
+    prob, desc = fresh(torch.rand(1, 1, 64, 96))
+    assert prob.shape == (1, 64, 96) and desc.shape == (1, 256, 8, 12)
+
+
+def test_submit_sift_writes_valid_submission_and_locate_json(demo_data, tmp_path):
+    out = tmp_path / "o"
+    r = run_cli("--mode", "submit", "--data", str(demo_data), "--out", str(out), "--set", "features.backend=sift")
+    assert r.returncode == 0, r.stderr
+    sub = pd.read_csv(out / "submission.csv")
+    test_ids = pd.read_csv(demo_data / "test_data/test_cam.csv")["id"].tolist()
+    assert list(sub.columns) == ["id", "x_pixel", "y_pixel"] and sub["id"].tolist() == sorted(test_ids)
+    m = U.metric(sub, pd.read_csv(demo_data.parent / "solution.csv"))
+    assert m["acc@25"] == 1.0 and m["mean_px"] < 5
+    diag = pd.read_csv(out / "test_predictions.csv")
+    assert {"anchor_id", "inliers", "rotation", "source", "runtime_s"} <= set(diag.columns)
+    assert (out / "report" / "map_overview.png").is_file()
+    cam = pd.read_csv(demo_data / "test_data/test_cam.csv").iloc[0]
+    sol = pd.read_csv(demo_data.parent / "solution.csv").set_index("id").loc[int(cam.id)]
+    frame = demo_data / f"test_data/test_images/{int(cam.id):04d}.JPG"
+    r = run_cli("--mode", "locate", "--map", str(demo_data / "map.png"), "--frame", str(frame),
+                "--fx", str(cam.fx), "--fy", str(cam.fy), "--cx", str(cam.cx), "--cy", str(cam.cy),
+                "--prior", f"{sol.x_pixel + 40},{sol.y_pixel - 30}", "--out", str(out),
+                "--set", "features.backend=sift")
+    assert r.returncode == 0, r.stderr
+    res = json.loads(r.stdout.strip().splitlines()[-1])
+    assert np.hypot(res["x"] - sol.x_pixel, res["y"] - sol.y_pixel) < 5   # calibrated reference pixel reused
