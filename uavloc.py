@@ -816,7 +816,7 @@ class Localizer:
         self.mf = map_features
         self.matcher = matcher
         self.calib: Calibration | None = None
-        self.views: dict = {}           # explicit cache: (frame id, rotation, scale) -> QueryView
+        self.views: dict = {}           # explicit cache: (image path, rotation, scale) -> QueryView
         self.timing: dict[str, float] = {}
 
     def _tick(self, stage: str, t0: float) -> float:
@@ -828,7 +828,7 @@ class Localizer:
         """The frame scaled to the map level and rotated by `rotation`, with its features (cached)."""
         f = self.s["features"]
         target = expected_scale * f["map_level"] * self.s["scale"]["virtual_zoom"]
-        key = (frame.id, rotation % 360, round(target, 4))
+        key = (str(frame.path), rotation % 360, round(target, 4))
         if key in self.views:
             return self.views[key]
         t0 = time.perf_counter()
