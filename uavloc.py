@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import copy
 import dataclasses
+import functools
 import hashlib
 import json
 import os
@@ -292,8 +293,9 @@ def read_image(path: Path, flags: int = cv2.IMREAD_GRAYSCALE) -> np.ndarray:
     return img
 
 
+@functools.lru_cache(maxsize=4096)
 def image_size(path: Path) -> tuple[int, int]:
-    """(width, height) from the file header; decoding a 48-MP JPEG only for its size is waste."""
+    """(width, height) from the file header, read once per path: every search attempt asks for it."""
     with open(path, "rb") as f:
         head = f.read(65536)
     if head[:8] == b"\x89PNG\r\n\x1a\n":
@@ -781,7 +783,7 @@ class Estimate:
     def row(self) -> dict:
         return {"id": self.id, "x_pixel": round(self.x, 3), "y_pixel": round(self.y, 3), "source": self.source,
                 "anchor_id": self.anchor_id, "anchor_source": self.anchor_source, "matches": self.matches,
-                "inliers": self.inliers, "used_match": self.H is not None and self.source != "interpolated",
+                "inliers": self.inliers, "used_match": self.H is not None,
                 "rotation": self.rotation, "scale": round(self.scale, 5),
                 "crop_w": int(self.window[2] - self.window[0]) if self.window else 0,
                 "crop_h": int(self.window[3] - self.window[1]) if self.window else 0,
@@ -914,7 +916,7 @@ class Localizer:
             return [0.0]
         grid = [float(a) for a in np.arange(0, 360, step)]
         if loc["rotation_search"] == "all" or yaw_prior is None:
-            return grid[:max(loc["max_hypotheses"], len(grid))] if yaw_prior is None else grid
+            return grid
         want = -yaw_prior
         dist = lambda a: abs((a - want + 180) % 360 - 180)  # noqa: E731
         return sorted(grid, key=dist)[:loc["max_hypotheses"]]

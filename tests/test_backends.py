@@ -1,4 +1,5 @@
 """Localization of synthetic frames through each learned backend (skipped only without weights)."""
+import cv2
 import numpy as np
 import pandas as pd
 import pytest
@@ -33,7 +34,6 @@ def test_fixture_frame_localizes_within_5px(calibrated, demo_data, yaw_offset, t
     k = yaw_offset // 90
     rot = np.ascontiguousarray(np.rot90(img, k))
     path = tmp_path / "rotated.JPG"
-    import cv2
     cv2.imwrite(str(path), rot, [cv2.IMWRITE_JPEG_QUALITY, 95])
     h, w = img.shape[:2]
     _, m = U.rotate_image(img[..., 0], 90 * k)
