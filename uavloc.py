@@ -23,6 +23,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pandas as pd
+from tqdm import tqdm
 
 ROOT = Path(__file__).resolve().parent
 DEFAULT_SETTINGS = ROOT / "settings.toml"
@@ -148,9 +149,9 @@ def dump_toml(settings: dict) -> str:
     return "\n".join(lines)
 
 
-def settings_hash(settings: dict, sections: tuple[str, ...]) -> str:
-    text = json.dumps({s: settings[s] for s in sections}, sort_keys=True)
-    return hashlib.sha1(text.encode()).hexdigest()[:12]
+def digest(obj, n: int = 12) -> str:
+    """A short stable hash of a JSON-able object: the key of caches and checkpoints."""
+    return hashlib.sha1(json.dumps(obj, sort_keys=True).encode()).hexdigest()[:n]
 
 
 def atomic_write(path: Path, data: str | bytes) -> None:
@@ -610,10 +611,9 @@ def cached_map_features(map_path: Path, map_gray: np.ndarray, matcher: Matcher, 
                         cache_dir: Path) -> tuple[MapFeatures, bool]:
     """Disk cache keyed by the map file and every setting that changes the map's features."""
     stat = map_path.stat()
-    key = hashlib.sha1(json.dumps([str(map_path.resolve()), stat.st_size, stat.st_mtime_ns,
-                                   settings["preprocess"], {k: settings["features"][k] for k in (
-                                       "backend", "map_level", "map_tile", "map_keypoints_per_tile")}],
-                                  sort_keys=True).encode()).hexdigest()[:16]
+    key = digest([str(map_path.resolve()), stat.st_size, stat.st_mtime_ns, settings["preprocess"],
+                  {k: settings["features"][k] for k in ("backend", "map_level", "map_tile", "map_keypoints_per_tile")},
+                  str(matcher.device or "cpu")], 16)
     path = cache_dir / f"map_{key}.npz"
     if path.is_file():
         z = np.load(path)
@@ -626,6 +626,52 @@ def cached_map_features(map_path: Path, map_gray: np.ndarray, matcher: Matcher, 
              descriptors=mf.features.descriptors, scores=mf.features.scores)
     os.replace(tmp, path)
     return mf, False
+
+
+@dataclass
+class QueryView:
+    """A frame's features at one rotation and scale, in the coordinates of that rotated view."""
+    features: Features
+    size: tuple[int, int]            # (w, h) of the rotated working image
+    to_view: np.ndarray              # original image px -> view px
+
+
+class QueryCache:
+    """Explicit cache of query views: in memory, and on disk under <out>/cache/query/<key>/ so a second
+    run or a tuning trial skips decoding and extraction. The key holds everything that changes the
+    features: the image file (path, size, mtime), rotation, scale, preprocessing and backend."""
+
+    def __init__(self, folder: Path | None, settings: dict, device: str):
+        f = settings["features"]
+        self.folder = folder / digest([settings["preprocess"], f["backend"], device, f["max_keypoints"],
+                                       f["half_precision"]]) if folder else None
+        self.memory: dict[str, QueryView] = {}
+        self.hits = self.misses = 0
+
+    def key(self, path: Path, rotation: float, scale: float) -> str:
+        st = path.stat()
+        return digest([str(path.resolve()), st.st_size, st.st_mtime_ns, round(rotation, 3), round(scale, 6)], 20)
+
+    def get(self, key: str) -> QueryView | None:
+        v = self.memory.get(key)
+        if v is None and self.folder is not None and (self.folder / f"{key}.npz").is_file():
+            z = np.load(self.folder / f"{key}.npz")
+            v = QueryView(Features(z["keypoints"], z["descriptors"], z["scores"]),
+                          (int(z["size"][0]), int(z["size"][1])), z["to_view"])
+            self.memory[key] = v
+        self.hits += v is not None
+        self.misses += v is None
+        return v
+
+    def put(self, key: str, v: QueryView) -> None:
+        self.memory[key] = v
+        if self.folder is None:
+            return
+        self.folder.mkdir(parents=True, exist_ok=True)
+        tmp = self.folder / f".{key}.tmp.npz"
+        np.savez(tmp, keypoints=v.features.keypoints, descriptors=v.features.descriptors,
+                 scores=v.features.scores, size=np.array(v.size), to_view=v.to_view)
+        os.replace(tmp, self.folder / f"{key}.npz")
 
 
 # ----------------------------------------------------------------------------- geometry
@@ -778,6 +824,7 @@ class Estimate:
     scale: float = 0.0
     window: tuple = ()
     runtime: float = 0.0
+    stages: dict = field(default_factory=dict)   # seconds per pipeline stage (decode, extract, match, ...)
     error: str = ""
 
     def row(self) -> dict:
@@ -787,7 +834,8 @@ class Estimate:
                 "rotation": self.rotation, "scale": round(self.scale, 5),
                 "crop_w": int(self.window[2] - self.window[0]) if self.window else 0,
                 "crop_h": int(self.window[3] - self.window[1]) if self.window else 0,
-                "runtime_s": round(self.runtime, 3), "error": self.error}
+                "runtime_s": round(self.runtime, 3), "error": self.error,
+                "stages": json.dumps({k: round(v, 5) for k, v in self.stages.items()})}
 
 
 @dataclass
@@ -801,58 +849,109 @@ class Attempt:
     pairs: tuple = ()                 # (query pts, map pts, inlier mask) for reports
 
 
-@dataclass
-class QueryView:
-    features: Features
-    size: tuple[int, int]            # (w, h) of the rotated working image
-    to_view: np.ndarray              # original image px -> view px
-    image: np.ndarray
+class Checkpoint:
+    """Finished frames, appended as JSON lines while a run goes: a re-run with the same data and
+    settings replays them instead of recomputing, and so gives the same result as an uninterrupted
+    run. The file name holds a hash of the data and of every setting that changes a result."""
+
+    def __init__(self, path: Path | None, fresh: bool = False):
+        self.path = path
+        self.records: dict[tuple[str, int], dict] = {}
+        self.replayed = 0
+        if path is None:
+            return
+        if fresh:
+            path.unlink(missing_ok=True)
+        if path.is_file():
+            for line in path.read_text().splitlines():
+                try:
+                    r = json.loads(line)
+                except json.JSONDecodeError:   # the last line of a killed run may be cut short
+                    continue
+                self.records[(r["phase"], r["id"])] = r["data"]
+        path.parent.mkdir(parents=True, exist_ok=True)
+
+    def get(self, phase: str, fid: int) -> dict | None:
+        r = self.records.get((phase, fid))
+        self.replayed += r is not None
+        return r
+
+    def put(self, phase: str, fid: int, data: dict) -> dict:
+        self.records[(phase, fid)] = data
+        if self.path is not None:
+            with open(self.path, "a") as f:
+                f.write(json.dumps({"phase": phase, "id": fid, "data": data}) + "\n")
+        return data
+
+    def estimate(self, phase: str, fid: int) -> Estimate | None:
+        d = self.get(phase, fid)
+        if d is None:
+            return None
+        return Estimate(**{**d, "H": None if d["H"] is None else np.array(d["H"]), "window": tuple(d["window"])})
+
+    def put_estimate(self, phase: str, est: Estimate) -> None:
+        d = dataclasses.asdict(est)
+        d["H"] = None if est.H is None else est.H.tolist()
+        d["window"] = [float(v) for v in est.window]
+        self.put(phase, est.id, d)
 
 
 class Localizer:
     """Everything one frame's localization needs; `locate` is the single code path of every mode."""
 
-    def __init__(self, settings: dict, map_gray: np.ndarray, map_features: MapFeatures, matcher: Matcher):
+    def __init__(self, settings: dict, map_gray: np.ndarray, map_features: MapFeatures, matcher: Matcher,
+                 cache: QueryCache):
         self.s = settings
         self.map_gray = map_gray
         self.mf = map_features
         self.matcher = matcher
+        self.cache = cache
         self.calib: Calibration | None = None
-        self.views: dict = {}           # explicit cache: (image path, rotation, scale) -> QueryView
-        self.timing: dict[str, float] = {}
+        self.frame_timing: dict[str, float] = {}   # seconds per stage of the frame being located
 
     def _tick(self, stage: str, t0: float) -> float:
         t = time.perf_counter()
-        self.timing[stage] = self.timing.get(stage, 0.0) + t - t0
+        self.frame_timing[stage] = self.frame_timing.get(stage, 0.0) + t - t0
         return t
+
+    def query_image(self, frame: Frame, rotation: float, target: float) -> tuple[np.ndarray, np.ndarray]:
+        """The frame decoded near `target` x its size (capped at preprocess.max_side), preprocessed and
+        rotated by `rotation`; returns the image and the homography original px -> its px."""
+        t0 = time.perf_counter()
+        w, h = image_size(frame.path)
+        side = min(self.s["preprocess"]["max_side"], max(8, int(round(max(w, h) * target))))
+        gray = load_gray(frame.path, side)
+        t0 = self._tick("decode", t0)
+        gray = preprocess(gray, self.s["preprocess"])
+        img, rot = rotate_image(gray, rotation)
+        self._tick("preprocess", t0)
+        return img, rot @ scale_h(gray.shape[1] / w, gray.shape[0] / h)
+
+    def view_scale(self, expected_scale: float) -> float:
+        """Query scale relative to original px, snapped to a log grid so that the features of one frame
+        are reused across calibrations, search attempts and tuning trials."""
+        target = expected_scale * self.mf.level * self.s["scale"]["virtual_zoom"]
+        step = np.log(self.s["features"]["query_scale_step"])
+        return float(np.exp(step * np.round(np.log(target) / step)))
 
     def view(self, frame: Frame, rotation: float, expected_scale: float) -> QueryView:
         """The frame scaled to the map level and rotated by `rotation`, with its features (cached)."""
-        f = self.s["features"]
-        target = expected_scale * f["map_level"] * self.s["scale"]["virtual_zoom"]
-        key = (str(frame.path), rotation % 360, round(target, 4))
-        if key in self.views:
-            return self.views[key]
+        target = self.view_scale(expected_scale)
+        key = self.cache.key(frame.path, rotation % 360, target)
+        v = self.cache.get(key)
+        if v is not None:
+            return v
+        img, to_view = self.query_image(frame, rotation, target)
         t0 = time.perf_counter()
-        w, h = image_size(frame.path)
-        side = max(8, int(round(max(w, h) * target)))
-        gray = load_gray(frame.path, min(side, self.s["preprocess"]["max_side"]))
-        t0 = self._tick("decode", t0)
-        gray = preprocess(gray, self.s["preprocess"])
-        if gray.shape[1] != int(round(w * target)):
-            gray = cv2.resize(gray, (max(8, int(round(w * target))), max(8, int(round(h * target)))),
-                              interpolation=cv2.INTER_AREA)
-        img, rot = rotate_image(gray, rotation)
-        to_view = rot @ scale_h(gray.shape[1] / w, gray.shape[0] / h)
-        t0 = self._tick("preprocess", t0)
         feats = self.matcher.extract(img)
         if rotation % 90:                  # drop keypoints on the rotated canvas' blank corners
-            inside = project(np.linalg.inv(rot), feats.keypoints)
-            ok = np.all((inside > 4) & (inside < np.array(gray.shape[::-1]) - 4), axis=1)
-            feats = feats.subset(ok)
+            w, h = image_size(frame.path)
+            orig = project(np.linalg.inv(to_view), feats.keypoints)
+            margin = 4 / np.hypot(*to_view[:2, 0])
+            feats = feats.subset(np.all((orig > margin) & (orig < np.array([w, h]) - margin), axis=1))
         self._tick("extract", t0)
-        v = QueryView(feats, (img.shape[1], img.shape[0]), to_view, img)
-        self.views[key] = v
+        v = QueryView(feats, (img.shape[1], img.shape[0]), to_view)
+        self.cache.put(key, v)
         return v
 
     def match_map(self, frame: Frame, rotation: float, centre, radius: float) -> Attempt:
@@ -873,7 +972,7 @@ class Localizer:
         p0, p1 = v.features.keypoints[i0], sub.keypoints[i1]
         Hv, inl = estimate_homography(p0, p1, self.s["geometry"])
         self._tick("geometry", t0)
-        attempt = Attempt(None, int(inl.sum()), len(i0), rotation, window, pairs=(p0, p1 + [x0, y0], inl, v))
+        attempt = Attempt(None, int(inl.sum()), len(i0), rotation, window, pairs=(p0, p1 + [x0, y0], inl))
         if Hv is None:
             attempt.problem = "no homography"
             return attempt
@@ -921,10 +1020,19 @@ class Localizer:
         dist = lambda a: abs((a - want + 180) % 360 - 180)  # noqa: E731
         return sorted(grid, key=dist)[:loc["max_hypotheses"]]
 
+    def agrees(self, H: np.ndarray, frame: Frame, yaw_prior: float | None) -> bool:
+        """A match whose yaw lands within half a rotation step of the heading prior confirms the
+        prior: the remaining hypotheses need not be tried (a wrong match has a random yaw)."""
+        if yaw_prior is None:
+            return False
+        d = abs((homography_yaw(H, (frame.cx, frame.cy)) - yaw_prior + 180) % 360 - 180)
+        return d <= self.s["localize"]["rotation_step"] / 2
+
     def locate(self, frame: Frame, centre, radius: float, yaw_prior: float | None,
                neighbour: tuple[Frame, Estimate] | None = None) -> tuple[Estimate, Attempt | None]:
         """Map match over the rotation hypotheses; then neighbour match; then a widening search."""
         t_start = time.perf_counter()
+        self.frame_timing = {}
         loc = self.s["localize"]
         strong = loc["strong_inliers"]
         best: Attempt | None = None
@@ -938,7 +1046,7 @@ class Localizer:
             a = self.match_map(frame, rot, centre, radius)
             if better(a, best):
                 best = a
-            if best.H is not None and best.inliers >= strong:
+            if best.H is not None and (best.inliers >= strong or self.agrees(best.H, frame, yaw_prior)):
                 break
         if (best.H is None or best.inliers < strong) and neighbour and loc["neighbour_matching"] \
                 and neighbour[1].H is not None:
@@ -965,6 +1073,7 @@ class Localizer:
             est.x, est.y, est.H, est.source = float(x), float(y), best.H, source
             est.scale = homography_scale(best.H, (frame.cx, frame.cy))
         est.runtime = time.perf_counter() - t_start
+        est.stages = dict(self.frame_timing)
         return est, best
 
 
@@ -975,24 +1084,69 @@ def speed_bound(dataset: Dataset, ids: list[int], margin: float) -> float:
     return margin * float(np.percentile(steps, 95)) if steps else float("inf")
 
 
-def calibrate(loc: Localizer, dataset: Dataset, fit_ids: list[int], log=print) -> dict[int, Estimate]:
-    """Height model by template NCC, then register the fit frames at their known positions to refine
-    scale and learn which image point the GPS truth is. Returns the registered train frames."""
-    s = loc.s
-    sample = fit_ids[:: max(1, len(fit_ids) // 20)]
-    ks = np.array([ncc_scale(dataset.frames[i], loc.map_gray, s["scale"])[0] *
+EXCEPTION_PREFIX = "raised "
+
+
+def locate_guarded(loc: Localizer, frame: Frame, centre, radius: float, yaw, neighbour=None) -> Estimate:
+    """Localizer.locate, but a frame that raises an unexpected error is recorded with the error and
+    treated as unmatched so the run goes on; run.strict re-raises instead."""
+    try:
+        return loc.locate(frame, centre, radius, yaw, neighbour)[0]
+    except UavlocError:
+        raise
+    except Exception as e:
+        if loc.s["run"]["strict"]:
+            raise
+        return Estimate(frame.id, float(centre[0]), float(centre[1]), "anchor",
+                        error=f"{EXCEPTION_PREFIX}{type(e).__name__}: {e}")
+
+
+def height_from_ncc(loc: Localizer, dataset: Dataset, ids: list[int]) -> float:
+    """The seed's height model: template NCC of a sample of train frames at their known positions."""
+    sample = ids[:: max(1, len(ids) // 20)]
+    ks = np.array([ncc_scale(dataset.frames[i], loc.map_gray, loc.s["scale"])[0] *
                    np.sqrt(dataset.frames[i].fx * dataset.frames[i].fy) for i in sample])
-    k_ncc = float(robust_center(ks)[0])
+    return float(robust_center(ks)[0])
+
+
+def register_train(loc: Localizer, dataset: Dataset, checkpoint: Checkpoint) -> dict[int, Estimate]:
+    """Register every train frame at its known position (a narrow search) with the NCC height model.
+    Their homographies give the scale model, the truth's image point and rotation priors."""
+    ids = dataset.train_ids
+    k_ncc = checkpoint.get("ncc", 0)
+    k_ncc = k_ncc["k"] if k_ncc else checkpoint.put("ncc", 0, {"k": height_from_ncc(loc, dataset, ids)})["k"]
     loc.calib = Calibration(k_ncc, k_ncc, 0.0, (0.0, 0.0), (0.0, 0.0), 0)
+    check_map_covers_frames(loc, dataset)
     known: dict[int, Estimate] = {}
     yaw = None
-    for i in fit_ids:
+    for i in tqdm(ids, desc="register train", disable=None, leave=False):
         f = dataset.frames[i]
-        est, _ = loc.locate(f, f.truth, s["localize"]["search_radius"], yaw)
+        est = checkpoint.estimate("register", i)
+        if est is None:
+            est = locate_guarded(loc, f, f.truth, loc.s["localize"]["search_radius"], yaw)
+            checkpoint.put_estimate("register", est)
         if est.H is not None:
             yaw = homography_yaw(est.H, (f.cx, f.cy))
         known[i] = dataclasses.replace(est, x=f.truth[0], y=f.truth[1], source="truth")
-    reg = [known[i] for i in fit_ids if known[i].H is not None]
+    return known
+
+
+def check_map_covers_frames(loc: Localizer, dataset: Dataset) -> None:
+    h, w = loc.map_gray.shape
+    f = dataset.frames[dataset.train_ids[0]]
+    fw, fh = image_size(f.path)
+    foot = (fw * loc.calib.expected_scale(f), fh * loc.calib.expected_scale(f))
+    if foot[0] > w or foot[1] > h:
+        raise DataError(f"{dataset.map_path}: map ({w}x{h} px) is smaller than one frame's footprint "
+                        f"({foot[0]:.0f}x{foot[1]:.0f} map px at the calibrated height)")
+
+
+def fit_calibration(loc: Localizer, dataset: Dataset, registered: dict[int, Estimate], ids: list[int],
+                    log=print) -> Calibration:
+    """Scale model and reference pixel from the registered frames among `ids` (robust medians)."""
+    s = loc.s
+    k_ncc = loc.calib.k_ncc
+    reg = [registered[i] for i in ids if registered[i].H is not None]
     k, ref, ref_spread, k_spread = k_ncc, (0.0, 0.0), (0.0, 0.0), 0.0
     if reg:
         fr = [dataset.frames[e.id] for e in reg]
@@ -1005,10 +1159,10 @@ def calibrate(loc: Localizer, dataset: Dataset, fit_ids: list[int], log=print) -
             c, spread = robust_center(off)
             ref, ref_spread = (float(c[0]), float(c[1])), (float(spread[0]), float(spread[1]))
     loc.calib = Calibration(k_ncc, k, k_spread, ref, ref_spread, len(reg))
-    log(f"calibration: {len(reg)}/{len(fit_ids)} train frames registered; height k (map px x fx / image px): "
+    log(f"calibration: {len(reg)}/{len(ids)} train frames registered; height k (map px x fx / image px): "
         f"NCC {k_ncc:.1f}, registered {k:.1f} (spread {k_spread:.1f}); "
         f"reference pixel offset ({ref[0]:+.4f}, {ref[1]:+.4f}) x f (spread {ref_spread[0]:.4f}, {ref_spread[1]:.4f})")
-    return known
+    return loc.calib
 
 
 def processing_order(targets: list[int], known: list[int], both_ends: bool) -> list[int]:
@@ -1048,34 +1202,29 @@ def prior_for(i: int, resolved: dict[int, Estimate], both_ends: bool, map_centre
 
 
 def localize_sequence(loc: Localizer, dataset: Dataset, known: dict[int, Estimate], targets: list[int],
-                      progress=None) -> dict[int, Estimate]:
-    s, lz = loc.s, loc.s["localize"]
+                      checkpoint: Checkpoint, phase: str) -> dict[int, Estimate]:
+    lz = loc.s["localize"]
     resolved = dict(known)      # frames with a trusted position, used as anchors
     done: dict[int, Estimate] = {}
     map_centre = (loc.map_gray.shape[1] / 2, loc.map_gray.shape[0] / 2)
-    for i in processing_order(targets, list(known), lz["both_ends"]):
+    for i in tqdm(processing_order(targets, list(known), lz["both_ends"]), desc=phase, disable=None, leave=False):
         frame = dataset.frames[i]
-        centre, gap, anchor = prior_for(i, resolved, lz["both_ends"], map_centre)
-        radius = min(lz["max_radius"], lz["search_radius"] + lz["radius_per_id"] * max(0, gap - 1))
-        with_h = [j for j in resolved if resolved[j].H is not None]
-        near = min(with_h, key=lambda j: (abs(j - i), j)) if with_h else None
-        yaw = homography_yaw(resolved[near].H, (dataset.frames[near].cx, dataset.frames[near].cy)) if near else None
-        nb = (dataset.frames[near], resolved[near]) if near is not None and abs(near - i) <= 2 else None
-        try:
-            est, _ = loc.locate(frame, centre, radius, yaw, nb)
-        except UavlocError:
-            raise
-        except Exception as e:  # a frame's failure must not cost the run; --strict re-raises
-            if s["run"]["strict"]:
-                raise
-            est = Estimate(i, float(centre[0]), float(centre[1]), "anchor", error=f"{type(e).__name__}: {e}")
-        est.anchor_id = anchor
-        est.anchor_source = resolved[anchor].source if anchor is not None else "map centre"
+        est = checkpoint.estimate(phase, i)
+        if est is None:
+            centre, gap, anchor = prior_for(i, resolved, lz["both_ends"], map_centre)
+            radius = min(lz["max_radius"], lz["search_radius"] + lz["radius_per_id"] * max(0, gap - 1))
+            with_h = [j for j in resolved if resolved[j].H is not None]
+            near = min(with_h, key=lambda j: (abs(j - i), j)) if with_h else None
+            yaw = homography_yaw(resolved[near].H, (dataset.frames[near].cx, dataset.frames[near].cy)) \
+                if near is not None else None
+            nb = (dataset.frames[near], resolved[near]) if near is not None and abs(near - i) <= 2 else None
+            est = locate_guarded(loc, frame, centre, radius, yaw, nb)
+            est.anchor_id = anchor
+            est.anchor_source = resolved[anchor].source if anchor is not None else "map centre"
+            checkpoint.put_estimate(phase, est)
         done[i] = est
         if est.H is not None:
             resolved[i] = est
-        if progress:
-            progress(est)
     if lz["sequence_check"]:
         bound = speed_bound(dataset, [j for j in known], lz["speed_margin"])
         reject_jumps(done, known, bound, lz["jump_slack"])
@@ -1196,15 +1345,15 @@ def plot_overview(map_gray: np.ndarray, dataset: Dataset, val: pd.DataFrame | No
     plt.close(fig)
 
 
-def plot_matches(map_gray: np.ndarray, attempt: Attempt, est: Estimate, level: float, path: Path,
-                 truth=None) -> None:
+def plot_matches(map_gray: np.ndarray, query: np.ndarray, attempt: Attempt, est: Estimate, level: float,
+                 path: Path, truth=None) -> None:
     """Query view and map window side by side; inliers green, outliers red."""
     plt = plt_agg()
     from matplotlib.patches import ConnectionPatch
-    p0, p1, inl, view = attempt.pairs
+    p0, p1, inl = attempt.pairs
     x0, y0, x1, y1 = (int(v) for v in attempt.window)
     fig, ax = plt.subplots(1, 2, figsize=(12, 6))
-    ax[0].imshow(view.image, cmap="gray")
+    ax[0].imshow(query, cmap="gray")
     ax[1].imshow(map_gray[y0:y1, x0:x1], cmap="gray", extent=(x0, x1, y1, y0))
     for a, b, ok in zip(p0, (p1 + 0.5) / level - 0.5, inl):
         fig.add_artist(ConnectionPatch(a, b, "data", "data", axesA=ax[0], axesB=ax[1],
@@ -1244,7 +1393,31 @@ def build_localizer(settings: dict, dataset: Dataset, weights: Path, out: Path, 
     log(f"map features: {len(mf.features.keypoints)} keypoints at level {mf.level} "
         f"({'reused from cache' if hit else 'extracted'}, {time.perf_counter() - t0:.1f}s); "
         f"backend {matcher.backend} on {matcher.device or 'cpu'}")
-    return Localizer(settings, map_gray, mf, matcher)
+    cache = QueryCache(out / "cache" / "query" if settings["run"]["feature_cache"] else None, settings,
+                       str(matcher.device or "cpu"))
+    return Localizer(settings, map_gray, mf, matcher, cache)
+
+
+# settings sections that change a frame's result: a checkpoint is only replayed when they are unchanged
+RESULT_SECTIONS = ("split", "preprocess", "features", "geometry", "scale", "reference", "localize")
+
+
+def data_fingerprint(dataset: Dataset) -> str:
+    """The CSVs' contents and every image's name, size and mtime: cheap, and changes with any edit."""
+    h = hashlib.sha1()
+    for name in ("train_data/train_cam.csv", "train_data/train_pos.csv", "test_data/test_cam.csv"):
+        h.update((dataset.root / name).read_bytes())
+    for f in [dataset.map_path] + [fr.path for _, fr in sorted(dataset.frames.items())]:
+        st = f.stat()
+        h.update(f"{f.name} {st.st_size} {st.st_mtime_ns}".encode())
+    return h.hexdigest()[:12]
+
+
+def open_checkpoint(settings: dict, dataset: Dataset, out: Path, fresh: bool) -> Checkpoint:
+    if not settings["run"]["resume"]:
+        return Checkpoint(None)
+    key = digest([settings[k] for k in RESULT_SECTIONS] + [settings["run"]["device"]])
+    return Checkpoint(out / "checkpoints" / f"{key}_{data_fingerprint(dataset)}.jsonl", fresh)
 
 
 def predictions_frame(est: dict[int, Estimate], dataset: Dataset) -> pd.DataFrame:
@@ -1270,13 +1443,15 @@ def validate_submission(sub: pd.DataFrame, dataset: Dataset, map_size: tuple[int
         raise UavlocError("internal error: the submission has a non-finite or off-map position")
 
 
-def run_validation(loc: Localizer, dataset: Dataset, out: Path, log=print) -> tuple[dict, pd.DataFrame]:
+def run_validation(loc: Localizer, dataset: Dataset, registered: dict[int, Estimate], checkpoint: Checkpoint,
+                   out: Path, log=print) -> tuple[dict, pd.DataFrame]:
+    """Hide blocks of train frames, calibrate on the rest, localize the hidden ones and score them."""
     sp = loc.s["split"]
     train = dataset.train_ids
     val_ids = block_split(train, sp["val_fraction"], sp["block_min"], sp["block_max"], sp["seed"])
     fit_ids = [i for i in train if i not in val_ids]
-    known = calibrate(loc, dataset, fit_ids, log)
-    est = localize_sequence(loc, dataset, known, val_ids)
+    fit_calibration(loc, dataset, registered, fit_ids, log)
+    est = localize_sequence(loc, dataset, {i: registered[i] for i in fit_ids}, val_ids, checkpoint, "validation")
     df = predictions_frame(est, dataset)
     truth = pd.DataFrame({"id": val_ids, "x_pixel": [dataset.frames[i].truth[0] for i in val_ids],
                           "y_pixel": [dataset.frames[i].truth[1] for i in val_ids]})
@@ -1287,9 +1462,14 @@ def run_validation(loc: Localizer, dataset: Dataset, out: Path, log=print) -> tu
     return m, df
 
 
-def run_test(loc: Localizer, dataset: Dataset, out: Path, log=print) -> pd.DataFrame:
-    known = calibrate(loc, dataset, dataset.train_ids, log)
-    est = localize_sequence(loc, dataset, known, dataset.test_ids)
+def run_test(loc: Localizer, dataset: Dataset, registered: dict[int, Estimate], checkpoint: Checkpoint,
+             out: Path, log=print) -> pd.DataFrame:
+    """Calibrate on every train frame, localize the test frames, check and write the submission."""
+    c = fit_calibration(loc, dataset, registered, dataset.train_ids, log)
+    atomic_write(out / "calibration.json", json.dumps({"k": c.k, "k_ncc": c.k_ncc, "k_spread": c.k_spread,
+                                                        "ref_offset": c.ref_offset, "ref_spread": c.ref_spread,
+                                                        "n_registered": c.n_registered}, indent=1))
+    est = localize_sequence(loc, dataset, registered, dataset.test_ids, checkpoint, "test")
     df = predictions_frame(est, dataset)
     sub = df[["id", "x_pixel", "y_pixel"]].sort_values("id")
     validate_submission(sub, dataset, (loc.map_gray.shape[1], loc.map_gray.shape[0]))
@@ -1298,6 +1478,52 @@ def run_test(loc: Localizer, dataset: Dataset, out: Path, log=print) -> pd.DataF
     counts = df["source"].value_counts().to_dict()
     log(f"submission: {len(sub)} test frames -> {out / 'submission.csv'} (sources: {counts})")
     return df
+
+
+@dataclass
+class RunResult:
+    val_metric: dict | None
+    val: pd.DataFrame | None
+    test: pd.DataFrame | None
+    setup_s: dict[str, float]          # one-off costs: map features, registration, validation
+    test_stages: list[dict]            # per test frame: seconds per stage
+    failed: list[tuple[int, str]]      # frames that raised an unexpected error
+
+
+def run_data(args, settings: dict, weights: Path, out: Path, mode: str, log=print) -> RunResult:
+    """The submit/validate/bench job: register the train frames once, validate, then the test frames."""
+    dataset = load_dataset(Path(args.data or settings["run"]["data"]))
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write(out / "settings_used.toml", dump_toml(settings))
+    setup: dict[str, float] = {}
+    t0 = time.perf_counter()
+    loc = build_localizer(settings, dataset, weights, out, log)
+    t0 = tick(setup, "map features and networks", t0)
+    checkpoint = Checkpoint(None) if mode == "bench" else open_checkpoint(settings, dataset, out, args.fresh)
+    registered = register_train(loc, dataset, checkpoint)
+    t0 = tick(setup, f"registration of {len(registered)} train frames", t0)
+    val_metric, val = run_validation(loc, dataset, registered, checkpoint, out, log) \
+        if settings["run"]["validate"] or mode == "validate" else (None, None)
+    t0 = tick(setup, "validation", t0)
+    test = run_test(loc, dataset, registered, checkpoint, out, log) if mode != "validate" else None
+    write_reports(loc, dataset, out, val, test)
+    frames = [e for df in (val, test) if df is not None for e in df.itertuples()]
+    failed = [(int(e.id), e.error) for e in frames if str(e.error).startswith(EXCEPTION_PREFIX)]
+    write_csv(pd.DataFrame(failed, columns=["id", "error"]), out / "failed_frames.csv")
+    if failed:
+        log(f"{len(failed)} frame(s) raised and were filled like unmatched frames: "
+            f"{', '.join(str(i) for i, _ in failed)} (see {out / 'failed_frames.csv'}; --strict stops instead)")
+    if checkpoint.path is not None:
+        log(f"checkpoint: {checkpoint.replayed} results replayed from {checkpoint.path}")
+    log(f"query feature cache: {loc.cache.hits} hits, {loc.cache.misses} extracted")
+    stages = [json.loads(s) for s in test["stages"]] if test is not None else []
+    return RunResult(val_metric, val, test, setup, stages, failed)
+
+
+def tick(times: dict, name: str, t0: float) -> float:
+    t = time.perf_counter()
+    times[name] = t - t0
+    return t
 
 
 def write_reports(loc: Localizer, dataset: Dataset, out: Path, val: pd.DataFrame | None,
@@ -1318,7 +1544,8 @@ def report_frame(loc: Localizer, dataset: Dataset, fid: int, out: Path, prior=No
     est, attempt = loc.locate(f, centre, loc.s["localize"]["search_radius"], None)
     path = out / "report" / f"matches_{fid}.png"
     if attempt is not None and attempt.pairs:
-        plot_matches(loc.map_gray, attempt, est, loc.mf.level, path, f.truth)
+        query, _ = loc.query_image(f, attempt.rotation, loc.view_scale(loc.calib.expected_scale(f)))
+        plot_matches(loc.map_gray, query, attempt, est, loc.mf.level, path, f.truth)
     return path
 
 
@@ -1425,7 +1652,7 @@ def make_demo(root: Path, seed: int = 7, n_frames: int = 40) -> Path:
 
 # ----------------------------------------------------------------------------- CLI
 
-MODES = ("submit", "validate", "locate", "demo", "report")
+MODES = ("submit", "validate", "bench", "locate", "demo", "report")
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -1437,6 +1664,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--preset", help="a [presets.NAME] table of settings.toml, e.g. reference")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override one setting")
     ap.add_argument("--weights", help="weights folder (overrides $UAVLOC_WEIGHTS and run.weights_dir)")
+    ap.add_argument("--fresh", action="store_true", help="ignore finished frames of an earlier run (see run.resume)")
+    ap.add_argument("--strict", action="store_true", help="stop at a frame that raises instead of recording it")
+    ap.add_argument("--solution", help="solution.csv to score the submission against (--mode bench)")
     ap.add_argument("--id", type=int, help="frame id for --mode report")
     ap.add_argument("--map", help="map image for --mode locate")
     ap.add_argument("--frame", help="frame image for --mode locate")
@@ -1489,26 +1719,41 @@ def mode_locate(args, settings: dict, weights: Path, out: Path) -> None:
                       "runtime_s": round(est.runtime, 3)}))
 
 
-def run_data(args, settings: dict, weights: Path, out: Path, mode: str) -> dict | None:
-    dataset = load_dataset(Path(args.data or settings["run"]["data"]))
-    out.mkdir(parents=True, exist_ok=True)
-    atomic_write(out / "settings_used.toml", dump_toml(settings))
-    loc = build_localizer(settings, dataset, weights, out)
-    val_metric, val = run_validation(loc, dataset, out)
-    test = None
-    if mode in ("submit", "demo"):
-        test = run_test(loc, dataset, out)
-        c = loc.calib
-        atomic_write(out / "calibration.json", json.dumps({"k": c.k, "k_ncc": c.k_ncc, "ref_offset": c.ref_offset,
-                                                            "ref_spread": c.ref_spread}, indent=1))
-    write_reports(loc, dataset, out, val, test)
-    return val_metric
+def mode_bench(args, settings: dict, weights: Path, out: Path) -> None:
+    """Submit with no checkpoint replay, then one line per stage: mean and p95 seconds per test frame."""
+    import resource
+    t0 = time.perf_counter()
+    r = run_data(args, settings, weights, out, "bench")
+    wall = time.perf_counter() - t0
+    stages = pd.DataFrame(r.test_stages).fillna(0.0)
+    stages["total"] = stages.sum(axis=1)
+    device = settings["run"]["device"]
+    if settings["features"]["backend"] != "sift":
+        device = str(pick_device(device))
+    print(f"bench: {len(stages)} test frames of {args.data or settings['run']['data']}; "
+          f"backend {settings['features']['backend']}, device {device}")
+    print(f"{'stage':<12}{'mean_s':>9}{'p95_s':>9}   per test frame")
+    for name in [c for c in ("decode", "preprocess", "extract", "match", "geometry") if c in stages] + ["total"]:
+        col = stages[name]
+        print(f"{name:<12}{col.mean():9.3f}{col.quantile(0.95):9.3f}")
+    for name, sec in r.setup_s.items():
+        print(f"setup: {name}: {sec:.1f} s")
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+    line = f"wall {wall:.1f} s; peak memory {peak:.2f} GiB (process RSS)"
+    if device.startswith("cuda"):
+        import torch
+        line += f", {torch.cuda.max_memory_allocated() / 2**30:.2f} GiB on the GPU"
+    print(line)
+    if args.solution:
+        m = metric(pd.read_csv(out / "submission.csv"), read_table(Path(args.solution), ["id", "x_pixel", "y_pixel"]))
+        print(f"score: {format_metric(m)}")
 
 
 def main(argv=None) -> int:
     try:
         args = parse_args(argv)
         settings = load_settings(args.settings, args.preset, args.set)
+        settings["run"]["strict"] = settings["run"]["strict"] or args.strict
         out = Path(args.out or settings["run"]["out"])
         weights = weights_dir(settings, args.weights)
         if args.mode == "locate":
@@ -1520,7 +1765,8 @@ def main(argv=None) -> int:
             if args.id not in dataset.frames:
                 raise UsageError(f"--id {args.id} is not a frame of {dataset.root}")
             loc = build_localizer(settings, dataset, weights, out)
-            calibrate(loc, dataset, dataset.train_ids)
+            registered = register_train(loc, dataset, open_checkpoint(settings, dataset, out, args.fresh))
+            fit_calibration(loc, dataset, registered, dataset.train_ids)
             print(report_frame(loc, dataset, args.id, out))
         elif args.mode == "demo":
             demo = out / "demo"
@@ -1531,6 +1777,8 @@ def main(argv=None) -> int:
             truth = pd.read_csv(demo / "solution.csv")
             m = metric(pd.read_csv(demo / "run" / "submission.csv"), truth)
             print(f"demo test score: {format_metric(m)}")
+        elif args.mode == "bench":
+            mode_bench(args, settings, weights, out)
         else:
             run_data(args, settings, weights, out, args.mode)
         return 0

@@ -17,7 +17,8 @@ def calibrated(request, demo_data, tmp_path_factory):
     s = U.load_settings(None, None, [f"features.backend={backend}"])
     ds = U.load_dataset(demo_data)
     loc = U.build_localizer(s, ds, U.weights_dir(s, None), tmp_path_factory.mktemp(backend), log=lambda *a: None)
-    U.calibrate(loc, ds, ds.train_ids, log=lambda *a: None)
+    registered = U.register_train(loc, ds, U.Checkpoint(None))
+    U.fit_calibration(loc, ds, registered, ds.train_ids, log=lambda *a: None)
     return loc, ds
 
 
