@@ -17,6 +17,7 @@ import sys
 import tempfile
 import time
 import tomllib
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -532,8 +533,10 @@ class Matcher:
         return Features(pts, desc[order].astype(np.float32), resp[order])
 
     # --- matching
-    def match(self, f0: Features, size0: tuple[int, int], f1: Features, size1: tuple[int, int]):
-        """Returns (idx0, idx1, confidence) of putative matches; sizes are (width, height)."""
+    def match(self, f0: Features, size0: tuple[int, int], f1: Features, size1: tuple[int, int],
+              threshold: float):
+        """Returns (idx0, idx1, confidence) of putative matches with confidence above `threshold`
+        (LightGlue; SIFT uses its ratio test); sizes are (width, height)."""
         if len(f0.keypoints) < 2 or len(f1.keypoints) < 2:
             return np.zeros(0, int), np.zeros(0, int), np.zeros(0, np.float32)
         if self.backend == "sift":
@@ -547,6 +550,7 @@ class Matcher:
                     "image_size": torch.tensor([size], dtype=torch.float32, device=dev)}
 
         with torch.inference_mode(), torch.autocast("cuda", torch.float16, enabled=self.half):
+            self.lightglue.conf.filter_threshold = threshold   # per call: tuning trials share one matcher
             out = self.lightglue({"image0": side(f0, size0), "image1": side(f1, size1)})
         m = out["matches"][0].cpu().numpy()
         conf = out["scores"][0].float().cpu().numpy()
@@ -736,16 +740,18 @@ def estimate_homography(p0: np.ndarray, p1: np.ndarray, g: dict) -> tuple[np.nda
     return H, mask.ravel().astype(bool)
 
 
-def homography_problem(H: np.ndarray, pt, expected_scale: float, g: dict) -> str | None:
-    """Why a homography is not a plausible nadir view (None when it is)."""
+def homography_problem(H: np.ndarray, pt, expected_scale: float, max_anisotropy: float,
+                       scale_range: tuple[float, float]) -> str | None:
+    """Why a homography is not a plausible nadir view (None when it is): mirrored, sheared, or a scale
+    outside scale_range x the expected."""
     j = jacobian(H, pt)
     if not np.all(np.isfinite(j)) or np.linalg.det(j) <= 0:
         return "degenerate or mirrored"
     sv = np.linalg.svd(j, compute_uv=False)
-    if sv[0] / sv[1] > g["max_anisotropy"]:
+    if sv[0] / sv[1] > max_anisotropy:
         return f"anisotropic ({sv[0] / sv[1]:.2f})"
     ratio = np.sqrt(sv[0] * sv[1]) / expected_scale
-    if not 1 / g["scale_tolerance"] <= ratio <= g["scale_tolerance"]:
+    if not scale_range[0] <= ratio <= scale_range[1]:
         return f"scale {ratio:.2f}x the expected"
     return None
 
@@ -761,6 +767,11 @@ class Calibration:
     ref_offset: tuple[float, float]          # ((u - cx) / fx, (v - cy) / fy) of the GPS truth
     ref_spread: tuple[float, float]
     n_registered: int
+
+    @classmethod
+    def from_ncc(cls, k_ncc: float) -> "Calibration":
+        """Before registration: the NCC height model, the image centre as the truth."""
+        return cls(k_ncc, k_ncc, 0.0, (0.0, 0.0), (0.0, 0.0), 0)
 
     def expected_scale(self, frame: Frame) -> float:
         return self.k / np.sqrt(frame.fx * frame.fy)
@@ -967,7 +978,8 @@ class Localizer:
         x1, y1 = min(self.mf.size[0], cx + half), min(self.mf.size[1], cy + half)
         window = (x0 / lv, y0 / lv, x1 / lv, y1 / lv)
         sub, _ = self.mf.window(x0, y0, x1, y1, self.s["features"]["max_map_keypoints"])
-        i0, i1, _ = self.matcher.match(v.features, v.size, sub, (int(np.ceil(x1 - x0)) + 1, int(np.ceil(y1 - y0)) + 1))
+        i0, i1, _ = self.matcher.match(v.features, v.size, sub, (int(np.ceil(x1 - x0)) + 1, int(np.ceil(y1 - y0)) + 1),
+                                       self.s["features"]["match_threshold"])
         t0 = self._tick("match", t0)
         p0, p1 = v.features.keypoints[i0], sub.keypoints[i1]
         Hv, inl = estimate_homography(p0, p1, self.s["geometry"])
@@ -985,7 +997,7 @@ class Localizer:
         v = self.view(frame, rotation, scale)
         nv = self.view(neighbour, n_est.rotation, self.calib.expected_scale(neighbour))
         t0 = time.perf_counter()
-        i0, i1, _ = self.matcher.match(v.features, v.size, nv.features, nv.size)
+        i0, i1, _ = self.matcher.match(v.features, v.size, nv.features, nv.size, self.s["features"]["match_threshold"])
         t0 = self._tick("match", t0)
         p0, p1 = v.features.keypoints[i0], nv.features.keypoints[i1]
         Hv, inl = estimate_homography(p0, p1, self.s["geometry"])
@@ -999,7 +1011,9 @@ class Localizer:
 
     def _accept(self, attempt: Attempt, H: np.ndarray, frame: Frame, scale: float) -> Attempt:
         g = self.s["geometry"]
-        problem = homography_problem(H, (frame.cx, frame.cy), scale, g)
+        sc = self.s["scale"]
+        problem = homography_problem(H, (frame.cx, frame.cy), scale, g["max_anisotropy"],
+                                     (sc["clip_low"], sc["clip_high"]))
         if problem is None and attempt.inliers < g["min_inliers"]:
             problem = f"{attempt.inliers} inliers < {g['min_inliers']}"
         if problem is None:
@@ -1115,7 +1129,7 @@ def register_train(loc: Localizer, dataset: Dataset, checkpoint: Checkpoint) -> 
     ids = dataset.train_ids
     k_ncc = checkpoint.get("ncc", 0)
     k_ncc = k_ncc["k"] if k_ncc else checkpoint.put("ncc", 0, {"k": height_from_ncc(loc, dataset, ids)})["k"]
-    loc.calib = Calibration(k_ncc, k_ncc, 0.0, (0.0, 0.0), (0.0, 0.0), 0)
+    loc.calib = Calibration.from_ncc(k_ncc)
     check_map_covers_frames(loc, dataset)
     known: dict[int, Estimate] = {}
     yaw = None
@@ -1300,6 +1314,251 @@ def metric(pred: pd.DataFrame, truth: pd.DataFrame) -> dict:
 def format_metric(m: dict) -> str:
     return (f"n={m['n']} mean={m['mean_px']:.1f}px median={m['median_px']:.1f}px "
             + " ".join(f"acc@{t}={m[f'acc@{t}']:.3f}" for t in THRESHOLDS) + f" score={m['score']:.2f}")
+
+
+# ----------------------------------------------------------------------------- tuning
+
+def search_space(settings: dict) -> dict[str, dict]:
+    """tune.space from settings.toml: one table per dotted setting, `low`/`high` (+ `log`) or `choices`."""
+    space = settings["tune"].get("space", {})
+    if not space:
+        raise UsageError("tune.space is empty: declare at least one [tune.space.\"section.key\"] table")
+    for key, spec in space.items():
+        section, _, name = key.partition(".")
+        if section not in settings or not isinstance(settings[section], dict) or name not in settings[section]:
+            raise UsageError(f"tune.space: '{key}' is not a setting")
+        if "choices" in spec:
+            if not isinstance(spec["choices"], list) or not spec["choices"]:
+                raise UsageError(f"tune.space.'{key}': choices must be a non-empty list")
+        elif not ("low" in spec and "high" in spec and spec["low"] < spec["high"]):
+            raise UsageError(f"tune.space.'{key}': give low < high, or choices")
+    return space
+
+
+def suggest(trial, space: dict[str, dict], base: dict) -> dict:
+    """The trial's value for each setting of the space: integers stay integers, as in settings.toml."""
+    params = {}
+    for key, spec in space.items():
+        section, _, name = key.partition(".")
+        if "choices" in spec:
+            params[key] = trial.suggest_categorical(key, spec["choices"])
+        elif isinstance(base[section][name], int) and not isinstance(base[section][name], bool):
+            params[key] = trial.suggest_int(key, int(spec["low"]), int(spec["high"]), log=spec.get("log", False))
+        else:
+            params[key] = trial.suggest_float(key, float(spec["low"]), float(spec["high"]), log=spec.get("log", False))
+    return params
+
+
+def with_params(base: dict, params: dict) -> dict:
+    s = copy.deepcopy(base)
+    for key, value in params.items():
+        set_dotted(s, key, value)
+    return s
+
+
+def params_toml(params: dict, header: str) -> str:
+    """best_params.toml: the tuned settings as TOML tables, loadable with --settings."""
+    nested: dict = {}
+    for key, value in params.items():
+        section, _, name = key.partition(".")
+        nested.setdefault(section, {})[name] = value
+    return f"# {header}\n" + dump_toml(nested)
+
+
+def apply_params(text: str, params: dict) -> str:
+    """settings.toml text with the tuned values written in place, comments kept (for a diff)."""
+    out, section = [], ""
+    for line in text.splitlines():
+        head = line.strip()
+        if head.startswith("[") and head.endswith("]"):
+            section = head.strip("[]").strip()
+        key, eq, rest = line.partition("=")
+        dotted = f"{section}.{key.strip()}"
+        if eq and dotted in params and not head.startswith("#"):
+            value, hash_, comment = rest.partition("#")
+            line = f"{key.rstrip()} = {toml_value(params[dotted])}"
+            if hash_:
+                line = line.ljust(len(key) + 1 + len(value)) + " " * (not line.endswith(" ")) + "#" + comment
+        out.append(line)
+    return "\n".join(out) + "\n"
+
+
+@dataclass
+class TuneSplit:
+    """Train frames split three ways; the holdout blocks are never seen by the study."""
+    fit: list[int]
+    val_blocks: list[list[int]]
+    holdout: list[int]
+
+
+def tune_split(train: list[int], settings: dict) -> TuneSplit:
+    sp = settings["split"]
+    holdout = block_split(train, settings["tune"]["holdout_fraction"], sp["block_min"], sp["block_max"], sp["seed"] + 1)
+    study_ids = [i for i in train if i not in holdout]
+    val = block_split(study_ids, sp["val_fraction"], sp["block_min"], sp["block_max"], sp["seed"])
+    return TuneSplit([i for i in study_ids if i not in val], runs_of(val, study_ids), holdout)
+
+
+def runs_of(ids: list[int], order: list[int]) -> list[list[int]]:
+    """`ids` grouped into runs that are consecutive in `order`."""
+    pos = sorted(order.index(i) for i in ids)
+    runs: list[list[int]] = []
+    for a, b in zip([None] + pos, pos):
+        if a is None or b != a + 1:
+            runs.append([])
+        runs[-1].append(order[b])
+    return runs
+
+
+def frame_score(est: Estimate, truth: tuple[float, float]) -> float:
+    """One frame's share of the competition score: the mean over frames of this is the score."""
+    d = np.hypot(est.x - truth[0], est.y - truth[1])
+    return 100.0 * float(np.mean([d <= t for t in THRESHOLDS]))
+
+
+class Tuner:
+    """Everything a trial does not change is computed once: the map features, the train registration
+    (with the base settings) and the query features (cached per frame, rotation and scale)."""
+
+    def __init__(self, base: dict, dataset: Dataset, weights: Path, out: Path, log=print):
+        self.base, self.dataset, self.weights, self.out, self.log = base, dataset, weights, out, log
+        self.localizers: dict[str, Localizer] = {}
+        self.split = tune_split(dataset.train_ids, base)
+        loc = self.localizer(base)
+        self.registered = register_train(loc, dataset, open_checkpoint(base, dataset, out, fresh=False))
+        self.k_ncc = loc.calib.k_ncc
+
+    def localizer(self, settings: dict) -> Localizer:
+        """One matcher and map-feature set per distinct feature setting; trials share them."""
+        f = settings["features"]
+        key = digest([settings["preprocess"], f["backend"], f["max_keypoints"], f["map_level"], f["map_tile"],
+                      f["map_keypoints_per_tile"]])
+        if key not in self.localizers:
+            self.localizers[key] = build_localizer(settings, self.dataset, self.weights, self.out, self.log)
+        shared = self.localizers[key]
+        return Localizer(settings, shared.map_gray, shared.mf, shared.matcher, shared.cache)
+
+    def scores(self, settings: dict, known_ids: list[int], blocks: list[list[int]]):
+        """Yields (block, per-frame scores) block by block, for the pruner."""
+        loc = self.localizer(settings)
+        loc.calib = Calibration.from_ncc(self.k_ncc)
+        fit_calibration(loc, self.dataset, self.registered, known_ids, log=lambda *a: None)
+        known = {i: self.registered[i] for i in known_ids}
+        for block in blocks:
+            est = localize_sequence(loc, self.dataset, known, block, Checkpoint(None), "tune")
+            yield block, [frame_score(est[i], self.dataset.frames[i].truth) for i in block]
+
+    def objective(self, trial, space: dict) -> float:
+        import optuna
+        settings = with_params(self.base, suggest(trial, space, self.base))
+        values = []
+        for block, scores in self.scores(settings, self.split.fit, self.split.val_blocks):
+            for i, v in zip(block, scores):
+                trial.report(v, step=i)      # one instance per frame: what WilcoxonPruner compares
+            values += scores
+            if trial.should_prune():
+                raise optuna.TrialPruned()
+        return float(np.mean(values))
+
+    def holdout_score(self, settings: dict) -> float:
+        known = [i for i in self.dataset.train_ids if i not in self.split.holdout]
+        blocks = runs_of(self.split.holdout, self.dataset.train_ids)
+        values = [v for _, sc in self.scores(settings, known, blocks) for v in sc]
+        return float(np.mean(values))
+
+
+def open_study(settings: dict, args, out: Path, fingerprint: str):
+    """An Optuna study in an RDB (SQLite under <out>/tune/ by default), created or continued."""
+    import optuna
+    from optuna.trial import TrialState
+    t = settings["tune"]
+    name = args.study or t["study"]
+    storage = args.storage or t["storage"] or f"sqlite:///{(out / 'tune' / f'{name}.db').resolve()}"
+    (out / "tune").mkdir(parents=True, exist_ok=True)
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
+    study = optuna.create_study(study_name=name, storage=storage, direction="maximize", load_if_exists=True,
+                                pruner=optuna.pruners.WilcoxonPruner(p_threshold=t["pruner_p"]))
+    if study.user_attrs.get("fingerprint", fingerprint) != fingerprint:
+        raise UsageError(f"study '{name}' in {storage} was run on other data, space or base settings; "
+                         f"pick another --study name")
+    study.set_user_attr("fingerprint", fingerprint)
+    if not study.trials:   # the base settings are trial 0: the study's best is never worse on validation
+        study.enqueue_trial({k: settings[k.partition(".")[0]][k.partition(".")[2]] for k in search_space(settings)})
+    for tr in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        # a killed run leaves its last trial RUNNING: close it so the study continues cleanly
+        study._storage.set_trial_state_values(tr._trial_id, TrialState.FAIL)
+    # a resumed study draws fresh parameters instead of replaying the first run's random start
+    study.sampler = optuna.samplers.TPESampler(multivariate=True, seed=t["sampler_seed"] + len(study.trials))
+    return study, storage
+
+
+def mode_tune(args, settings: dict, weights: Path, out: Path) -> None:
+    import optuna
+    from optuna.trial import TrialState
+    dataset = load_dataset(Path(args.data or settings["run"]["data"]))
+    space = search_space(settings)
+    n_trials = args.trials or settings["tune"]["trials"]
+    tuner = Tuner(settings, dataset, weights, out)
+    sp = tuner.split
+    print(f"tune: {len(sp.fit)} known train frames, {sum(map(len, sp.val_blocks))} validation frames in "
+          f"{len(sp.val_blocks)} blocks, {len(sp.holdout)} held-out frames the study never sees")
+    fingerprint = digest([data_fingerprint(dataset), space, {k: settings[k] for k in RESULT_SECTIONS},
+                          dataclasses.asdict(sp)])
+    study, storage = open_study(settings, args, out, fingerprint)
+    done = lambda: len(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED)))  # noqa: E731
+    todo = max(0, n_trials - done())
+    print(f"study '{study.study_name}' in {storage}: {done()} finished trials, running {todo} more")
+    bar = tqdm(total=todo, desc="trials", disable=None)
+
+    def progress(study, trial):
+        bar.update(1)
+        if any(t.state == TrialState.COMPLETE for t in study.trials):
+            bar.set_postfix(best=f"{study.best_value:.2f}", last=trial.state.name.lower())
+
+    if todo:
+        study.optimize(lambda tr: tuner.objective(tr, space), n_trials=todo, callbacks=[progress])
+    bar.close()
+    write_tune_outputs(study, settings, tuner, out, args.apply)
+
+
+def write_tune_outputs(study, settings: dict, tuner: Tuner, out: Path, apply: bool) -> None:
+    import optuna
+    complete = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
+    if not complete:
+        raise UsageError(f"study '{study.study_name}' has no complete trial yet")
+    write_csv(study.trials_dataframe(), out / "tune" / "trials.csv")
+    best = study.best_trial
+    header = f"uavloc tune: study '{study.study_name}', trial {best.number}, validation score {best.value:.3f}"
+    atomic_write(out / "best_params.toml", params_toml(best.params, header))
+    plot_study(study, out / "tune")
+    held_best = tuner.holdout_score(with_params(settings, best.params))
+    held_base = tuner.holdout_score(settings)
+    print(f"best trial {best.number}: study validation score {best.value:.2f}; held-out score "
+          f"{held_best:.2f} with the best parameters vs {held_base:.2f} with the base settings "
+          f"({len(tuner.split.holdout)} held-out frames)")
+    print(f"wrote {out / 'best_params.toml'} (use: --settings {out / 'best_params.toml'}), "
+          f"{out / 'tune' / 'trials.csv'}, plots in {out / 'tune'}")
+    atomic_write(out / "tune" / "holdout.json", json.dumps({"best": held_best, "base": held_base,
+                                                            "study_best": best.value, "params": best.params}, indent=1))
+    if apply:
+        atomic_write(out / "settings_tuned.toml", apply_params(DEFAULT_SETTINGS.read_text(), best.params))
+        print(f"wrote {out / 'settings_tuned.toml'}: diff it against settings.toml")
+
+
+def plot_study(study, folder: Path) -> None:
+    import optuna
+    plt = plt_agg()
+    from optuna.visualization import matplotlib as ovm
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")       # optuna marks its matplotlib plots experimental
+        ax = ovm.plot_optimization_history(study)
+        save_figure(ax.figure, folder / "optimization_history.png")
+        plt.close(ax.figure)
+        if len([t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]) >= 2:
+            ax = ovm.plot_param_importances(study, evaluator=optuna.importance.PedAnovaImportanceEvaluator())
+            save_figure(ax.figure, folder / "param_importances.png")
+            plt.close(ax.figure)
 
 
 # ----------------------------------------------------------------------------- reports
@@ -1652,7 +1911,7 @@ def make_demo(root: Path, seed: int = 7, n_frames: int = 40) -> Path:
 
 # ----------------------------------------------------------------------------- CLI
 
-MODES = ("submit", "validate", "bench", "locate", "demo", "report")
+MODES = ("submit", "validate", "bench", "tune", "locate", "demo", "report")
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -1667,6 +1926,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--fresh", action="store_true", help="ignore finished frames of an earlier run (see run.resume)")
     ap.add_argument("--strict", action="store_true", help="stop at a frame that raises instead of recording it")
     ap.add_argument("--solution", help="solution.csv to score the submission against (--mode bench)")
+    ap.add_argument("--trials", type=int, help="--mode tune: finished trials the study should reach (tune.trials)")
+    ap.add_argument("--study", help="--mode tune: study name (tune.study)")
+    ap.add_argument("--storage", help="--mode tune: Optuna storage URL (default: sqlite under <out>/tune/)")
+    ap.add_argument("--apply", action="store_true", help="--mode tune: also write <out>/settings_tuned.toml")
     ap.add_argument("--id", type=int, help="frame id for --mode report")
     ap.add_argument("--map", help="map image for --mode locate")
     ap.add_argument("--frame", help="frame image for --mode locate")
@@ -1710,7 +1973,7 @@ def mode_locate(args, settings: dict, weights: Path, out: Path) -> None:
         ref = ((u * w - frame.cx) / frame.fx, (v * h - frame.cy) / frame.fy)
     if k is None:  # no calibration: the frame footprint is taken as 1/8 of the map's smaller side
         k = min(loc.map_gray.shape) / 8 / w * np.sqrt(frame.fx * frame.fy)
-        loc.s["geometry"]["scale_tolerance"] = max(loc.s["geometry"]["scale_tolerance"], 4.0)
+        loc.s["scale"]["clip_low"], loc.s["scale"]["clip_high"] = 0.25, 4.0
     loc.calib = Calibration(k, k, 0.0, ref, (0.0, 0.0), 0)
     radius = args.radius if args.radius is not None else settings["localize"]["search_radius"]
     est, _ = loc.locate(frame, prior, radius, None)
@@ -1779,6 +2042,8 @@ def main(argv=None) -> int:
             print(f"demo test score: {format_metric(m)}")
         elif args.mode == "bench":
             mode_bench(args, settings, weights, out)
+        elif args.mode == "tune":
+            mode_tune(args, settings, weights, out)
         else:
             run_data(args, settings, weights, out, args.mode)
         return 0

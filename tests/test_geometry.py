@@ -50,9 +50,11 @@ def test_magsac_recovers_homography_with_noise_and_outliers():
 
 
 def test_homography_checks_reject_mirror_scale_and_shear():
-    g = {"scale_tolerance": 1.5, "max_anisotropy": 1.4}
+    g = (1.4, (0.67, 1.5))
     ok = np.diag([0.5, 0.5, 1.0])
-    assert U.homography_problem(ok, (0, 0), 0.5, g) is None
-    assert "mirror" in U.homography_problem(np.diag([-0.5, 0.5, 1.0]), (0, 0), 0.5, g)
-    assert "scale" in U.homography_problem(ok, (0, 0), 1.5, g)
-    assert "anisotropic" in U.homography_problem(np.diag([0.5, 0.2, 1.0]), (0, 0), 0.3, g)
+    assert U.homography_problem(ok, (0, 0), 0.5, *g) is None
+    assert "mirror" in U.homography_problem(np.diag([-0.5, 0.5, 1.0]), (0, 0), 0.5, *g)
+    assert "scale" in U.homography_problem(ok, (0, 0), 1.5, *g)
+    assert "scale" in U.homography_problem(ok, (0, 0), 0.3, *g)
+    assert U.homography_problem(ok, (0, 0), 0.7, *g) is None      # 0.71x: inside [0.67, 1.5]
+    assert "anisotropic" in U.homography_problem(np.diag([0.5, 0.2, 1.0]), (0, 0), 0.3, *g)
