@@ -47,6 +47,11 @@ class WeightsError(UavlocError):
     exit_code = 4
 
 
+class FrameError(UavlocError):
+    """A frame raised an unexpected error and --strict asked to stop there."""
+    exit_code = 5
+
+
 # ----------------------------------------------------------------------------- config
 
 def load_toml(path: Path) -> dict:
@@ -278,6 +283,7 @@ def load_dataset(root: Path) -> Dataset:
             path = image_path(folder, fid)
             if path is None:
                 raise DataError(f"{folder}: no image for {split} id {fid} (expected {fid:04d}.JPG)")
+            check_image_file(path)
             truth = positions.get(fid) if split == "train" else None
             if split == "train" and truth is None:
                 raise DataError(f"{root / 'train_data/train_pos.csv'}: train id {fid} has no position")
@@ -285,11 +291,43 @@ def load_dataset(root: Path) -> Dataset:
     extra = sorted(set(positions) - {i for i, f in frames.items() if f.split == "train"})
     if extra:
         raise DataError(f"{root / 'train_data/train_pos.csv'}: id {extra[0]} has a position but no intrinsics")
-    return Dataset(root, follow_pointer(map_path), frames)
+    map_path = follow_pointer(map_path)
+    check_image_file(map_path)
+    w, h = image_size(map_path)
+    if min(w, h) < MIN_MAP_SIDE:
+        raise DataError(f"{map_path}: map is {w}x{h} px, too small for any frame (need at least {MIN_MAP_SIDE} px a side)")
+    return Dataset(root, map_path, frames)
+
+
+MIN_MAP_SIDE = 64
+
+
+def check_image_file(path: Path) -> None:
+    """Cheap up-front check that an image is complete: the header parses and the end marker is there
+    (a truncated JPG still decodes, silently grey at the bottom, so decoding alone would not tell)."""
+    with open(path, "rb") as f:
+        head = f.read(8)
+        f.seek(max(0, path.stat().st_size - 64))
+        tail = f.read()
+    if head[:2] == b"\xff\xd8":
+        complete = b"\xff\xd9" in tail
+    elif head == b"\x89PNG\r\n\x1a\n":
+        complete = b"IEND" in tail
+    else:
+        raise DataError(f"{path}: not a JPG or PNG image (corrupt or wrong file)")
+    if not complete:
+        raise DataError(f"{path}: truncated image (no end-of-image marker)")
+    try:
+        image_size(path)
+    except (IndexError, ValueError) as e:
+        raise DataError(f"{path}: corrupt image header ({e})") from None
 
 
 def read_image(path: Path, flags: int = cv2.IMREAD_GRAYSCALE) -> np.ndarray:
-    img = cv2.imread(str(path), flags)
+    try:
+        img = cv2.imread(str(path), flags)
+    except cv2.error as e:
+        raise DataError(f"{path}: unreadable or corrupt image ({str(e).strip().splitlines()[-1]})") from None
     if img is None or img.size == 0:
         raise DataError(f"{path}: unreadable or corrupt image")
     return img
@@ -457,6 +495,13 @@ class Matcher:
         import torch
         import kornia.feature as KF
         files = {name: find_weight(weights_dir, name, cache) for name, cache in WEIGHT_FILES[self.backend].items()}
+        for path in files.values():
+            # kornia re-downloads a cached file it cannot load: check each one here so nothing is fetched
+            try:
+                torch.load(path, map_location="cpu", weights_only=True)
+            except Exception as e:
+                raise WeightsError(f"{path}: not a loadable weights file for backend '{self.backend}' "
+                                   f"({type(e).__name__}: {str(e).strip().splitlines()[0][:120]})") from None
         # kornia loads from torch's hub cache: stage our files there under its names, in a private dir
         hub = Path(tempfile.mkdtemp(prefix="uavloc-hub-"))
         (hub / "checkpoints").mkdir()
@@ -481,9 +526,11 @@ class Matcher:
                 state = torch.load(files["superpoint_v1.pth"], map_location="cpu", weights_only=True)
                 self.extractor.load_state_dict(state)
                 self.lightglue = KF.LightGlue("superpoint", filter_threshold=self.cfg["match_threshold"])
-        except (RuntimeError, KeyError, ValueError) as e:
-            raise WeightsError(f"weights for backend '{self.backend}' in {weights_dir} do not load "
-                               f"(wrong or corrupt file?): {str(e).splitlines()[0]}") from None
+        except Exception as e:  # torch.load and load_state_dict raise many types for a wrong file
+            names = ", ".join(str(f) for f in files.values())
+            raise WeightsError(f"weights for backend '{self.backend}' do not load from {names} "
+                               f"(wrong or corrupt file?): {type(e).__name__}: {str(e).strip().splitlines()[0][:200]}") \
+                from None
         finally:
             torch.hub.set_dir(old_hub)
         self.extractor = self.extractor.eval().to(self.device)
@@ -1110,7 +1157,8 @@ def locate_guarded(loc: Localizer, frame: Frame, centre, radius: float, yaw, nei
         raise
     except Exception as e:
         if loc.s["run"]["strict"]:
-            raise
+            raise FrameError(f"frame {frame.id} ({frame.path}) raised {type(e).__name__}: {e}; "
+                             f"stopped there because of --strict / run.strict") from e
         return Estimate(frame.id, float(centre[0]), float(centre[1]), "anchor",
                         error=f"{EXCEPTION_PREFIX}{type(e).__name__}: {e}")
 
