@@ -13,6 +13,8 @@ import functools
 import hashlib
 import json
 import os
+import shutil
+import subprocess
 import sys
 import tempfile
 import time
@@ -28,6 +30,9 @@ from tqdm import tqdm
 
 ROOT = Path(__file__).resolve().parent
 DEFAULT_SETTINGS = ROOT / "settings.toml"
+# The Kaggle kernel is this file with settings.toml written into the next line by --mode kaggle-sync
+# (a script kernel uploads one file); None here, where settings.toml sits beside the module.
+EMBEDDED_SETTINGS = None
 
 
 class UavlocError(Exception):
@@ -53,6 +58,12 @@ class FrameError(UavlocError):
 
 
 # ----------------------------------------------------------------------------- config
+
+def default_settings_text() -> str:
+    if EMBEDDED_SETTINGS is not None and not DEFAULT_SETTINGS.is_file():
+        return EMBEDDED_SETTINGS
+    return DEFAULT_SETTINGS.read_text()
+
 
 def load_toml(path: Path) -> dict:
     try:
@@ -107,7 +118,7 @@ def merge_settings(base: dict, extra: dict, origin: str) -> dict:
 def load_settings(settings_file: str | None = None, preset: str | None = None,
                   overrides: list[str] = ()) -> dict:
     """TOML defaults < --settings FILE < --preset NAME < --set key=value."""
-    settings = load_toml(DEFAULT_SETTINGS)
+    settings = tomllib.loads(default_settings_text())
     if settings_file:
         merge_settings(settings, load_toml(Path(settings_file)), settings_file)
     if preset:
@@ -167,6 +178,7 @@ def atomic_write(path: Path, data: str | bytes) -> None:
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data.encode() if isinstance(data, str) else data)
+        os.chmod(tmp, 0o644)            # mkstemp makes 0600; outputs are ordinary files
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -255,7 +267,8 @@ def load_dataset(root: Path) -> Dataset:
     root = Path(root)
     if not root.is_dir():
         raise DataError(f"{root}: data folder not found")
-    map_path = root / "map.png"
+    # the competition ships map.png in data/ beside train_data/ and test_data/; the bench has it at the root
+    map_path = next((p for p in (root / "map.png", root / "data" / "map.png") if p.is_file()), root / "map.png")
     if not map_path.is_file():
         raise DataError(f"{map_path}: map.png not found (expected the competition layout under {root})")
     for sub in ("train_data/train_images", "test_data/test_images"):
@@ -479,7 +492,7 @@ def superpoint_net():
 class Matcher:
     """One interface for every backend: extract(image) -> Features; match(f0, size0, f1, size1)."""
 
-    def __init__(self, cfg: dict, weights_dir: Path, device_name: str = "auto"):
+    def __init__(self, cfg: dict, weights_dir: Path, device_name: str = "auto", wheels_dir: Path = Path("wheels")):
         self.backend = cfg["backend"]
         if self.backend not in WEIGHT_FILES:
             raise UsageError(f"features.backend must be one of {sorted(WEIGHT_FILES)}, not '{self.backend}'")
@@ -489,11 +502,11 @@ class Matcher:
         if self.backend == "sift":
             self.sift = cv2.SIFT_create(nfeatures=0)
         else:
-            self._load_networks(Path(weights_dir))
+            self._load_networks(Path(weights_dir), Path(wheels_dir))
 
-    def _load_networks(self, weights_dir: Path) -> None:
+    def _load_networks(self, weights_dir: Path, wheels_dir: Path) -> None:
         import torch
-        import kornia.feature as KF
+        KF = import_kornia_feature(wheels_dir)
         files = {name: find_weight(weights_dir, name, cache) for name, cache in WEIGHT_FILES[self.backend].items()}
         for path in files.values():
             # kornia re-downloads a cached file it cannot load: check each one here so nothing is fetched
@@ -1590,7 +1603,7 @@ def write_tune_outputs(study, settings: dict, tuner: Tuner, out: Path, apply: bo
     atomic_write(out / "tune" / "holdout.json", json.dumps({"best": held_best, "base": held_base,
                                                             "study_best": best.value, "params": best.params}, indent=1))
     if apply:
-        atomic_write(out / "settings_tuned.toml", apply_params(DEFAULT_SETTINGS.read_text(), best.params))
+        atomic_write(out / "settings_tuned.toml", apply_params(default_settings_text(), best.params))
         print(f"wrote {out / 'settings_tuned.toml'}: diff it against settings.toml")
 
 
@@ -1693,7 +1706,7 @@ def setup_torch(settings: dict) -> None:
 
 def build_localizer(settings: dict, dataset: Dataset, weights: Path, out: Path, log=print) -> Localizer:
     setup_torch(settings)
-    matcher = Matcher(settings["features"], weights, settings["run"]["device"])
+    matcher = Matcher(settings["features"], weights, settings["run"]["device"], Path(settings["run"]["wheels_dir"]))
     map_gray = read_image(dataset.map_path)
     t0 = time.perf_counter()
     mf, hit = cached_map_features(dataset.map_path, map_gray, matcher, settings, out / "cache")
@@ -1957,9 +1970,130 @@ def make_demo(root: Path, seed: int = 7, n_frames: int = 40) -> Path:
     return data
 
 
+# ----------------------------------------------------------------------------- kaggle
+
+KAGGLE_DIR = ROOT / "kaggle"
+
+
+def import_kornia_feature(wheels: Path):
+    """kornia.feature; where kornia is missing (a Kaggle kernel without internet), install it first
+    from the wheels dataset with pip --no-index, so nothing is downloaded."""
+    try:
+        import kornia.feature as KF
+        return KF
+    except ImportError:
+        pass
+    wheel_files = sorted(wheels.glob("kornia-*.whl")) if wheels.is_dir() else []
+    if not wheel_files:
+        raise WeightsError(f"kornia is not installed and no kornia wheel is in {wheels} (run.wheels_dir); "
+                           f"install it (pip install -r requirements.txt) or attach the uavloc-wheels dataset")
+    cmd = [sys.executable, "-m", "pip", "install", "--no-index", "--find-links", str(wheels), "kornia"]
+    r = subprocess.run(cmd, capture_output=True, text=True)
+    if r.returncode:
+        raise WeightsError(f"offline install of kornia from {wheels} failed: {r.stderr.strip().splitlines()[-1]}")
+    import importlib
+    importlib.invalidate_caches()
+    import kornia.feature as KF
+    return KF
+
+
+@dataclass
+class KaggleEnv:
+    root: Path
+    data: Path
+    working: Path
+    weights: Path | None
+    wheels: Path | None
+
+
+def find_folder(top: Path, holds, depth: int = 4) -> Path | None:
+    """The shallowest folder under `top` for which holds(folder) is true (sorted, so deterministic)."""
+    level = [top]
+    for _ in range(depth + 1):
+        for folder in level:
+            if holds(folder):
+                return folder
+        level = sorted(c for f in level for c in f.iterdir() if c.is_dir() and not c.name.startswith("."))
+    return None
+
+
+def detect_kaggle(settings: dict) -> KaggleEnv | None:
+    """On Kaggle (a /kaggle/input folder; $UAVLOC_KAGGLE_ROOT moves the root for a simulated run):
+    the competition data is the folder with train_data/ and test_data/, the weights dataset the one
+    with the backend's files, the wheels dataset the one with a kornia wheel."""
+    root = Path(os.environ.get("UAVLOC_KAGGLE_ROOT", settings["kaggle"]["root"]))
+    inputs = root / "input"
+    if not inputs.is_dir():
+        return None
+    data = find_folder(inputs, lambda f: (f / "train_data").is_dir() and (f / "test_data").is_dir())
+    if data is None:
+        raise DataError(f"{inputs}: no competition data (a folder holding train_data/ and test_data/); "
+                        f"add the competition to the kernel's inputs")
+    names = list(WEIGHT_FILES[settings["features"]["backend"]])
+    weights = find_folder(inputs, lambda f: bool(names) and all((f / n).is_file() for n in names))
+    wheels = find_folder(inputs, lambda f: any(f.glob("kornia-*.whl")))
+    return KaggleEnv(root, data, root / "working", weights, wheels)
+
+
+def kernel_source(settings_text: str) -> str:
+    """kaggle/uavloc.py: this module with settings.toml embedded (a script kernel is one file)."""
+    src = Path(__file__).read_text()
+    marker = "\nEMBEDDED_SETTINGS = None\n"
+    if marker not in src:
+        raise UsageError("kaggle-sync must run from the project's uavloc.py, not from the kernel copy")
+    return src.replace(marker, f"\nEMBEDDED_SETTINGS = {settings_text!r}\n", 1)
+
+
+def kernel_metadata(settings: dict) -> dict:
+    k = settings["kaggle"]
+    return {"id": k["kernel_id"], "title": k["kernel_title"], "code_file": "uavloc.py", "language": "python",
+            "kernel_type": "script", "is_private": True, "enable_gpu": True, "enable_internet": False,
+            "competition_sources": [k["competition"]], "dataset_sources": [k["weights_dataset"], k["wheels_dataset"]],
+            "kernel_sources": [], "model_sources": []}
+
+
+def kaggle_sync(settings: dict) -> str:
+    """Mirror uavloc.py + settings.toml into kaggle/ (never edit those by hand)."""
+    atomic_write(KAGGLE_DIR / "uavloc.py", kernel_source(DEFAULT_SETTINGS.read_text()))
+    atomic_write(KAGGLE_DIR / "kernel-metadata.json", json.dumps(kernel_metadata(settings), indent=2) + "\n")
+    return f"synced {KAGGLE_DIR / 'uavloc.py'} and {KAGGLE_DIR / 'kernel-metadata.json'}"
+
+
+def build_kaggle_datasets(settings: dict, weights: Path, out: Path) -> str:
+    """<out>/kaggle-datasets/uavloc-weights/ and uavloc-wheels/, ready for `kaggle datasets create -p`."""
+    k = settings["kaggle"]
+    root = out / "kaggle-datasets"
+    w = root / "uavloc-weights"
+    w.mkdir(parents=True, exist_ok=True)
+    names = [n for b in ("aliked", "xfeat") for n in WEIGHT_FILES[b]]
+    missing = [n for n in names if not (weights / n).is_file()]
+    if missing:
+        raise WeightsError(f"{weights}: missing {', '.join(missing)} for the weights dataset")
+    for n in names + ["MANIFEST.md"]:
+        if (weights / n).is_file():
+            shutil.copy2(weights / n, w / n)
+    write_dataset_metadata(w, k["weights_dataset"], "uavloc weights (ALIKED, XFeat, LightGlue)")
+    h = root / "uavloc-wheels"
+    h.mkdir(parents=True, exist_ok=True)
+    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "-d", str(h),
+           "--python-version", k["python_version"], "--platform", "manylinux2014_x86_64",
+           "--platform", "manylinux_2_17_x86_64", *k["wheels"]]
+    r = subprocess.run(cmd, capture_output=True, text=True)
+    if r.returncode:
+        raise UsageError(f"pip download of {' '.join(k['wheels'])} failed (needs a package index): "
+                         f"{r.stderr.strip().splitlines()[-1] if r.stderr.strip() else r.returncode}")
+    write_dataset_metadata(h, k["wheels_dataset"], "uavloc offline wheels (kornia)")
+    return f"built {w} and {h}: upload each with `kaggle datasets create -p FOLDER`"
+
+
+def write_dataset_metadata(folder: Path, dataset_id: str, title: str) -> None:
+    atomic_write(folder / "dataset-metadata.json", json.dumps(
+        {"title": title, "id": dataset_id, "licenses": [{"name": "other"}]}, indent=2) + "\n")
+
+
 # ----------------------------------------------------------------------------- CLI
 
-MODES = ("submit", "validate", "bench", "tune", "locate", "demo", "report")
+MODES = ("submit", "validate", "bench", "tune", "locate", "demo", "report", "kaggle-sync", "kaggle-datasets")
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -2065,9 +2199,21 @@ def main(argv=None) -> int:
         args = parse_args(argv)
         settings = load_settings(args.settings, args.preset, args.set)
         settings["run"]["strict"] = settings["run"]["strict"] or args.strict
+        kaggle = detect_kaggle(settings)
+        if kaggle:             # inputs and outputs found without flags; flags still win
+            args.data = args.data or str(kaggle.data)
+            args.out = args.out or str(kaggle.working)
+            args.weights = args.weights or os.environ.get("UAVLOC_WEIGHTS") or (kaggle.weights and str(kaggle.weights))
+            settings["run"]["wheels_dir"] = str(kaggle.wheels or settings["run"]["wheels_dir"])
+            print(f"kaggle: data {kaggle.data}, weights {kaggle.weights}, wheels {kaggle.wheels}, "
+                  f"output {kaggle.working}")
         out = Path(args.out or settings["run"]["out"])
         weights = weights_dir(settings, args.weights)
-        if args.mode == "locate":
+        if args.mode == "kaggle-sync":
+            print(kaggle_sync(settings))
+        elif args.mode == "kaggle-datasets":
+            print(build_kaggle_datasets(settings, weights, out))
+        elif args.mode == "locate":
             mode_locate(args, settings, weights, out)
         elif args.mode == "report":
             if args.id is None:

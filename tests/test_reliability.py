@@ -17,9 +17,10 @@ from conftest import ROOT
 
 
 def edit_csv(path, fn):
+    """fn edits the table in place, or returns a new one."""
     df = pd.read_csv(path)
-    fn(df)
-    df.to_csv(path, index=False)
+    new = fn(df)
+    (df if new is None else new).to_csv(path, index=False)
 
 
 def first_image(data, split):
@@ -52,15 +53,15 @@ CASES = {
     "no train images folder": (lambda d: shutil.rmtree(d / "train_data/train_images"), 3, ["train_images", "not found"]),
     "no test csv": (lambda d: (d / TEST).unlink(), 3, ["test_cam.csv", "not found"]),
     "empty csv file": (lambda d: (d / POS).write_text(""), 3, ["train_pos.csv", "not a readable CSV"]),
-    "missing column": (lambda d: edit_csv(d / CAM, lambda df: df.drop(columns="fx", inplace=True)), 3,
+    "missing column": (lambda d: edit_csv(d / CAM, lambda df: df.drop(columns="fx")), 3,
                        ["train_cam.csv", "missing column", "fx"]),
     "NaN intrinsic": (set_cell(TEST, "fy", np.nan, row=1), 3, ["test_cam.csv", "'fy'", "line 3"]),
     "non-numeric value": (set_cell(CAM, "cx", "abc", row=2), 3, ["train_cam.csv", "'cx'", "line 4"]),
     "duplicate id": (lambda d: edit_csv(d / TEST, lambda df: df.loc.__setitem__((1, "id"), df.loc[0, "id"])), 3,
                      ["test_cam.csv", "duplicate id"]),
-    "train id without position": (lambda d: edit_csv(d / POS, lambda df: df.drop(index=3, inplace=True)), 3,
+    "train id without position": (lambda d: edit_csv(d / POS, lambda df: df.drop(index=3)), 3,
                                   ["train_pos.csv", "has no position"]),
-    "position without intrinsics": (lambda d: edit_csv(d / CAM, lambda df: df.drop(index=3, inplace=True)), 3,
+    "position without intrinsics": (lambda d: edit_csv(d / CAM, lambda df: df.drop(index=3)), 3,
                                     ["train_pos.csv", "no intrinsics"]),
     "train id without image": (lambda d: first_image(d, "train").unlink(), 3, ["no image for train id"]),
     "test id without image": (lambda d: first_image(d, "test").unlink(), 3, ["no image for test id"]),

@@ -1,0 +1,100 @@
+"""The kaggle/ kernel folder: metadata fields, sync with uavloc.py, and an offline dry run in a fake /kaggle."""
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import pandas as pd
+import pytest
+
+import uavloc as U
+from conftest import ROOT, weights_present
+
+KAGGLE = ROOT / "kaggle"
+
+
+def test_kernel_metadata_has_the_documented_fields_and_types():
+    meta = json.loads((KAGGLE / "kernel-metadata.json").read_text())
+    user, _, slug = meta["id"].partition("/")
+    assert user and slug and "/" not in slug
+    assert isinstance(meta["title"], str) and slug == meta["title"].lower().replace(" ", "-")
+    assert (KAGGLE / meta["code_file"]).is_file()
+    assert meta["language"] in ("python", "r", "rmarkdown") and meta["kernel_type"] in ("script", "notebook")
+    for key in ("is_private", "enable_gpu", "enable_internet"):
+        assert isinstance(meta[key], bool)
+    assert meta["enable_internet"] is False and meta["is_private"] is True
+    for key in ("dataset_sources", "competition_sources", "kernel_sources", "model_sources"):
+        assert isinstance(meta[key], list) and all(isinstance(v, str) for v in meta[key])
+    assert len(meta["competition_sources"]) == 1 and len(meta["dataset_sources"]) == 2
+
+
+def test_kaggle_folder_is_in_sync_with_uavloc_and_settings():
+    hint = "kaggle/ is out of sync: run `python uavloc.py --mode kaggle-sync`"
+    assert (KAGGLE / "uavloc.py").read_text() == U.kernel_source(U.DEFAULT_SETTINGS.read_text()), hint
+    meta = json.loads((KAGGLE / "kernel-metadata.json").read_text())
+    assert meta == U.kernel_metadata(U.load_settings()), hint
+
+
+def fake_kaggle(tmp_path, demo_data, with_weights):
+    """/kaggle/input/<competition>/ in the competition's layout (map.png under data/), optional weights."""
+    root = tmp_path / "kaggle"
+    comp = root / "input" / "gnss-denied-localization"
+    shutil.copytree(demo_data, comp)
+    (comp / "data").mkdir()
+    shutil.move(comp / "map.png", comp / "data" / "map.png")
+    if with_weights:
+        w = root / "input" / "uavloc-weights"
+        w.mkdir(parents=True)
+        for name in U.WEIGHT_FILES["aliked"]:
+            os.symlink(os.path.join(os.environ.get("UAVLOC_WEIGHTS", ROOT / "weights"), name), w / name)
+    (root / "working").mkdir(parents=True)
+    return root
+
+
+def run_kernel(root, cwd, *flags):
+    env = {k: v for k, v in os.environ.items() if k != "UAVLOC_WEIGHTS"}
+    # no network: any download attempt fails at once instead of reaching the internet
+    env.update(UAVLOC_KAGGLE_ROOT=str(root), HTTP_PROXY="http://127.0.0.1:9", HTTPS_PROXY="http://127.0.0.1:9",
+               TORCH_HOME=str(cwd / "torch-home"))
+    return subprocess.run([sys.executable, str(KAGGLE / "uavloc.py"), *flags], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=900)
+
+
+def check_submission(root, demo_data):
+    sub = pd.read_csv(root / "working" / "submission.csv")
+    ids = sorted(pd.read_csv(demo_data / "test_data/test_cam.csv")["id"])
+    assert sub["id"].tolist() == ids
+    m = U.metric(sub, pd.read_csv(demo_data.parent / "solution.csv"))
+    assert m["acc@25"] == 1.0
+
+
+def test_kernel_dry_run_in_a_simulated_kaggle(demo_data, tmp_path):
+    root = fake_kaggle(tmp_path, demo_data, with_weights=False)
+    r = run_kernel(root, tmp_path, "--set", "features.backend=sift")     # no weights dataset: SIFT
+    assert r.returncode == 0, r.stderr
+    assert "kaggle: data" in r.stdout and "Traceback" not in r.stderr
+    check_submission(root, demo_data)
+
+
+@pytest.mark.weights
+@pytest.mark.skipif(not weights_present("aliked"), reason="ALIKED weights absent")
+def test_kernel_dry_run_without_flags_uses_the_weights_dataset(demo_data, tmp_path):
+    root = fake_kaggle(tmp_path, demo_data, with_weights=True)
+    r = run_kernel(root, tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert "uavloc-weights" in r.stdout
+    check_submission(root, demo_data)
+
+
+def test_missing_kornia_is_installed_offline_from_the_wheels(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "kornia", None)           # import kornia -> ImportError
+    with pytest.raises(U.WeightsError, match="no kornia wheel"):
+        U.import_kornia_feature(tmp_path / "empty")
+    (tmp_path / "kornia-0.9.0-py3-none-any.whl").write_bytes(b"")
+    calls = []
+    monkeypatch.setattr(U.subprocess, "run", lambda cmd, **k: calls.append(cmd) or
+                        subprocess.CompletedProcess(cmd, 1, "", "ERROR: no matching distribution"))
+    with pytest.raises(U.WeightsError, match="offline install of kornia"):
+        U.import_kornia_feature(tmp_path)
+    assert calls and "--no-index" in calls[0] and calls[0][calls[0].index("--find-links") + 1] == str(tmp_path)
