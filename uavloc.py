@@ -20,6 +20,8 @@ import tempfile
 import time
 import tomllib
 import warnings
+from collections import OrderedDict
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -692,6 +694,36 @@ def cached_map_features(map_path: Path, map_gray: np.ndarray, matcher: Matcher, 
     return mf, False
 
 
+class FrameDecoder:
+    """Frames decoded at working size: a small explicit cache (a frame's rotation hypotheses share one
+    decode) and one background thread that decodes the next frame while this one is matched
+    (cv2.imread releases the GIL; a 48-megapixel JPG costs about as much as matching it)."""
+
+    def __init__(self, prefetch: bool, keep: int = 4):
+        self.pool = ThreadPoolExecutor(1, thread_name_prefix="uavloc-decode") if prefetch else None
+        self.items: OrderedDict[tuple, np.ndarray | Future] = OrderedDict()
+        self.keep = keep
+
+    def prefetch(self, path: Path, side: int) -> None:
+        if self.pool is not None and (path, side) not in self.items:
+            self._store((path, side), self.pool.submit(load_gray, path, side))
+
+    def get(self, path: Path, side: int) -> np.ndarray:
+        item = self.items.get((path, side))
+        if item is None:
+            item = load_gray(path, side)
+        elif isinstance(item, Future):
+            item = item.result()          # an error in the thread (a corrupt image) is raised here
+        self._store((path, side), item)
+        return item
+
+    def _store(self, key: tuple, item) -> None:
+        self.items[key] = item
+        self.items.move_to_end(key)
+        while len(self.items) > self.keep:
+            self.items.popitem(last=False)
+
+
 @dataclass
 class QueryView:
     """A frame's features at one rotation and scale, in the coordinates of that rotated view."""
@@ -715,6 +747,9 @@ class QueryCache:
     def key(self, path: Path, rotation: float, scale: float) -> str:
         st = path.stat()
         return digest([str(path.resolve()), st.st_size, st.st_mtime_ns, round(rotation, 3), round(scale, 6)], 20)
+
+    def has(self, key: str) -> bool:
+        return key in self.memory or (self.folder is not None and (self.folder / f"{key}.npz").is_file())
 
     def get(self, key: str) -> QueryView | None:
         v = self.memory.get(key)
@@ -971,12 +1006,13 @@ class Localizer:
     """Everything one frame's localization needs; `locate` is the single code path of every mode."""
 
     def __init__(self, settings: dict, map_gray: np.ndarray, map_features: MapFeatures, matcher: Matcher,
-                 cache: QueryCache):
+                 cache: QueryCache, decoder: FrameDecoder):
         self.s = settings
         self.map_gray = map_gray
         self.mf = map_features
         self.matcher = matcher
         self.cache = cache
+        self.decoder = decoder
         self.calib: Calibration | None = None
         self.frame_timing: dict[str, float] = {}   # seconds per stage of the frame being located
 
@@ -990,13 +1026,22 @@ class Localizer:
         rotated by `rotation`; returns the image and the homography original px -> its px."""
         t0 = time.perf_counter()
         w, h = image_size(frame.path)
-        side = min(self.s["preprocess"]["max_side"], max(8, int(round(max(w, h) * target))))
-        gray = load_gray(frame.path, side)
+        gray = self.decoder.get(frame.path, self.working_side(frame, target))
         t0 = self._tick("decode", t0)
         gray = preprocess(gray, self.s["preprocess"])
         img, rot = rotate_image(gray, rotation)
         self._tick("preprocess", t0)
         return img, rot @ scale_h(gray.shape[1] / w, gray.shape[0] / h)
+
+    def working_side(self, frame: Frame, target: float) -> int:
+        w, h = image_size(frame.path)
+        return min(self.s["preprocess"]["max_side"], max(8, int(round(max(w, h) * target))))
+
+    def prefetch(self, frame: Frame) -> None:
+        """Start decoding `frame` in the background, unless its features are cached already."""
+        target = self.view_scale(self.calib.expected_scale(frame))
+        if not any(self.cache.has(self.cache.key(frame.path, r, target)) for r in self.hypotheses(None)):
+            self.decoder.prefetch(frame.path, self.working_side(frame, target))
 
     def view_scale(self, expected_scale: float) -> float:
         """Query scale relative to original px, snapped to a log grid so that the features of one frame
@@ -1194,10 +1239,12 @@ def register_train(loc: Localizer, dataset: Dataset, checkpoint: Checkpoint) -> 
     check_map_covers_frames(loc, dataset)
     known: dict[int, Estimate] = {}
     yaw = None
-    for i in tqdm(ids, desc="register train", disable=None, leave=False):
+    for n, i in enumerate(tqdm(ids, desc="register train", disable=None, leave=False)):
         f = dataset.frames[i]
         est = checkpoint.estimate("register", i)
         if est is None:
+            if n + 1 < len(ids):
+                loc.prefetch(dataset.frames[ids[n + 1]])
             est = locate_guarded(loc, f, f.truth, loc.s["localize"]["search_radius"], yaw)
             checkpoint.put_estimate("register", est)
         if est.H is not None:
@@ -1282,10 +1329,13 @@ def localize_sequence(loc: Localizer, dataset: Dataset, known: dict[int, Estimat
     resolved = dict(known)      # frames with a trusted position, used as anchors
     done: dict[int, Estimate] = {}
     map_centre = (loc.map_gray.shape[1] / 2, loc.map_gray.shape[0] / 2)
-    for i in tqdm(processing_order(targets, list(known), lz["both_ends"]), desc=phase, disable=None, leave=False):
+    order = processing_order(targets, list(known), lz["both_ends"])
+    for n, i in enumerate(tqdm(order, desc=phase, disable=None, leave=False)):
         frame = dataset.frames[i]
         est = checkpoint.estimate(phase, i)
         if est is None:
+            if n + 1 < len(order):
+                loc.prefetch(dataset.frames[order[n + 1]])
             centre, gap, anchor = prior_for(i, resolved, lz["both_ends"], map_centre)
             radius = min(lz["max_radius"], lz["search_radius"] + lz["radius_per_id"] * max(0, gap - 1))
             with_h = [j for j in resolved if resolved[j].H is not None]
@@ -1497,7 +1547,7 @@ class Tuner:
         if key not in self.localizers:
             self.localizers[key] = build_localizer(settings, self.dataset, self.weights, self.out, self.log)
         shared = self.localizers[key]
-        return Localizer(settings, shared.map_gray, shared.mf, shared.matcher, shared.cache)
+        return Localizer(settings, shared.map_gray, shared.mf, shared.matcher, shared.cache, shared.decoder)
 
     def scores(self, settings: dict, known_ids: list[int], blocks: list[list[int]]):
         """Yields (block, per-frame scores) block by block, for the pruner."""
@@ -1715,7 +1765,7 @@ def build_localizer(settings: dict, dataset: Dataset, weights: Path, out: Path, 
         f"backend {matcher.backend} on {matcher.device or 'cpu'}")
     cache = QueryCache(out / "cache" / "query" if settings["run"]["feature_cache"] else None, settings,
                        str(matcher.device or "cpu"))
-    return Localizer(settings, map_gray, mf, matcher, cache)
+    return Localizer(settings, map_gray, mf, matcher, cache, FrameDecoder(settings["run"]["prefetch"]))
 
 
 # settings sections that change a frame's result: a checkpoint is only replayed when they are unchanged

@@ -20,6 +20,8 @@ import tempfile
 import time
 import tomllib
 import warnings
+from collections import OrderedDict
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -32,7 +34,7 @@ ROOT = Path(__file__).resolve().parent
 DEFAULT_SETTINGS = ROOT / "settings.toml"
 # The Kaggle kernel is this file with settings.toml written into the next line by --mode kaggle-sync
 # (a script kernel uploads one file); None here, where settings.toml sits beside the module.
-EMBEDDED_SETTINGS = '# uavloc settings: every default lives here.\n# Override with `--settings FILE` (a TOML file with any subset of these keys),\n# `--preset NAME` (a [presets.NAME] table below) and `--set section.key=value` (repeatable).\n# Order: this file < --settings < --preset < --set.\n\n[run]\ndata = "build/demo/data"     # competition layout: map.png, train_data/, test_data/\nout = "build"                # every output goes under here\nweights_dir = "weights"      # overridden by $UAVLOC_WEIGHTS and by --weights\nwheels_dir = "wheels"        # kornia wheels installed offline (pip --no-index) when kornia is missing\ndevice = "auto"              # auto (CUDA when present) | cpu | cuda\nthreads = 0                  # torch CPU threads; 0 = all cores\nstrict = false               # stop at the first frame that raises, instead of recording it (--strict)\nresume = true                # replay finished frames of an interrupted run with the same data and settings\nvalidate = true              # submit also scores a block validation split of the train frames\nfeature_cache = true         # keep query features on disk under <out>/cache/query/\n\n[split]\n# Validation mimics the test layout: blocks of consecutive train ids are hidden.\nval_fraction = 0.25\nblock_min = 2\nblock_max = 6\nseed = 0\n\n[preprocess]\nmax_side = 1400              # working size of a frame before scaling to the map\ngray = true\nedge_blend = false           # seed\'s Canny blend; off: it destroys matches at the true scale\ncanny_low = 50\ncanny_high = 150\nedge_kernel = 3\ngray_weight = 0.70\nedge_weight = 0.30\n\n[features]\nbackend = "aliked"           # aliked | xfeat | superpoint | sift\nmax_keypoints = 1024         # per query image\nmap_level = 0.5              # resolution the map is matched at, as a fraction of map.png\nmap_tile = 768               # map features are extracted once, in tiles of this side\nmap_keypoints_per_tile = 1536\nmax_map_keypoints = 2048     # map keypoints handed to the matcher for one search window\nmatch_threshold = 0.1        # LightGlue match confidence (SIFT: Lowe ratio is sift_ratio)\nsift_ratio = 0.85\nhalf_precision = true        # on CUDA only\nquery_scale_step = 1.044     # query scales snap to powers of this, so features are reused across runs\n\n[geometry]\nransac_threshold = 3.0       # MAGSAC threshold in match-level px\nransac_confidence = 0.999\nransac_max_iters = 5000\nmin_inliers = 12             # a homography with fewer inliers is rejected\nmax_anisotropy = 1.4         # ratio of the homography\'s singular values at the frame centre\n\n[scale]\nncc_candidates = 40          # log-spaced scale candidates for the template-NCC calibration\nncc_template = 96            # template width in px for NCC\nncc_min_footprint = 0.02     # candidate range: frame width covers this ... \nncc_max_footprint = 0.9      # ... to this fraction of the map\'s smaller side\nclip_low = 0.67              # a match\'s scale must lie in [low, high] x the frame\'s expected scale\nclip_high = 1.5\nvirtual_zoom = 1.0           # query scale relative to the map level (< 1 zooms out)\ncrop_factor = 1.5            # search window = frame footprint x crop_factor (+ search radius)\n\n[reference]\nmode = "calibrated"          # calibrated: learn the image point of the GPS truth | centre\nmin_frames = 3               # fewer registered frames than this: fall back to the centre\n\n[localize]\nrotation_search = "prior"    # prior: order hypotheses by the heading prior | all | none\nrotation_step = 90.0         # degrees between rotation hypotheses\nmax_hypotheses = 4\nstrong_inliers = 50          # stop trying hypotheses / sources once this many inliers\nsearch_radius = 80.0         # map px added to the window for an adjacent anchor ...\nradius_per_id = 60.0         # ... plus this per id of gap to it\nmax_radius = 1200.0\nboth_ends = true             # resolve test runs from both bracketing known frames\nneighbour_matching = true    # match to the registered neighbour frame, compose homographies\nrelocalize = true            # widen the search when a frame fails\nrelocalize_growth = 2.5\nrelocalize_levels = 2        # widenings around the anchor before the known area, then the whole map\nsequence_check = true        # reject implausible jumps and fill by interpolation\nspeed_margin = 1.5           # speed bound = margin x 95th percentile of train speeds (px per id)\njump_slack = 60.0            # map px always allowed on top of the speed bound\n\n[report]\nworst_frames = 4             # matches_<id>.png for this many worst validation frames\nenabled = true\n\n[tune]\ntrials = 30\nstudy = "uavloc"\nstorage = ""                 # default: sqlite under <out>/tune/\nsampler_seed = 0\nholdout_fraction = 0.2       # train frames the study never sees\npruner_p = 0.1               # WilcoxonPruner p-threshold: prune a trial clearly worse than the best\n\n# Search space: one table per parameter; `low`/`high` (log = true for log-uniform) or `choices`.\n[tune.space."features.match_threshold"]\nlow = 0.02\nhigh = 0.4\nlog = true\n[tune.space."geometry.ransac_threshold"]\nlow = 1.0\nhigh = 8.0\nlog = true\n[tune.space."geometry.min_inliers"]\nlow = 8\nhigh = 40\n[tune.space."scale.virtual_zoom"]\nlow = 0.7\nhigh = 1.3\n[tune.space."scale.crop_factor"]\nlow = 1.1\nhigh = 2.5\n[tune.space."scale.clip_low"]\nlow = 0.4\nhigh = 0.9\n[tune.space."scale.clip_high"]\nlow = 1.1\nhigh = 2.5\n[tune.space."localize.search_radius"]\nlow = 30.0\nhigh = 300.0\nlog = true\n[tune.space."localize.speed_margin"]\nlow = 1.1\nhigh = 3.0\n[tune.space."localize.strong_inliers"]\nlow = 20\nhigh = 150\nlog = true\n\n[kaggle]\nroot = "/kaggle"             # a Kaggle kernel is detected by <root>/input ($UAVLOC_KAGGLE_ROOT overrides)\nkernel_id = "your-kaggle-username/uavloc-submit"\nkernel_title = "uavloc submit"\ncompetition = "gnss-denied-localization"\nweights_dataset = "your-kaggle-username/uavloc-weights"\nwheels_dataset = "your-kaggle-username/uavloc-wheels"\npython_version = "3.11"      # Kaggle\'s Python, for the wheels dataset\nwheels = ["kornia==0.9.0", "kornia_rs==0.2.0"]   # kornia and its dependency that Kaggle lacks\n\n# The seed notebook\'s logic: north-up frames, one anchor (the previous frame), the image\n# centre as the truth, no relocalization and no sequence consistency.\n[presets.reference]\n"reference.mode" = "centre"\n"localize.rotation_search" = "none"\n"localize.both_ends" = false\n"localize.neighbour_matching" = false\n"localize.relocalize" = false\n"localize.sequence_check" = false\n\n# XFeat + LighterGlue: XFeat detects on a 1/8-resolution grid, so it matches the map at full resolution\n[presets.fast]\n"features.backend" = "xfeat"\n"features.map_level" = 1.0\n'
+EMBEDDED_SETTINGS = '# uavloc settings: every default lives here.\n# Override with `--settings FILE` (a TOML file with any subset of these keys),\n# `--preset NAME` (a [presets.NAME] table below) and `--set section.key=value` (repeatable).\n# Order: this file < --settings < --preset < --set.\n\n[run]\ndata = "build/demo/data"     # competition layout: map.png, train_data/, test_data/\nout = "build"                # every output goes under here\nweights_dir = "weights"      # overridden by $UAVLOC_WEIGHTS and by --weights\nwheels_dir = "wheels"        # kornia wheels installed offline (pip --no-index) when kornia is missing\ndevice = "auto"              # auto (CUDA when present) | cpu | cuda\nthreads = 0                  # torch CPU threads; 0 = all cores\nstrict = false               # stop at the first frame that raises, instead of recording it (--strict)\nresume = true                # replay finished frames of an interrupted run with the same data and settings\nvalidate = true              # submit also scores a block validation split of the train frames\nfeature_cache = true         # keep query features on disk under <out>/cache/query/\nprefetch = true              # decode the next frame in a background thread while this one is matched\n\n[split]\n# Validation mimics the test layout: blocks of consecutive train ids are hidden.\nval_fraction = 0.25\nblock_min = 2\nblock_max = 6\nseed = 0\n\n[preprocess]\nmax_side = 1400              # working size of a frame before scaling to the map\ngray = true\nedge_blend = false           # seed\'s Canny blend; off: it destroys matches at the true scale\ncanny_low = 50\ncanny_high = 150\nedge_kernel = 3\ngray_weight = 0.70\nedge_weight = 0.30\n\n[features]\nbackend = "aliked"           # aliked | xfeat | superpoint | sift\nmax_keypoints = 1024         # per query image\nmap_level = 0.5              # resolution the map is matched at, as a fraction of map.png\nmap_tile = 768               # map features are extracted once, in tiles of this side\nmap_keypoints_per_tile = 1536\nmax_map_keypoints = 2048     # map keypoints handed to the matcher for one search window\nmatch_threshold = 0.1        # LightGlue match confidence (SIFT: Lowe ratio is sift_ratio)\nsift_ratio = 0.85\nhalf_precision = true        # on CUDA only\nquery_scale_step = 1.044     # query scales snap to powers of this, so features are reused across runs\n\n[geometry]\nransac_threshold = 3.0       # MAGSAC threshold in match-level px\nransac_confidence = 0.999\nransac_max_iters = 5000\nmin_inliers = 12             # a homography with fewer inliers is rejected\nmax_anisotropy = 1.4         # ratio of the homography\'s singular values at the frame centre\n\n[scale]\nncc_candidates = 40          # log-spaced scale candidates for the template-NCC calibration\nncc_template = 96            # template width in px for NCC\nncc_min_footprint = 0.02     # candidate range: frame width covers this ... \nncc_max_footprint = 0.9      # ... to this fraction of the map\'s smaller side\nclip_low = 0.67              # a match\'s scale must lie in [low, high] x the frame\'s expected scale\nclip_high = 1.5\nvirtual_zoom = 1.0           # query scale relative to the map level (< 1 zooms out)\ncrop_factor = 1.5            # search window = frame footprint x crop_factor (+ search radius)\n\n[reference]\nmode = "calibrated"          # calibrated: learn the image point of the GPS truth | centre\nmin_frames = 3               # fewer registered frames than this: fall back to the centre\n\n[localize]\nrotation_search = "prior"    # prior: order hypotheses by the heading prior | all | none\nrotation_step = 90.0         # degrees between rotation hypotheses\nmax_hypotheses = 4\nstrong_inliers = 50          # stop trying hypotheses / sources once this many inliers\nsearch_radius = 80.0         # map px added to the window for an adjacent anchor ...\nradius_per_id = 60.0         # ... plus this per id of gap to it\nmax_radius = 1200.0\nboth_ends = true             # resolve test runs from both bracketing known frames\nneighbour_matching = true    # match to the registered neighbour frame, compose homographies\nrelocalize = true            # widen the search when a frame fails\nrelocalize_growth = 2.5\nrelocalize_levels = 2        # widenings around the anchor before the known area, then the whole map\nsequence_check = true        # reject implausible jumps and fill by interpolation\nspeed_margin = 1.5           # speed bound = margin x 95th percentile of train speeds (px per id)\njump_slack = 60.0            # map px always allowed on top of the speed bound\n\n[report]\nworst_frames = 4             # matches_<id>.png for this many worst validation frames\nenabled = true\n\n[tune]\ntrials = 30\nstudy = "uavloc"\nstorage = ""                 # default: sqlite under <out>/tune/\nsampler_seed = 0\nholdout_fraction = 0.2       # train frames the study never sees\npruner_p = 0.1               # WilcoxonPruner p-threshold: prune a trial clearly worse than the best\n\n# Search space: one table per parameter; `low`/`high` (log = true for log-uniform) or `choices`.\n[tune.space."features.match_threshold"]\nlow = 0.02\nhigh = 0.4\nlog = true\n[tune.space."geometry.ransac_threshold"]\nlow = 1.0\nhigh = 8.0\nlog = true\n[tune.space."geometry.min_inliers"]\nlow = 8\nhigh = 40\n[tune.space."scale.virtual_zoom"]\nlow = 0.7\nhigh = 1.3\n[tune.space."scale.crop_factor"]\nlow = 1.1\nhigh = 2.5\n[tune.space."scale.clip_low"]\nlow = 0.4\nhigh = 0.9\n[tune.space."scale.clip_high"]\nlow = 1.1\nhigh = 2.5\n[tune.space."localize.search_radius"]\nlow = 30.0\nhigh = 300.0\nlog = true\n[tune.space."localize.speed_margin"]\nlow = 1.1\nhigh = 3.0\n[tune.space."localize.strong_inliers"]\nlow = 20\nhigh = 150\nlog = true\n\n[kaggle]\nroot = "/kaggle"             # a Kaggle kernel is detected by <root>/input ($UAVLOC_KAGGLE_ROOT overrides)\nkernel_id = "your-kaggle-username/uavloc-submit"\nkernel_title = "uavloc submit"\ncompetition = "gnss-denied-localization"\nweights_dataset = "your-kaggle-username/uavloc-weights"\nwheels_dataset = "your-kaggle-username/uavloc-wheels"\npython_version = "3.11"      # Kaggle\'s Python, for the wheels dataset\nwheels = ["kornia==0.9.0", "kornia_rs==0.2.0"]   # kornia and its dependency that Kaggle lacks\n\n# The seed notebook\'s logic: north-up frames, one anchor (the previous frame), the image\n# centre as the truth, no relocalization and no sequence consistency.\n[presets.reference]\n"reference.mode" = "centre"\n"localize.rotation_search" = "none"\n"localize.both_ends" = false\n"localize.neighbour_matching" = false\n"localize.relocalize" = false\n"localize.sequence_check" = false\n\n# XFeat + LighterGlue: XFeat detects on a 1/8-resolution grid, so it matches the map at full resolution\n[presets.fast]\n"features.backend" = "xfeat"\n"features.map_level" = 1.0\n'
 
 
 class UavlocError(Exception):
@@ -692,6 +694,36 @@ def cached_map_features(map_path: Path, map_gray: np.ndarray, matcher: Matcher, 
     return mf, False
 
 
+class FrameDecoder:
+    """Frames decoded at working size: a small explicit cache (a frame's rotation hypotheses share one
+    decode) and one background thread that decodes the next frame while this one is matched
+    (cv2.imread releases the GIL; a 48-megapixel JPG costs about as much as matching it)."""
+
+    def __init__(self, prefetch: bool, keep: int = 4):
+        self.pool = ThreadPoolExecutor(1, thread_name_prefix="uavloc-decode") if prefetch else None
+        self.items: OrderedDict[tuple, np.ndarray | Future] = OrderedDict()
+        self.keep = keep
+
+    def prefetch(self, path: Path, side: int) -> None:
+        if self.pool is not None and (path, side) not in self.items:
+            self._store((path, side), self.pool.submit(load_gray, path, side))
+
+    def get(self, path: Path, side: int) -> np.ndarray:
+        item = self.items.get((path, side))
+        if item is None:
+            item = load_gray(path, side)
+        elif isinstance(item, Future):
+            item = item.result()          # an error in the thread (a corrupt image) is raised here
+        self._store((path, side), item)
+        return item
+
+    def _store(self, key: tuple, item) -> None:
+        self.items[key] = item
+        self.items.move_to_end(key)
+        while len(self.items) > self.keep:
+            self.items.popitem(last=False)
+
+
 @dataclass
 class QueryView:
     """A frame's features at one rotation and scale, in the coordinates of that rotated view."""
@@ -715,6 +747,9 @@ class QueryCache:
     def key(self, path: Path, rotation: float, scale: float) -> str:
         st = path.stat()
         return digest([str(path.resolve()), st.st_size, st.st_mtime_ns, round(rotation, 3), round(scale, 6)], 20)
+
+    def has(self, key: str) -> bool:
+        return key in self.memory or (self.folder is not None and (self.folder / f"{key}.npz").is_file())
 
     def get(self, key: str) -> QueryView | None:
         v = self.memory.get(key)
@@ -971,12 +1006,13 @@ class Localizer:
     """Everything one frame's localization needs; `locate` is the single code path of every mode."""
 
     def __init__(self, settings: dict, map_gray: np.ndarray, map_features: MapFeatures, matcher: Matcher,
-                 cache: QueryCache):
+                 cache: QueryCache, decoder: FrameDecoder):
         self.s = settings
         self.map_gray = map_gray
         self.mf = map_features
         self.matcher = matcher
         self.cache = cache
+        self.decoder = decoder
         self.calib: Calibration | None = None
         self.frame_timing: dict[str, float] = {}   # seconds per stage of the frame being located
 
@@ -990,13 +1026,22 @@ class Localizer:
         rotated by `rotation`; returns the image and the homography original px -> its px."""
         t0 = time.perf_counter()
         w, h = image_size(frame.path)
-        side = min(self.s["preprocess"]["max_side"], max(8, int(round(max(w, h) * target))))
-        gray = load_gray(frame.path, side)
+        gray = self.decoder.get(frame.path, self.working_side(frame, target))
         t0 = self._tick("decode", t0)
         gray = preprocess(gray, self.s["preprocess"])
         img, rot = rotate_image(gray, rotation)
         self._tick("preprocess", t0)
         return img, rot @ scale_h(gray.shape[1] / w, gray.shape[0] / h)
+
+    def working_side(self, frame: Frame, target: float) -> int:
+        w, h = image_size(frame.path)
+        return min(self.s["preprocess"]["max_side"], max(8, int(round(max(w, h) * target))))
+
+    def prefetch(self, frame: Frame) -> None:
+        """Start decoding `frame` in the background, unless its features are cached already."""
+        target = self.view_scale(self.calib.expected_scale(frame))
+        if not any(self.cache.has(self.cache.key(frame.path, r, target)) for r in self.hypotheses(None)):
+            self.decoder.prefetch(frame.path, self.working_side(frame, target))
 
     def view_scale(self, expected_scale: float) -> float:
         """Query scale relative to original px, snapped to a log grid so that the features of one frame
@@ -1194,10 +1239,12 @@ def register_train(loc: Localizer, dataset: Dataset, checkpoint: Checkpoint) -> 
     check_map_covers_frames(loc, dataset)
     known: dict[int, Estimate] = {}
     yaw = None
-    for i in tqdm(ids, desc="register train", disable=None, leave=False):
+    for n, i in enumerate(tqdm(ids, desc="register train", disable=None, leave=False)):
         f = dataset.frames[i]
         est = checkpoint.estimate("register", i)
         if est is None:
+            if n + 1 < len(ids):
+                loc.prefetch(dataset.frames[ids[n + 1]])
             est = locate_guarded(loc, f, f.truth, loc.s["localize"]["search_radius"], yaw)
             checkpoint.put_estimate("register", est)
         if est.H is not None:
@@ -1282,10 +1329,13 @@ def localize_sequence(loc: Localizer, dataset: Dataset, known: dict[int, Estimat
     resolved = dict(known)      # frames with a trusted position, used as anchors
     done: dict[int, Estimate] = {}
     map_centre = (loc.map_gray.shape[1] / 2, loc.map_gray.shape[0] / 2)
-    for i in tqdm(processing_order(targets, list(known), lz["both_ends"]), desc=phase, disable=None, leave=False):
+    order = processing_order(targets, list(known), lz["both_ends"])
+    for n, i in enumerate(tqdm(order, desc=phase, disable=None, leave=False)):
         frame = dataset.frames[i]
         est = checkpoint.estimate(phase, i)
         if est is None:
+            if n + 1 < len(order):
+                loc.prefetch(dataset.frames[order[n + 1]])
             centre, gap, anchor = prior_for(i, resolved, lz["both_ends"], map_centre)
             radius = min(lz["max_radius"], lz["search_radius"] + lz["radius_per_id"] * max(0, gap - 1))
             with_h = [j for j in resolved if resolved[j].H is not None]
@@ -1497,7 +1547,7 @@ class Tuner:
         if key not in self.localizers:
             self.localizers[key] = build_localizer(settings, self.dataset, self.weights, self.out, self.log)
         shared = self.localizers[key]
-        return Localizer(settings, shared.map_gray, shared.mf, shared.matcher, shared.cache)
+        return Localizer(settings, shared.map_gray, shared.mf, shared.matcher, shared.cache, shared.decoder)
 
     def scores(self, settings: dict, known_ids: list[int], blocks: list[list[int]]):
         """Yields (block, per-frame scores) block by block, for the pruner."""
@@ -1715,7 +1765,7 @@ def build_localizer(settings: dict, dataset: Dataset, weights: Path, out: Path, 
         f"backend {matcher.backend} on {matcher.device or 'cpu'}")
     cache = QueryCache(out / "cache" / "query" if settings["run"]["feature_cache"] else None, settings,
                        str(matcher.device or "cpu"))
-    return Localizer(settings, map_gray, mf, matcher, cache)
+    return Localizer(settings, map_gray, mf, matcher, cache, FrameDecoder(settings["run"]["prefetch"]))
 
 
 # settings sections that change a frame's result: a checkpoint is only replayed when they are unchanged

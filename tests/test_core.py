@@ -101,8 +101,18 @@ def test_submit_sift_writes_valid_submission_and_locate_json(demo_data, tmp_path
     assert list(sub.columns) == ["id", "x_pixel", "y_pixel"] and sub["id"].tolist() == sorted(test_ids)
     m = U.metric(sub, pd.read_csv(demo_data.parent / "solution.csv"))
     assert m["acc@25"] == 1.0 and m["mean_px"] < 5
-    diag = pd.read_csv(out / "test_predictions.csv")
-    assert {"anchor_id", "inliers", "rotation", "source", "runtime_s"} <= set(diag.columns)
+    diag = pd.read_csv(out / "test_predictions.csv").set_index("id")
+    assert {"anchor_id", "inliers", "rotation", "source", "runtime_s", "stages"} <= set(diag.columns)
+    # the run 12..14 lies between train frames 11 and 15: it is anchored from both ends
+    assert diag.loc[12, "anchor_id"] == 11 and diag.loc[14, "anchor_id"] == 15
+    # the truth is the demo's leaning camera's nadir: 0.06 f below the image centre, about 20 map px
+    # from the centre's projection; the learned reference pixel puts predictions within 5 px of it
+    calib = json.loads((out / "calibration.json").read_text())
+    assert abs(calib["ref_offset"][1] - 0.06) < 0.005 and abs(calib["ref_offset"][0]) < 0.005
+    assert calib["ref_offset"][1] * calib["k"] > 15
+    err = np.hypot(*(sub.set_index("id")[["x_pixel", "y_pixel"]] -
+                     pd.read_csv(demo_data.parent / "solution.csv").set_index("id")).to_numpy().T)
+    assert err.max() < 5
     assert (out / "report" / "map_overview.png").is_file()
     cam = pd.read_csv(demo_data / "test_data/test_cam.csv").iloc[0]
     sol = pd.read_csv(demo_data.parent / "solution.csv").set_index("id").loc[int(cam.id)]
