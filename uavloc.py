@@ -2,7 +2,8 @@
 """uavloc: find where each drone photo was taken on one large orthophoto map.
 
 Sections, in the order data flows: config, data, preprocessing, features/matching,
-geometry, calibration, localization, metric, reports, CLI.
+geometry, calibration, localization, metric, tuning, reports, then the jobs behind the modes
+(runs, demo data, kaggle) and the CLI.
 """
 from __future__ import annotations
 
@@ -1488,8 +1489,8 @@ def apply_params(text: str, params: dict) -> str:
         if eq and dotted in params and not head.startswith("#"):
             value, hash_, comment = rest.partition("#")
             line = f"{key.rstrip()} = {toml_value(params[dotted])}"
-            if hash_:
-                line = line.ljust(len(key) + 1 + len(value)) + " " * (not line.endswith(" ")) + "#" + comment
+            if hash_:            # keep the comment in its column, one space away at least
+                line = (line + " ").ljust(len(key) + 1 + len(value)) + "#" + comment
         out.append(line)
     return "\n".join(out) + "\n"
 

@@ -124,3 +124,17 @@ def test_submit_sift_writes_valid_submission_and_locate_json(demo_data, tmp_path
     assert r.returncode == 0, r.stderr
     res = json.loads(r.stdout.strip().splitlines()[-1])
     assert np.hypot(res["x"] - sol.x_pixel, res["y"] - sol.y_pixel) < 5   # calibrated reference pixel reused
+
+
+def test_prefetched_decode_equals_direct_decode_and_keeps_errors(demo_data, tmp_path):
+    frames = sorted((demo_data / "train_data/train_images").iterdir())[:3]
+    dec = U.FrameDecoder(prefetch=True, keep=2)
+    for p in frames:
+        dec.prefetch(p, 200)
+    assert np.array_equal(dec.get(frames[2], 200), U.load_gray(frames[2], 200))
+    assert len(dec.items) == 2                      # bounded: the oldest entry is dropped
+    bad = tmp_path / "bad.JPG"
+    bad.write_bytes(b"\xff\xd8 not really a jpeg \xff\xd9")
+    dec.prefetch(bad, 200)
+    with pytest.raises(U.DataError, match="bad.JPG"):
+        dec.get(bad, 200)
