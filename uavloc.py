@@ -825,6 +825,28 @@ def homography_scale(H: np.ndarray, pt) -> float:
     return float(np.sqrt(abs(np.linalg.det(jacobian(H, pt)))))
 
 
+def camera_nadir(H: np.ndarray, K: np.ndarray) -> np.ndarray | None:
+    """The map point straight below the camera, from the image -> map homography of a planar map and the
+    intrinsics: plane -> camera is K [r1 r2 t] up to scale, and the camera centre is -R^T t."""
+    M = np.linalg.inv(K) @ np.linalg.inv(H)
+    lam = np.sqrt(np.linalg.norm(M[:, 0]) * np.linalg.norm(M[:, 1]))
+    if not np.isfinite(lam) or lam <= 0:
+        return None
+    r1, r2, t = M[:, 0] / lam, M[:, 1] / lam, M[:, 2] / lam
+    u, _, vt = np.linalg.svd(np.c_[r1, r2, np.cross(r1, r2)])     # nearest rotation
+    centre = -(u @ vt).T @ t
+    return centre[:2] if np.all(np.isfinite(centre)) else None
+
+
+def nadir_offset(H: np.ndarray, frame: Frame) -> np.ndarray | None:
+    """The nadir's image point, as an offset from the principal point in focal units."""
+    K = np.array([[frame.fx, 0, frame.cx], [0, frame.fy, frame.cy], [0, 0, 1.0]])
+    nadir = camera_nadir(H, K)
+    if nadir is None:
+        return None
+    return normalized_offset(project(np.linalg.inv(H), [nadir])[0], frame)
+
+
 def estimate_homography(p0: np.ndarray, p1: np.ndarray, g: dict) -> tuple[np.ndarray | None, np.ndarray]:
     if len(p0) < 4:
         return None, np.zeros(len(p0), bool)
@@ -855,14 +877,35 @@ def homography_problem(H: np.ndarray, pt, expected_scale: float, max_anisotropy:
 # ----------------------------------------------------------------------------- calibration
 
 @dataclass
+class PoseModel:
+    """The truth as the camera's nadir, found per frame by decomposing its homography. A homography
+    cannot pin the tilt down exactly, so the nadir's image offset is kept within `clip` spreads of
+    the offsets seen on the registered train frames; `bias` is the median truth - nadir offset there."""
+    centre: tuple[float, float]               # offsets in focal units, as Calibration.ref_offset
+    spread: tuple[float, float]
+    bias: tuple[float, float]
+    clip: float
+
+    def offset(self, H: np.ndarray, frame: Frame) -> tuple[float, float] | None:
+        o = nadir_offset(H, frame)
+        if o is None:
+            return None
+        c, sp = np.array(self.centre), np.array(self.spread)
+        o = c + np.clip(o - c, -self.clip * sp, self.clip * sp) + self.bias
+        return float(o[0]), float(o[1])
+
+
+@dataclass
 class Calibration:
-    """Height model (k = map px per image px x fx, i.e. altitude in map px) and the truth's image point."""
+    """Height model (k = map px per image px x fx, i.e. altitude in map px) and the truth's image point:
+    one fixed point (ref_offset), or per frame from its pose (pose) when that fits the train frames better."""
     k_ncc: float
     k: float
     k_spread: float
     ref_offset: tuple[float, float]          # ((u - cx) / fx, (v - cy) / fy) of the GPS truth
     ref_spread: tuple[float, float]
     n_registered: int
+    pose: PoseModel | None = None
 
     @classmethod
     def from_ncc(cls, k_ncc: float) -> "Calibration":
@@ -872,8 +915,11 @@ class Calibration:
     def expected_scale(self, frame: Frame) -> float:
         return self.k / np.sqrt(frame.fx * frame.fy)
 
-    def ref_pixel(self, frame: Frame) -> tuple[float, float]:
-        return frame.cx + frame.fx * self.ref_offset[0], frame.cy + frame.fy * self.ref_offset[1]
+    def ref_pixel(self, frame: Frame, H: np.ndarray | None = None) -> tuple[float, float]:
+        """The image point of the GPS truth: from the frame's pose where the pose model is in use."""
+        o = self.pose.offset(H, frame) if self.pose is not None and H is not None else None
+        o = o or self.ref_offset
+        return frame.cx + frame.fx * o[0], frame.cy + frame.fy * o[1]
 
 
 def ncc_scale(frame: Frame, map_gray: np.ndarray, cfg: dict) -> tuple[float, float]:
@@ -1189,7 +1235,7 @@ class Localizer:
                        matches=best.matches, inliers=best.inliers, window=best.window,
                        scale=self.calib.expected_scale(frame), error=best.problem)
         if best.H is not None:
-            x, y = project(best.H, [self.calib.ref_pixel(frame)])[0]
+            x, y = project(best.H, [self.calib.ref_pixel(frame, best.H)])[0]
             est.x, est.y, est.H, est.source = float(x), float(y), best.H, source
             est.scale = homography_scale(best.H, (frame.cx, frame.cy))
         est.runtime = time.perf_counter() - t_start
@@ -1266,26 +1312,49 @@ def check_map_covers_frames(loc: Localizer, dataset: Dataset) -> None:
 
 def fit_calibration(loc: Localizer, dataset: Dataset, registered: dict[int, Estimate], ids: list[int],
                     log=print) -> Calibration:
-    """Scale model and reference pixel from the registered frames among `ids` (robust medians)."""
-    s = loc.s
-    k_ncc = loc.calib.k_ncc
+    """Scale model and the truth's image point from the registered frames among `ids` (robust medians).
+    reference.mode auto keeps the pose model only where it predicts the train truths better."""
+    rs = loc.s["reference"]
     reg = [registered[i] for i in ids if registered[i].H is not None]
-    k, ref, ref_spread, k_spread = k_ncc, (0.0, 0.0), (0.0, 0.0), 0.0
+    fr = [dataset.frames[e.id] for e in reg]
+    calib = Calibration(loc.calib.k_ncc, loc.calib.k_ncc, 0.0, (0.0, 0.0), (0.0, 0.0), len(reg))
     if reg:
-        fr = [dataset.frames[e.id] for e in reg]
         kk = np.array([homography_scale(e.H, (f.cx, f.cy)) * np.sqrt(f.fx * f.fy) for e, f in zip(reg, fr)])
-        k, k_spread = (float(v) for v in robust_center(kk))
-        if s["reference"]["mode"] == "calibrated" and len(reg) >= s["reference"]["min_frames"]:
-            uv = np.array([project(np.linalg.inv(e.H), [f.truth])[0] for e, f in zip(reg, fr)])
-            off = np.c_[(uv[:, 0] - [f.cx for f in fr]) / [f.fx for f in fr],
-                        (uv[:, 1] - [f.cy for f in fr]) / [f.fy for f in fr]]
-            c, spread = robust_center(off)
-            ref, ref_spread = (float(c[0]), float(c[1])), (float(spread[0]), float(spread[1]))
-    loc.calib = Calibration(k_ncc, k, k_spread, ref, ref_spread, len(reg))
+        calib.k, calib.k_spread = (float(v) for v in robust_center(kk))
+    chosen = "centre"
+    if rs["mode"] != "centre" and len(reg) >= rs["min_frames"]:
+        truth = np.array([normalized_offset(project(np.linalg.inv(e.H), [f.truth])[0], f) for e, f in zip(reg, fr)])
+        c, spread = robust_center(truth)
+        calib.ref_offset, calib.ref_spread = (float(c[0]), float(c[1])), (float(spread[0]), float(spread[1]))
+        chosen = "calibrated"
+        nadirs = [nadir_offset(e.H, f) for e, f in zip(reg, fr)]
+        ok = [i for i, o in enumerate(nadirs) if o is not None]
+        if rs["mode"] in ("pose", "auto") and len(ok) >= rs["min_frames"]:
+            on = np.array([nadirs[i] for i in ok])
+            c, spread = robust_center(on)
+            bias = np.median(truth[ok] - on, axis=0)
+            pose = PoseModel(tuple(map(float, c)), tuple(map(float, spread)), tuple(map(float, bias)), rs["pose_clip"])
+            err_fixed = truth_errors(calib, reg, fr)
+            err_pose = truth_errors(dataclasses.replace(calib, pose=pose), reg, fr)
+            log(f"reference pixel on the train frames: fixed point median error {np.median(err_fixed):.1f} px, "
+                f"pose nadir {np.median(err_pose):.1f} px")
+            if rs["mode"] == "pose" or np.median(err_pose) < np.median(err_fixed):
+                calib.pose, chosen = pose, "pose"
+    loc.calib = calib
+    r, sp = calib.ref_offset, calib.ref_spread
     log(f"calibration: {len(reg)}/{len(ids)} train frames registered; height k (map px x fx / image px): "
-        f"NCC {k_ncc:.1f}, registered {k:.1f} (spread {k_spread:.1f}); "
-        f"reference pixel offset ({ref[0]:+.4f}, {ref[1]:+.4f}) x f (spread {ref_spread[0]:.4f}, {ref_spread[1]:.4f})")
-    return loc.calib
+        f"NCC {calib.k_ncc:.1f}, registered {calib.k:.1f} (spread {calib.k_spread:.1f}); reference pixel "
+        f"offset ({r[0]:+.4f}, {r[1]:+.4f}) x f (spread {sp[0]:.4f}, {sp[1]:.4f}); truth predicted by: {chosen}")
+    return calib
+
+
+def normalized_offset(uv, frame: Frame) -> np.ndarray:
+    """An image point as an offset from the principal point in focal units."""
+    return np.array([(uv[0] - frame.cx) / frame.fx, (uv[1] - frame.cy) / frame.fy])
+
+
+def truth_errors(calib: Calibration, reg: list[Estimate], frames: list[Frame]) -> np.ndarray:
+    return np.array([np.hypot(*(project(e.H, [calib.ref_pixel(f, e.H)])[0] - f.truth)) for e, f in zip(reg, frames)])
 
 
 def processing_order(targets: list[int], known: list[int], both_ends: bool) -> list[int]:
@@ -1522,10 +1591,13 @@ def runs_of(ids: list[int], order: list[int]) -> list[list[int]]:
     return runs
 
 
-def frame_score(est: Estimate, truth: tuple[float, float]) -> float:
-    """One frame's share of the competition score: the mean over frames of this is the score."""
+def frame_score(est: Estimate, truth: tuple[float, float], tie_break: float) -> float:
+    """One frame's share of the competition score (the mean over frames of it is the score), less
+    `tie_break` points per px of error (capped at the largest threshold): on a split where every
+    frame is within 25 px the score alone cannot tell parameters apart. The penalty never exceeds
+    what crossing a threshold costs (33.3 points) as long as tie_break < 33.3 / 500."""
     d = np.hypot(est.x - truth[0], est.y - truth[1])
-    return 100.0 * float(np.mean([d <= t for t in THRESHOLDS]))
+    return 100.0 * float(np.mean([d <= t for t in THRESHOLDS])) - tie_break * min(d, THRESHOLDS[-1])
 
 
 class Tuner:
@@ -1550,33 +1622,35 @@ class Tuner:
         shared = self.localizers[key]
         return Localizer(settings, shared.map_gray, shared.mf, shared.matcher, shared.cache, shared.decoder)
 
-    def scores(self, settings: dict, known_ids: list[int], blocks: list[list[int]]):
-        """Yields (block, per-frame scores) block by block, for the pruner."""
+    def estimates(self, settings: dict, known_ids: list[int], blocks: list[list[int]]):
+        """Yields (block, its estimates) block by block, so the pruner can stop a trial early."""
         loc = self.localizer(settings)
         loc.calib = Calibration.from_ncc(self.k_ncc)
         fit_calibration(loc, self.dataset, self.registered, known_ids, log=lambda *a: None)
         known = {i: self.registered[i] for i in known_ids}
         for block in blocks:
-            est = localize_sequence(loc, self.dataset, known, block, Checkpoint(None), "tune")
-            yield block, [frame_score(est[i], self.dataset.frames[i].truth) for i in block]
+            yield block, localize_sequence(loc, self.dataset, known, block, Checkpoint(None), "tune")
 
     def objective(self, trial, space: dict) -> float:
         import optuna
         settings = with_params(self.base, suggest(trial, space, self.base))
         values = []
-        for block, scores in self.scores(settings, self.split.fit, self.split.val_blocks):
-            for i, v in zip(block, scores):
-                trial.report(v, step=i)      # one instance per frame: what WilcoxonPruner compares
-            values += scores
+        for block, est in self.estimates(settings, self.split.fit, self.split.val_blocks):
+            for i in block:
+                values.append(frame_score(est[i], self.dataset.frames[i].truth, settings["tune"]["tie_break"]))
+                trial.report(values[-1], step=i)      # one instance per frame: what WilcoxonPruner compares
             if trial.should_prune():
                 raise optuna.TrialPruned()
         return float(np.mean(values))
 
-    def holdout_score(self, settings: dict) -> float:
+    def holdout_metric(self, settings: dict) -> dict:
+        """The competition metric on the held-out blocks, with every other train frame known."""
         known = [i for i in self.dataset.train_ids if i not in self.split.holdout]
         blocks = runs_of(self.split.holdout, self.dataset.train_ids)
-        values = [v for _, sc in self.scores(settings, known, blocks) for v in sc]
-        return float(np.mean(values))
+        est = {i: e for _, block_est in self.estimates(settings, known, blocks) for i, e in block_est.items()}
+        pred = pd.DataFrame([e.row() for e in est.values()])[["id", "x_pixel", "y_pixel"]]
+        truth = pd.DataFrame([(i, *self.dataset.frames[i].truth) for i in est], columns=["id", "x_pixel", "y_pixel"])
+        return metric(pred, truth)
 
 
 def open_study(settings: dict, args, out: Path, fingerprint: str):
@@ -1641,14 +1715,14 @@ def write_tune_outputs(study, settings: dict, tuner: Tuner, out: Path, apply: bo
         raise UsageError(f"study '{study.study_name}' has no complete trial yet")
     write_csv(study.trials_dataframe(), out / "tune" / "trials.csv")
     best = study.best_trial
-    header = f"uavloc tune: study '{study.study_name}', trial {best.number}, validation score {best.value:.3f}"
+    header = f"uavloc tune: study '{study.study_name}', trial {best.number}, objective {best.value:.3f}"
     atomic_write(out / "best_params.toml", params_toml(best.params, header))
     plot_study(study, out / "tune")
-    held_best = tuner.holdout_score(with_params(settings, best.params))
-    held_base = tuner.holdout_score(settings)
-    print(f"best trial {best.number}: study validation score {best.value:.2f}; held-out score "
-          f"{held_best:.2f} with the best parameters vs {held_base:.2f} with the base settings "
-          f"({len(tuner.split.holdout)} held-out frames)")
+    held_best = tuner.holdout_metric(with_params(settings, best.params))
+    held_base = tuner.holdout_metric(settings)
+    print(f"best trial {best.number}: study objective {best.value:.3f} (validation score less "
+          f"{settings['tune']['tie_break']} x mean px); held-out ({len(tuner.split.holdout)} frames the study "
+          f"never saw): best parameters {format_metric(held_best)}; base settings {format_metric(held_base)}")
     print(f"wrote {out / 'best_params.toml'} (use: --settings {out / 'best_params.toml'}), "
           f"{out / 'tune' / 'trials.csv'}, plots in {out / 'tune'}")
     atomic_write(out / "tune" / "holdout.json", json.dumps({"best": held_best, "base": held_base,
@@ -1837,9 +1911,7 @@ def run_test(loc: Localizer, dataset: Dataset, registered: dict[int, Estimate], 
              out: Path, log=print) -> pd.DataFrame:
     """Calibrate on every train frame, localize the test frames, check and write the submission."""
     c = fit_calibration(loc, dataset, registered, dataset.train_ids, log)
-    atomic_write(out / "calibration.json", json.dumps({"k": c.k, "k_ncc": c.k_ncc, "k_spread": c.k_spread,
-                                                        "ref_offset": c.ref_offset, "ref_spread": c.ref_spread,
-                                                        "n_registered": c.n_registered}, indent=1))
+    atomic_write(out / "calibration.json", json.dumps(dataclasses.asdict(c), indent=1))
     est = localize_sequence(loc, dataset, registered, dataset.test_ids, checkpoint, "test")
     df = predictions_frame(est, dataset)
     sub = df[["id", "x_pixel", "y_pixel"]].sort_values("id")
@@ -2200,6 +2272,7 @@ def mode_locate(args, settings: dict, weights: Path, out: Path) -> None:
     calib = json.loads(calib_path.read_text()) if calib_path.is_file() else None
     k = calib["k"] if calib else None
     ref = tuple(calib["ref_offset"]) if calib else (0.0, 0.0)
+    pose = PoseModel(**calib["pose"]) if calib and calib.get("pose") and not args.ref_pixel else None
     w, h = image_size(frame_path)
     if args.ref_pixel:
         u, v = pair(args.ref_pixel, "--ref-pixel")
@@ -2207,7 +2280,7 @@ def mode_locate(args, settings: dict, weights: Path, out: Path) -> None:
     if k is None:  # no calibration: the frame footprint is taken as 1/8 of the map's smaller side
         k = min(loc.map_gray.shape) / 8 / w * np.sqrt(frame.fx * frame.fy)
         loc.s["scale"]["clip_low"], loc.s["scale"]["clip_high"] = 0.25, 4.0
-    loc.calib = Calibration(k, k, 0.0, ref, (0.0, 0.0), 0)
+    loc.calib = Calibration(k, k, 0.0, ref, (0.0, 0.0), 0, pose)
     radius = args.radius if args.radius is not None else settings["localize"]["search_radius"]
     est, _ = loc.locate(frame, prior, radius, None)
     print(json.dumps({"x": round(est.x, 3), "y": round(est.y, 3), "inliers": est.inliers, "matches": est.matches,

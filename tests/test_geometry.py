@@ -58,3 +58,22 @@ def test_homography_checks_reject_mirror_scale_and_shear():
     assert "scale" in U.homography_problem(ok, (0, 0), 0.3, *g)
     assert U.homography_problem(ok, (0, 0), 0.7, *g) is None      # 0.71x: inside [0.67, 1.5]
     assert "anisotropic" in U.homography_problem(np.diag([0.5, 0.2, 1.0]), (0, 0), 0.3, *g)
+
+
+@pytest.mark.parametrize("tilt_deg, yaw_deg", [(0.0, 0.0), (3.4, 30.0), (8.0, 200.0)])
+def test_camera_nadir_of_a_tilted_camera_is_exact(tilt_deg, yaw_deg):
+    """A camera at (1200, 800), 500 map px above the map, tilted and yawed: the homography's nadir is
+    the point below it, not the image centre's projection (which the tilt moves by 500 tan(tilt))."""
+    K = np.array([[900.0, 0, 610], [0, 905.0, 455], [0, 0, 1]])
+    a, b = np.radians(yaw_deg), np.radians(tilt_deg)
+    yaw = np.array([[np.cos(a), -np.sin(a), 0], [np.sin(a), np.cos(a), 0], [0, 0, 1]])
+    tilt = np.array([[1, 0, 0], [0, np.cos(b), -np.sin(b)], [0, np.sin(b), np.cos(b)]])
+    R_cw = yaw @ tilt                        # camera axes in world coordinates (z into the ground)
+    C = np.array([1200.0, 800.0, -500.0])
+    R = R_cw.T                               # world -> camera
+    t = -R @ C
+    P = K @ np.c_[R[:, 0], R[:, 1], t]       # map plane (z = 0) -> image
+    H = np.linalg.inv(P)                     # image -> map
+    assert np.allclose(U.camera_nadir(H, K), C[:2], atol=1e-6)
+    centre = U.project(H, [K[:2, 2]])[0]
+    assert abs(np.hypot(*(centre - C[:2])) - 500 * np.tan(b)) < 1e-6
