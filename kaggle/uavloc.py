@@ -1173,8 +1173,9 @@ class Localizer:
         attempt.problem = problem or ""
         return attempt
 
-    def hypotheses(self, yaw_prior: float | None) -> list[float]:
-        """Rotation hypotheses (degrees applied to the query), the heading prior's first."""
+    def hypotheses(self, yaw_prior: float | None, limit: bool = True) -> list[float]:
+        """Rotation hypotheses (degrees applied to the query), the heading prior's first; `limit`
+        keeps localize.max_hypotheses of them (a relocalization tries them all)."""
         loc = self.s["localize"]
         step = loc["rotation_step"]
         if loc["rotation_search"] == "none":
@@ -1184,7 +1185,24 @@ class Localizer:
             return grid
         want = -yaw_prior
         dist = lambda a: abs((a - want + 180) % 360 - 180)  # noqa: E731
-        return sorted(grid, key=dist)[:loc["max_hypotheses"]]
+        return sorted(grid, key=dist)[:loc["max_hypotheses"] if limit else None]
+
+    def relocalization_stages(self, frame: Frame, centre, radius: float, area) -> list[list[tuple]]:
+        """Windows (centre, radius) of a widening search, stage by stage: growing radii around the
+        anchor, then tiles over the area the known frames span, then tiles over the whole map."""
+        loc = self.s["localize"]
+        stages = [[(centre, radius * loc["relocalize_growth"] ** n)] for n in range(1, loc["relocalize_levels"] + 1)]
+        w, h = image_size(frame.path)
+        reach = np.hypot(w, h) * self.calib.expected_scale(frame)     # a footprint's diagonal, map px
+        mh, mw = self.map_gray.shape
+        for x0, y0, x1, y1 in ([area] if area is not None else []) + [(0, 0, mw, mh)]:
+            nx, ny = (max(1, int(np.ceil((b - a) / (2 * reach)))) for a, b in ((x0, x1), (y0, y1)))
+            xs = x0 + (np.arange(nx) + 0.5) * (x1 - x0) / nx
+            ys = y0 + (np.arange(ny) + 0.5) * (y1 - y0) / ny
+            tiles = sorted(((float(x), float(y)) for x in xs for y in ys),
+                           key=lambda c: np.hypot(c[0] - centre[0], c[1] - centre[1]))
+            stages.append([(c, reach) for c in tiles])
+        return stages
 
     def agrees(self, H: np.ndarray, frame: Frame, yaw_prior: float | None) -> bool:
         """A match whose yaw lands within half a rotation step of the heading prior confirms the
@@ -1195,8 +1213,9 @@ class Localizer:
         return d <= self.s["localize"]["rotation_step"] / 2
 
     def locate(self, frame: Frame, centre, radius: float, yaw_prior: float | None,
-               neighbour: tuple[Frame, Estimate] | None = None) -> tuple[Estimate, Attempt | None]:
-        """Map match over the rotation hypotheses; then neighbour match; then a widening search."""
+               neighbour: tuple[Frame, Estimate] | None = None, area=None) -> tuple[Estimate, Attempt | None]:
+        """Map match over the rotation hypotheses; then neighbour match; then a widening search
+        (`area`: x0, y0, x1, y1 map px spanned by the known frames)."""
         t_start = time.perf_counter()
         self.frame_timing = {}
         loc = self.s["localize"]
@@ -1220,11 +1239,10 @@ class Localizer:
             if a.H is not None and (best.H is None or a.inliers > 2 * best.inliers):
                 best, source = a, "neighbour"
         if best.H is None and loc["relocalize"]:
-            r = radius
-            for level in range(loc["relocalize_levels"] + 1):
-                r = r * loc["relocalize_growth"] if level < loc["relocalize_levels"] else max(self.map_gray.shape)
-                for rot in self.hypotheses(None) if level else rotations:
-                    a = self.match_map(frame, rot, centre, r)
+            for stage in self.relocalization_stages(frame, centre, radius, area):
+                attempts = [(c, r, rot) for c, r in stage for rot in self.hypotheses(yaw_prior, limit=False)]
+                for c, r, rot in attempts:        # the stage's best match, unless one is strong at once
+                    a = self.match_map(frame, rot, c, r)
                     if better(a, best):
                         best, source = a, "relocalized"
                     if a.H is not None and a.inliers >= strong:
@@ -1253,11 +1271,11 @@ def speed_bound(dataset: Dataset, ids: list[int], margin: float) -> float:
 EXCEPTION_PREFIX = "raised "
 
 
-def locate_guarded(loc: Localizer, frame: Frame, centre, radius: float, yaw, neighbour=None) -> Estimate:
+def locate_guarded(loc: Localizer, frame: Frame, centre, radius: float, yaw, neighbour=None, area=None) -> Estimate:
     """Localizer.locate, but a frame that raises an unexpected error is recorded with the error and
     treated as unmatched so the run goes on; run.strict re-raises instead."""
     try:
-        return loc.locate(frame, centre, radius, yaw, neighbour)[0]
+        return loc.locate(frame, centre, radius, yaw, neighbour, area)[0]
     except UavlocError:
         raise
     except Exception as e:
@@ -1370,6 +1388,14 @@ def processing_order(targets: list[int], known: list[int], both_ends: bool) -> l
     return sorted(targets, key=lambda i: (int(np.abs(known_ids - i).min()), i))
 
 
+def known_area(resolved: dict[int, Estimate], pad: float):
+    """x0, y0, x1, y1 of the positions known so far, padded; None before any is known."""
+    if not resolved:
+        return None
+    xy = np.array([(e.x, e.y) for e in resolved.values()])
+    return (*(xy.min(axis=0) - pad), *(xy.max(axis=0) + pad))
+
+
 def neighbours(i: int, resolved: dict[int, Estimate]) -> tuple[int | None, int | None]:
     before = [j for j in resolved if j < i]
     after = [j for j in resolved if j > i]
@@ -1413,7 +1439,7 @@ def localize_sequence(loc: Localizer, dataset: Dataset, known: dict[int, Estimat
             yaw = homography_yaw(resolved[near].H, (dataset.frames[near].cx, dataset.frames[near].cy)) \
                 if near is not None else None
             nb = (dataset.frames[near], resolved[near]) if near is not None and abs(near - i) <= 2 else None
-            est = locate_guarded(loc, frame, centre, radius, yaw, nb)
+            est = locate_guarded(loc, frame, centre, radius, yaw, nb, known_area(resolved, lz["search_radius"]))
             est.anchor_id = anchor
             est.anchor_source = resolved[anchor].source if anchor is not None else "map centre"
             checkpoint.put_estimate(phase, est)

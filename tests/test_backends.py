@@ -53,3 +53,16 @@ def test_fixture_frame_localizes_within_5px(calibrated, demo_data, yaw_offset, t
         loc.calib = calib
     assert est.H is not None, est.error
     assert np.hypot(est.x - truth[0], est.y - truth[1]) < 5
+
+
+@pytest.mark.weights
+def test_frame_far_from_its_prior_is_relocalized(calibrated, demo_data):
+    """A prior 700 px off with a 50 px radius: the widening search (radii, then tiles) finds the frame."""
+    loc, ds = calibrated
+    sol = pd.read_csv(demo_data.parent / "solution.csv").set_index("id")
+    fid = int(sol.index[len(sol) // 2])
+    truth = sol.loc[fid, ["x_pixel", "y_pixel"]].to_numpy(float)
+    far = (truth[0] + 700 if truth[0] < 900 else truth[0] - 700, truth[1])
+    est, _ = loc.locate(ds.frames[fid], far, 50, None)
+    assert est.source == "relocalized", est.error
+    assert np.hypot(est.x - truth[0], est.y - truth[1]) < 5
