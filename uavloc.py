@@ -33,6 +33,7 @@ from tqdm import tqdm
 
 ROOT = Path(__file__).resolve().parent
 DEFAULT_SETTINGS = ROOT / "settings.toml"
+MODULE_FILE = Path(__file__).resolve()
 # The Kaggle kernel is this file with settings.toml written into the next line by --mode kaggle-sync
 # (a script kernel uploads one file); None here, where settings.toml sits beside the module.
 EMBEDDED_SETTINGS = None
@@ -1213,9 +1214,10 @@ class Localizer:
         return d <= self.s["localize"]["rotation_step"] / 2
 
     def locate(self, frame: Frame, centre, radius: float, yaw_prior: float | None,
-               neighbour: tuple[Frame, Estimate] | None = None, area=None) -> tuple[Estimate, Attempt | None]:
-        """Map match over the rotation hypotheses; then neighbour match; then a widening search
-        (`area`: x0, y0, x1, y1 map px spanned by the known frames)."""
+               neighbour: tuple[Frame, Estimate] | None = None, area=None,
+               widen: bool = True) -> tuple[Estimate, Attempt | None]:
+        """Map match over the rotation hypotheses; then neighbour match; then, with `widen`, a widening
+        search (`area`: x0, y0, x1, y1 map px spanned by the known frames)."""
         t_start = time.perf_counter()
         self.frame_timing = {}
         loc = self.s["localize"]
@@ -1238,7 +1240,7 @@ class Localizer:
             a = self.match_neighbour(frame, neighbour[1].rotation, *neighbour)
             if a.H is not None and (best.H is None or a.inliers > 2 * best.inliers):
                 best, source = a, "neighbour"
-        if best.H is None and loc["relocalize"]:
+        if best.H is None and loc["relocalize"] and widen:
             for stage in self.relocalization_stages(frame, centre, radius, area):
                 attempts = [(c, r, rot) for c, r in stage for rot in self.hypotheses(yaw_prior, limit=False)]
                 for c, r, rot in attempts:        # the stage's best match, unless one is strong at once
@@ -1271,11 +1273,12 @@ def speed_bound(dataset: Dataset, ids: list[int], margin: float) -> float:
 EXCEPTION_PREFIX = "raised "
 
 
-def locate_guarded(loc: Localizer, frame: Frame, centre, radius: float, yaw, neighbour=None, area=None) -> Estimate:
+def locate_guarded(loc: Localizer, frame: Frame, centre, radius: float, yaw, neighbour=None, area=None,
+                   widen: bool = True) -> Estimate:
     """Localizer.locate, but a frame that raises an unexpected error is recorded with the error and
     treated as unmatched so the run goes on; run.strict re-raises instead."""
     try:
-        return loc.locate(frame, centre, radius, yaw, neighbour, area)[0]
+        return loc.locate(frame, centre, radius, yaw, neighbour, area, widen)[0]
     except UavlocError:
         raise
     except Exception as e:
@@ -1310,7 +1313,8 @@ def register_train(loc: Localizer, dataset: Dataset, checkpoint: Checkpoint) -> 
         if est is None:
             if n + 1 < len(ids):
                 loc.prefetch(dataset.frames[ids[n + 1]])
-            est = locate_guarded(loc, f, f.truth, loc.s["localize"]["search_radius"], yaw)
+            # the position is known: a frame that does not match there is not searched for elsewhere
+            est = locate_guarded(loc, f, f.truth, loc.s["localize"]["search_radius"], yaw, widen=False)
             checkpoint.put_estimate("register", est)
         if est.H is not None:
             yaw = homography_yaw(est.H, (f.cx, f.cy))
@@ -1887,7 +1891,8 @@ def data_fingerprint(dataset: Dataset) -> str:
 def open_checkpoint(settings: dict, dataset: Dataset, out: Path, fresh: bool) -> Checkpoint:
     if not settings["run"]["resume"]:
         return Checkpoint(None)
-    key = digest([settings[k] for k in RESULT_SECTIONS] + [settings["run"]["device"]])
+    # the code is part of the key too: an edited uavloc.py never replays results of the old one
+    key = digest([settings[k] for k in RESULT_SECTIONS] + [settings["run"]["device"], digest(MODULE_FILE.read_text())])
     return Checkpoint(out / "checkpoints" / f"{key}_{data_fingerprint(dataset)}.jsonl", fresh)
 
 

@@ -33,6 +33,7 @@ from tqdm import tqdm
 
 ROOT = Path(__file__).resolve().parent
 DEFAULT_SETTINGS = ROOT / "settings.toml"
+MODULE_FILE = Path(__file__).resolve()
 # The Kaggle kernel is this file with settings.toml written into the next line by --mode kaggle-sync
 # (a script kernel uploads one file); None here, where settings.toml sits beside the module.
 EMBEDDED_SETTINGS = '# uavloc settings: every default lives here.\n# Override with `--settings FILE` (a TOML file with any subset of these keys),\n# `--preset NAME` (a [presets.NAME] table below) and `--set section.key=value` (repeatable).\n# Order: this file < --settings < --preset < --set.\n\n[run]\ndata = "build/demo/data"     # competition layout: map.png, train_data/, test_data/\nout = "build"                # every output goes under here\nweights_dir = "weights"      # overridden by $UAVLOC_WEIGHTS and by --weights\nwheels_dir = "wheels"        # kornia wheels installed offline (pip --no-index) when kornia is missing\ndevice = "auto"              # auto (CUDA when present) | cpu | cuda\nthreads = 0                  # torch CPU threads; 0 = all cores\nstrict = false               # stop at the first frame that raises, instead of recording it (--strict)\nresume = true                # replay finished frames of an interrupted run with the same data and settings\nvalidate = true              # submit also scores a block validation split of the train frames\nfeature_cache = true         # keep query features on disk under <out>/cache/query/\nprefetch = true              # decode the next frame in a background thread while this one is matched\n\n[split]\n# Validation mimics the test layout: blocks of consecutive train ids are hidden.\nval_fraction = 0.25\nblock_min = 2\nblock_max = 6\nseed = 0\n\n[preprocess]\nmax_side = 1400              # working size of a frame before scaling to the map\ngray = true\nedge_blend = false           # seed\'s Canny blend; off: it destroys matches at the true scale\ncanny_low = 50\ncanny_high = 150\nedge_kernel = 3\ngray_weight = 0.70\nedge_weight = 0.30\n\n[features]\nbackend = "aliked"           # aliked | xfeat | superpoint | sift\nmax_keypoints = 1024         # per query image\nmap_level = 0.5              # resolution the map is matched at, as a fraction of map.png\nmap_tile = 768               # map features are extracted once, in tiles of this side\nmap_keypoints_per_tile = 1536\nmax_map_keypoints = 2048     # map keypoints handed to the matcher for one search window\nmatch_threshold = 0.1        # LightGlue match confidence (SIFT: Lowe ratio is sift_ratio)\nsift_ratio = 0.85\nhalf_precision = true        # on CUDA only\nquery_scale_step = 1.044     # query scales snap to powers of this, so features are reused across runs\n\n[geometry]\nransac_threshold = 3.0       # MAGSAC threshold in match-level px\nransac_confidence = 0.999\nransac_max_iters = 5000\nmin_inliers = 12             # a homography with fewer inliers is rejected\nmax_anisotropy = 1.4         # ratio of the homography\'s singular values at the frame centre\n\n[scale]\nncc_candidates = 40          # log-spaced scale candidates for the template-NCC calibration\nncc_template = 96            # template width in px for NCC\nncc_min_footprint = 0.02     # candidate range: frame width covers this ... \nncc_max_footprint = 0.9      # ... to this fraction of the map\'s smaller side\nclip_low = 0.67              # a match\'s scale must lie in [low, high] x the frame\'s expected scale\nclip_high = 1.5\nvirtual_zoom = 1.0           # query scale relative to the map level (< 1 zooms out)\ncrop_factor = 1.5            # search window = frame footprint x crop_factor (+ search radius)\n\n[reference]\n# The GPS truth is the camera\'s nadir; the camera leans, so it is not the image centre.\n# calibrated: one image point learned from the registered train frames (robust median)\n# pose: per frame, the nadir from the homography and the intrinsics, kept near the train frames\' nadirs\n# auto: pose where it predicts the registered train truths better than the fixed point | centre\nmode = "auto"\nmin_frames = 3               # fewer registered frames than this: fall back to the centre\npose_clip = 1.0              # a frame\'s nadir offset is kept within this many spreads of the train frames\'\n\n[localize]\nrotation_search = "prior"    # prior: order hypotheses by the heading prior | all | none\nrotation_step = 90.0         # degrees between rotation hypotheses\nmax_hypotheses = 4\nstrong_inliers = 50          # stop trying hypotheses / sources once this many inliers\nsearch_radius = 80.0         # map px added to the window for an adjacent anchor ...\nradius_per_id = 60.0         # ... plus this per id of gap to it\nmax_radius = 1200.0\nboth_ends = true             # resolve test runs from both bracketing known frames\nneighbour_matching = true    # match to the registered neighbour frame, compose homographies\nrelocalize = true            # widen the search when a frame fails\nrelocalize_growth = 2.5\nrelocalize_levels = 2        # widenings around the anchor before the known area, then the whole map\nsequence_check = true        # reject implausible jumps and fill by interpolation\nspeed_margin = 1.5           # speed bound = margin x 95th percentile of train speeds (px per id)\njump_slack = 60.0            # map px always allowed on top of the speed bound\n\n[report]\nworst_frames = 4             # matches_<id>.png for this many worst validation frames\nenabled = true\n\n[tune]\ntrials = 30\nstudy = "uavloc"\nstorage = ""                 # default: sqlite under <out>/tune/\nsampler_seed = 0\nholdout_fraction = 0.2       # train frames the study never sees\npruner_p = 0.1               # WilcoxonPruner p-threshold: prune a trial clearly worse than the best\ntie_break = 0.01             # objective = score - this x mean error px: breaks ties, never outweighs a threshold\n\n# Search space: one table per parameter; `low`/`high` (log = true for log-uniform) or `choices`.\n[tune.space."features.match_threshold"]\nlow = 0.02\nhigh = 0.4\nlog = true\n[tune.space."geometry.ransac_threshold"]\nlow = 1.0\nhigh = 8.0\nlog = true\n[tune.space."geometry.min_inliers"]\nlow = 8\nhigh = 40\n[tune.space."scale.virtual_zoom"]\nlow = 0.7\nhigh = 1.3\n[tune.space."scale.crop_factor"]\nlow = 1.1\nhigh = 2.5\n[tune.space."scale.clip_low"]\nlow = 0.4\nhigh = 0.9\n[tune.space."scale.clip_high"]\nlow = 1.1\nhigh = 2.5\n[tune.space."localize.search_radius"]\nlow = 30.0\nhigh = 300.0\nlog = true\n[tune.space."localize.speed_margin"]\nlow = 1.1\nhigh = 3.0\n[tune.space."localize.strong_inliers"]\nlow = 20\nhigh = 150\nlog = true\n[tune.space."localize.rotation_search"]\nchoices = ["prior", "all"]\n[tune.space."localize.relocalize_growth"]\nlow = 1.5\nhigh = 4.0\n[tune.space."localize.jump_slack"]\nlow = 20.0\nhigh = 200.0\nlog = true\n# Backend and keypoint budget are tunable too; each distinct value extracts the map and the\n# queries again, so a study over them costs a full run per value. Uncomment to include them:\n# [tune.space."features.backend"]\n# choices = ["aliked", "xfeat"]\n# [tune.space."features.max_keypoints"]\n# choices = [512, 1024, 2048]\n\n[kaggle]\nroot = "/kaggle"             # a Kaggle kernel is detected by <root>/input ($UAVLOC_KAGGLE_ROOT overrides)\nkernel_id = "your-kaggle-username/uavloc-submit"\nkernel_title = "uavloc submit"\ncompetition = "gnss-denied-localization"\nweights_dataset = "your-kaggle-username/uavloc-weights"\nwheels_dataset = "your-kaggle-username/uavloc-wheels"\npython_version = "3.11"      # Kaggle\'s Python, for the wheels dataset\nwheels = ["kornia==0.9.0", "kornia_rs==0.2.0"]   # kornia and its dependency that Kaggle lacks\n\n# The seed notebook\'s logic: north-up frames, one anchor (the previous frame), the image\n# centre as the truth, no relocalization and no sequence consistency.\n[presets.reference]\n"reference.mode" = "centre"\n"localize.rotation_search" = "none"\n"localize.both_ends" = false\n"localize.neighbour_matching" = false\n"localize.relocalize" = false\n"localize.sequence_check" = false\n\n# XFeat + LighterGlue: XFeat detects on a 1/8-resolution grid, so it matches the map at full resolution\n[presets.fast]\n"features.backend" = "xfeat"\n"features.map_level" = 1.0\n'
@@ -1213,9 +1214,10 @@ class Localizer:
         return d <= self.s["localize"]["rotation_step"] / 2
 
     def locate(self, frame: Frame, centre, radius: float, yaw_prior: float | None,
-               neighbour: tuple[Frame, Estimate] | None = None, area=None) -> tuple[Estimate, Attempt | None]:
-        """Map match over the rotation hypotheses; then neighbour match; then a widening search
-        (`area`: x0, y0, x1, y1 map px spanned by the known frames)."""
+               neighbour: tuple[Frame, Estimate] | None = None, area=None,
+               widen: bool = True) -> tuple[Estimate, Attempt | None]:
+        """Map match over the rotation hypotheses; then neighbour match; then, with `widen`, a widening
+        search (`area`: x0, y0, x1, y1 map px spanned by the known frames)."""
         t_start = time.perf_counter()
         self.frame_timing = {}
         loc = self.s["localize"]
@@ -1238,7 +1240,7 @@ class Localizer:
             a = self.match_neighbour(frame, neighbour[1].rotation, *neighbour)
             if a.H is not None and (best.H is None or a.inliers > 2 * best.inliers):
                 best, source = a, "neighbour"
-        if best.H is None and loc["relocalize"]:
+        if best.H is None and loc["relocalize"] and widen:
             for stage in self.relocalization_stages(frame, centre, radius, area):
                 attempts = [(c, r, rot) for c, r in stage for rot in self.hypotheses(yaw_prior, limit=False)]
                 for c, r, rot in attempts:        # the stage's best match, unless one is strong at once
@@ -1271,11 +1273,12 @@ def speed_bound(dataset: Dataset, ids: list[int], margin: float) -> float:
 EXCEPTION_PREFIX = "raised "
 
 
-def locate_guarded(loc: Localizer, frame: Frame, centre, radius: float, yaw, neighbour=None, area=None) -> Estimate:
+def locate_guarded(loc: Localizer, frame: Frame, centre, radius: float, yaw, neighbour=None, area=None,
+                   widen: bool = True) -> Estimate:
     """Localizer.locate, but a frame that raises an unexpected error is recorded with the error and
     treated as unmatched so the run goes on; run.strict re-raises instead."""
     try:
-        return loc.locate(frame, centre, radius, yaw, neighbour, area)[0]
+        return loc.locate(frame, centre, radius, yaw, neighbour, area, widen)[0]
     except UavlocError:
         raise
     except Exception as e:
@@ -1310,7 +1313,8 @@ def register_train(loc: Localizer, dataset: Dataset, checkpoint: Checkpoint) -> 
         if est is None:
             if n + 1 < len(ids):
                 loc.prefetch(dataset.frames[ids[n + 1]])
-            est = locate_guarded(loc, f, f.truth, loc.s["localize"]["search_radius"], yaw)
+            # the position is known: a frame that does not match there is not searched for elsewhere
+            est = locate_guarded(loc, f, f.truth, loc.s["localize"]["search_radius"], yaw, widen=False)
             checkpoint.put_estimate("register", est)
         if est.H is not None:
             yaw = homography_yaw(est.H, (f.cx, f.cy))
@@ -1887,7 +1891,8 @@ def data_fingerprint(dataset: Dataset) -> str:
 def open_checkpoint(settings: dict, dataset: Dataset, out: Path, fresh: bool) -> Checkpoint:
     if not settings["run"]["resume"]:
         return Checkpoint(None)
-    key = digest([settings[k] for k in RESULT_SECTIONS] + [settings["run"]["device"]])
+    # the code is part of the key too: an edited uavloc.py never replays results of the old one
+    key = digest([settings[k] for k in RESULT_SECTIONS] + [settings["run"]["device"], digest(MODULE_FILE.read_text())])
     return Checkpoint(out / "checkpoints" / f"{key}_{data_fingerprint(dataset)}.jsonl", fresh)
 
 
