@@ -651,9 +651,14 @@ class MapFeatures:
         return sub, inside
 
 
+def map_level(cfg: dict) -> float:
+    """The resolution the map is matched at: XFeat detects on a 1/8-resolution grid and needs more pixels."""
+    return cfg["map_level_xfeat"] if cfg["backend"] == "xfeat" else cfg["map_level"]
+
+
 def extract_map_features(map_gray: np.ndarray, matcher: Matcher, cfg: dict) -> MapFeatures:
     """Tile the map (with overlap for context), keep each tile's keypoints from its core only."""
-    level = cfg["map_level"]
+    level = map_level(cfg)
     img = cv2.resize(map_gray, None, fx=level, fy=level, interpolation=cv2.INTER_AREA) if level != 1 else map_gray
     h, w = img.shape
     tile, pad = cfg["map_tile"], 32
@@ -680,7 +685,8 @@ def cached_map_features(map_path: Path, map_gray: np.ndarray, matcher: Matcher, 
     """Disk cache keyed by the map file and every setting that changes the map's features."""
     stat = map_path.stat()
     key = digest([str(map_path.resolve()), stat.st_size, stat.st_mtime_ns, settings["preprocess"],
-                  {k: settings["features"][k] for k in ("backend", "map_level", "map_tile", "map_keypoints_per_tile")},
+                  {k: settings["features"][k] for k in ("backend", "map_tile", "map_keypoints_per_tile")},
+                  map_level(settings["features"]),
                   str(matcher.device or "cpu")], 16)
     path = cache_dir / f"map_{key}.npz"
     if path.is_file():
@@ -1645,7 +1651,7 @@ class Tuner:
     def localizer(self, settings: dict) -> Localizer:
         """One matcher and map-feature set per distinct feature setting; trials share them."""
         f = settings["features"]
-        key = digest([settings["preprocess"], f["backend"], f["max_keypoints"], f["map_level"], f["map_tile"],
+        key = digest([settings["preprocess"], f["backend"], f["max_keypoints"], map_level(f), f["map_tile"],
                       f["map_keypoints_per_tile"]])
         if key not in self.localizers:
             self.localizers[key] = build_localizer(settings, self.dataset, self.weights, self.out, self.log)
