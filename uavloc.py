@@ -1307,9 +1307,8 @@ def register_train(loc: Localizer, dataset: Dataset, checkpoint: Checkpoint) -> 
     """Register every train frame at its known position (a narrow search) with the NCC height model.
     Their homographies give the scale model, the truth's image point and rotation priors."""
     ids = dataset.train_ids
-    k_ncc = checkpoint.get("ncc", 0)
-    k_ncc = k_ncc["k"] if k_ncc else checkpoint.put("ncc", 0, {"k": height_from_ncc(loc, dataset, ids)})["k"]
-    loc.calib = Calibration.from_ncc(k_ncc)
+    ncc = checkpoint.get("ncc", 0) or checkpoint.put("ncc", 0, {"k": height_from_ncc(loc, dataset, ids)})
+    loc.calib = Calibration.from_ncc(ncc["k"])
     check_map_covers_frames(loc, dataset)
     known: dict[int, Estimate] = {}
     yaw = None
