@@ -31,9 +31,9 @@ import numpy as np
 import pandas as pd
 from tqdm import tqdm
 
-ROOT = Path(__file__).resolve().parent
-DEFAULT_SETTINGS = ROOT / "settings.toml"
 MODULE_FILE = Path(__file__).resolve()
+ROOT = MODULE_FILE.parent
+DEFAULT_SETTINGS = ROOT / "settings.toml"
 # The Kaggle kernel is this file with settings.toml written into the next line by --mode kaggle-sync
 # (a script kernel uploads one file); None here, where settings.toml sits beside the module.
 EMBEDDED_SETTINGS = None
@@ -756,13 +756,16 @@ class QueryCache:
         st = path.stat()
         return digest([str(path.resolve()), st.st_size, st.st_mtime_ns, round(rotation, 3), round(scale, 6)], 20)
 
+    def _file(self, key: str) -> Path | None:
+        return self.folder / f"{key}.npz" if self.folder is not None else None
+
     def has(self, key: str) -> bool:
-        return key in self.memory or (self.folder is not None and (self.folder / f"{key}.npz").is_file())
+        return key in self.memory or (self.folder is not None and self._file(key).is_file())
 
     def get(self, key: str) -> QueryView | None:
         v = self.memory.get(key)
-        if v is None and self.folder is not None and (self.folder / f"{key}.npz").is_file():
-            z = np.load(self.folder / f"{key}.npz")
+        if v is None and self.folder is not None and self._file(key).is_file():
+            z = np.load(self._file(key))
             v = QueryView(Features(z["keypoints"], z["descriptors"], z["scores"]),
                           (int(z["size"][0]), int(z["size"][1])), z["to_view"])
             self.memory[key] = v
@@ -778,7 +781,7 @@ class QueryCache:
         tmp = self.folder / f".{key}.tmp.npz"
         np.savez(tmp, keypoints=v.features.keypoints, descriptors=v.features.descriptors,
                  scores=v.features.scores, size=np.array(v.size), to_view=v.to_view)
-        os.replace(tmp, self.folder / f"{key}.npz")
+        os.replace(tmp, self._file(key))
 
 
 # ----------------------------------------------------------------------------- geometry
@@ -843,6 +846,11 @@ def camera_nadir(H: np.ndarray, K: np.ndarray) -> np.ndarray | None:
     u, _, vt = np.linalg.svd(np.c_[r1, r2, np.cross(r1, r2)])     # nearest rotation
     centre = -(u @ vt).T @ t
     return centre[:2] if np.all(np.isfinite(centre)) else None
+
+
+def normalized_offset(uv, frame: Frame) -> np.ndarray:
+    """An image point as an offset from the principal point in focal units."""
+    return np.array([(uv[0] - frame.cx) / frame.fx, (uv[1] - frame.cy) / frame.fy])
 
 
 def nadir_offset(H: np.ndarray, frame: Frame) -> np.ndarray | None:
@@ -1375,11 +1383,6 @@ def fit_calibration(loc: Localizer, dataset: Dataset, registered: dict[int, Esti
     return calib
 
 
-def normalized_offset(uv, frame: Frame) -> np.ndarray:
-    """An image point as an offset from the principal point in focal units."""
-    return np.array([(uv[0] - frame.cx) / frame.fx, (uv[1] - frame.cy) / frame.fy])
-
-
 def truth_errors(calib: Calibration, reg: list[Estimate], frames: list[Frame]) -> np.ndarray:
     return np.array([np.hypot(*(project(e.H, [calib.ref_pixel(f, e.H)])[0] - f.truth)) for e, f in zip(reg, frames)])
 
@@ -1684,8 +1687,7 @@ class Tuner:
         blocks = runs_of(self.split.holdout, self.dataset.train_ids)
         est = {i: e for _, block_est in self.estimates(settings, known, blocks) for i, e in block_est.items()}
         pred = pd.DataFrame([e.row() for e in est.values()])[["id", "x_pixel", "y_pixel"]]
-        truth = pd.DataFrame([(i, *self.dataset.frames[i].truth) for i in est], columns=["id", "x_pixel", "y_pixel"])
-        return metric(pred, truth)
+        return metric(pred, truth_table(self.dataset, list(est)))
 
 
 def open_study(settings: dict, args, out: Path, fingerprint: str):
@@ -1734,7 +1736,7 @@ def mode_tune(args, settings: dict, weights: Path, out: Path) -> None:
 
     def progress(study, trial):
         bar.update(1)
-        if any(t.state == TrialState.COMPLETE for t in study.trials):
+        if study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
             bar.set_postfix(best=f"{study.best_value:.2f}", last=trial.state.name.lower())
 
     if todo:
@@ -1925,7 +1927,7 @@ def validate_submission(sub: pd.DataFrame, dataset: Dataset, map_size: tuple[int
 
 
 def run_validation(loc: Localizer, dataset: Dataset, registered: dict[int, Estimate], checkpoint: Checkpoint,
-                   out: Path, log=print) -> tuple[dict, pd.DataFrame]:
+                   out: Path, log=print) -> pd.DataFrame:
     """Hide blocks of train frames, calibrate on the rest, localize the hidden ones and score them."""
     sp = loc.s["split"]
     train = dataset.train_ids
@@ -1934,13 +1936,16 @@ def run_validation(loc: Localizer, dataset: Dataset, registered: dict[int, Estim
     fit_calibration(loc, dataset, registered, fit_ids, log)
     est = localize_sequence(loc, dataset, {i: registered[i] for i in fit_ids}, val_ids, checkpoint, "validation")
     df = predictions_frame(est, dataset)
-    truth = pd.DataFrame({"id": val_ids, "x_pixel": [dataset.frames[i].truth[0] for i in val_ids],
-                          "y_pixel": [dataset.frames[i].truth[1] for i in val_ids]})
-    m = metric(df[["id", "x_pixel", "y_pixel"]], truth)
+    m = metric(df[["id", "x_pixel", "y_pixel"]], truth_table(dataset, val_ids))
     write_csv(df, out / "val_predictions.csv")
     log(f"validation ({len(val_ids)} hidden train frames in blocks, {len(fit_ids)} known): {format_metric(m)}")
     atomic_write(out / "val_metric.json", json.dumps(m, indent=1))
-    return m, df
+    return df
+
+
+def truth_table(dataset: Dataset, ids: list[int]) -> pd.DataFrame:
+    """id, x_pixel, y_pixel of train frames, in the submission's columns, for the metric."""
+    return pd.DataFrame([(i, *dataset.frames[i].truth) for i in ids], columns=["id", "x_pixel", "y_pixel"])
 
 
 def run_test(loc: Localizer, dataset: Dataset, registered: dict[int, Estimate], checkpoint: Checkpoint,
@@ -1961,12 +1966,8 @@ def run_test(loc: Localizer, dataset: Dataset, registered: dict[int, Estimate], 
 
 @dataclass
 class RunResult:
-    val_metric: dict | None
-    val: pd.DataFrame | None
-    test: pd.DataFrame | None
     setup_s: dict[str, float]          # one-off costs: map features, registration, validation
     test_stages: list[dict]            # per test frame: seconds per stage
-    failed: list[tuple[int, str]]      # frames that raised an unexpected error
 
 
 def run_data(args, settings: dict, weights: Path, out: Path, mode: str, log=print) -> RunResult:
@@ -1981,8 +1982,8 @@ def run_data(args, settings: dict, weights: Path, out: Path, mode: str, log=prin
     checkpoint = Checkpoint(None) if mode == "bench" else open_checkpoint(settings, dataset, out, args.fresh)
     registered = register_train(loc, dataset, checkpoint)
     t0 = tick(setup, f"registration of {len(registered)} train frames", t0)
-    val_metric, val = run_validation(loc, dataset, registered, checkpoint, out, log) \
-        if settings["run"]["validate"] or mode == "validate" else (None, None)
+    val = run_validation(loc, dataset, registered, checkpoint, out, log) \
+        if settings["run"]["validate"] or mode == "validate" else None
     t0 = tick(setup, "validation", t0)
     test = run_test(loc, dataset, registered, checkpoint, out, log) if mode != "validate" else None
     write_reports(loc, dataset, out, val, test)
@@ -1996,7 +1997,7 @@ def run_data(args, settings: dict, weights: Path, out: Path, mode: str, log=prin
         log(f"checkpoint: {checkpoint.replayed} results replayed from {checkpoint.path}")
     log(f"query feature cache: {loc.cache.hits} hits, {loc.cache.misses} extracted")
     stages = [json.loads(s) for s in test["stages"]] if test is not None else []
-    return RunResult(val_metric, val, test, setup, stages, failed)
+    return RunResult(setup, stages)
 
 
 def tick(times: dict, name: str, t0: float) -> float:
@@ -2196,7 +2197,7 @@ def detect_kaggle(settings: dict) -> KaggleEnv | None:
 
 def kernel_source(settings_text: str) -> str:
     """kaggle/uavloc.py: this module with settings.toml embedded (a script kernel is one file)."""
-    src = Path(__file__).read_text()
+    src = MODULE_FILE.read_text()
     marker = "\nEMBEDDED_SETTINGS = None\n"
     if marker not in src:
         raise UsageError("kaggle-sync must run from the project's uavloc.py, not from the kernel copy")

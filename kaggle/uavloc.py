@@ -31,9 +31,9 @@ import numpy as np
 import pandas as pd
 from tqdm import tqdm
 
-ROOT = Path(__file__).resolve().parent
-DEFAULT_SETTINGS = ROOT / "settings.toml"
 MODULE_FILE = Path(__file__).resolve()
+ROOT = MODULE_FILE.parent
+DEFAULT_SETTINGS = ROOT / "settings.toml"
 # The Kaggle kernel is this file with settings.toml written into the next line by --mode kaggle-sync
 # (a script kernel uploads one file); None here, where settings.toml sits beside the module.
 EMBEDDED_SETTINGS = '# uavloc settings: every default lives here.\n# Override with `--settings FILE` (a TOML file with any subset of these keys),\n# `--preset NAME` (a [presets.NAME] table below) and `--set section.key=value` (repeatable).\n# Order: this file < --settings < --preset < --set.\n\n[run]\ndata = "build/demo/data"     # competition layout: map.png, train_data/, test_data/\nout = "build"                # every output goes under here\nweights_dir = "weights"      # overridden by $UAVLOC_WEIGHTS and by --weights\nwheels_dir = "wheels"        # kornia wheels installed offline (pip --no-index) when kornia is missing\ndevice = "auto"              # auto (CUDA when present) | cpu | cuda\nthreads = 0                  # torch CPU threads; 0 = all cores\nstrict = false               # stop at the first frame that raises, instead of recording it (--strict)\nresume = true                # replay finished frames of an interrupted run with the same data and settings\nvalidate = true              # submit also scores a block validation split of the train frames\nfeature_cache = true         # keep query features on disk under <out>/cache/query/\nprefetch = true              # decode the next frame in a background thread while this one is matched\n\n[split]\n# Validation mimics the test layout: blocks of consecutive train ids are hidden.\nval_fraction = 0.25\nblock_min = 2\nblock_max = 6\nseed = 0\n\n[preprocess]\nmax_side = 1400              # working size of a frame before scaling to the map\ngray = true\nedge_blend = false           # seed\'s Canny blend; off: it destroys matches at the true scale\ncanny_low = 50\ncanny_high = 150\nedge_kernel = 3\ngray_weight = 0.70\nedge_weight = 0.30\n\n[features]\nbackend = "aliked"           # aliked | xfeat | superpoint | sift\nmax_keypoints = 1024         # per query image\nmap_level = 0.5              # resolution the map is matched at, as a fraction of map.png\nmap_level_xfeat = 1.0        # the same for XFeat, which detects on a 1/8-resolution grid\nmap_tile = 768               # map features are extracted once, in tiles of this side\nmap_keypoints_per_tile = 1536\nmax_map_keypoints = 2048     # map keypoints handed to the matcher for one search window\nmatch_threshold = 0.1        # LightGlue match confidence (SIFT: Lowe ratio is sift_ratio)\nsift_ratio = 0.85\nhalf_precision = true        # on CUDA only\nquery_scale_step = 1.044     # query scales snap to powers of this, so features are reused across runs\n\n[geometry]\nransac_threshold = 3.0       # MAGSAC threshold in match-level px\nransac_confidence = 0.999\nransac_max_iters = 5000\nmin_inliers = 12             # a homography with fewer inliers is rejected\nmax_anisotropy = 1.4         # ratio of the homography\'s singular values at the frame centre\n\n[scale]\nncc_candidates = 40          # log-spaced scale candidates for the template-NCC calibration\nncc_template = 96            # template width in px for NCC\nncc_min_footprint = 0.02     # candidate range: frame width covers this ... \nncc_max_footprint = 0.9      # ... to this fraction of the map\'s smaller side\nclip_low = 0.67              # a match\'s scale must lie in [low, high] x the frame\'s expected scale\nclip_high = 1.5\nvirtual_zoom = 1.0           # query scale relative to the map level (< 1 zooms out)\ncrop_factor = 1.5            # search window = frame footprint x crop_factor (+ search radius)\n\n[reference]\n# The GPS truth is the camera\'s nadir; the camera leans, so it is not the image centre.\n# calibrated: one image point learned from the registered train frames (robust median)\n# pose: per frame, the nadir from the homography and the intrinsics, kept near the train frames\' nadirs\n# auto: pose where it predicts the registered train truths better than the fixed point | centre\nmode = "auto"\nmin_frames = 3               # fewer registered frames than this: fall back to the centre\npose_clip = 1.0              # a frame\'s nadir offset is kept within this many spreads of the train frames\'\n\n[localize]\nrotation_search = "prior"    # prior: order hypotheses by the heading prior | all | none\nrotation_step = 90.0         # degrees between rotation hypotheses\nmax_hypotheses = 4\nstrong_inliers = 50          # stop trying hypotheses / sources once this many inliers\nsearch_radius = 80.0         # map px added to the window for an adjacent anchor ...\nradius_per_id = 60.0         # ... plus this per id of gap to it\nmax_radius = 1200.0\nboth_ends = true             # resolve test runs from both bracketing known frames\nneighbour_matching = true    # match to the registered neighbour frame, compose homographies\nrelocalize = true            # widen the search when a frame fails\nrelocalize_growth = 2.5\nrelocalize_levels = 2        # widenings around the anchor before the known area, then the whole map\nsequence_check = true        # reject implausible jumps and fill by interpolation\nspeed_margin = 1.5           # speed bound = margin x 95th percentile of train speeds (px per id)\njump_slack = 60.0            # map px always allowed on top of the speed bound\n\n[report]\nworst_frames = 4             # matches_<id>.png for this many worst validation frames\nenabled = true\n\n[tune]\ntrials = 30\nstudy = "uavloc"\nstorage = ""                 # default: sqlite under <out>/tune/\nsampler_seed = 0\nholdout_fraction = 0.2       # train frames the study never sees\npruner_p = 0.1               # WilcoxonPruner p-threshold: prune a trial clearly worse than the best\ntie_break = 0.01             # objective = score - this x mean error px: breaks ties, never outweighs a threshold\n\n# Search space: one table per parameter; `low`/`high` (log = true for log-uniform) or `choices`.\n[tune.space."features.match_threshold"]\nlow = 0.02\nhigh = 0.4\nlog = true\n[tune.space."geometry.ransac_threshold"]\nlow = 1.0\nhigh = 8.0\nlog = true\n[tune.space."geometry.min_inliers"]\nlow = 8\nhigh = 40\n[tune.space."scale.virtual_zoom"]\nlow = 0.7\nhigh = 1.3\n[tune.space."scale.crop_factor"]\nlow = 1.1\nhigh = 2.5\n[tune.space."scale.clip_low"]\nlow = 0.4\nhigh = 0.9\n[tune.space."scale.clip_high"]\nlow = 1.1\nhigh = 2.5\n[tune.space."localize.search_radius"]\nlow = 30.0\nhigh = 300.0\nlog = true\n[tune.space."localize.speed_margin"]\nlow = 1.1\nhigh = 3.0\n[tune.space."localize.strong_inliers"]\nlow = 20\nhigh = 150\nlog = true\n[tune.space."localize.rotation_search"]\nchoices = ["prior", "all"]\n[tune.space."localize.relocalize_growth"]\nlow = 1.5\nhigh = 4.0\n[tune.space."localize.jump_slack"]\nlow = 20.0\nhigh = 200.0\nlog = true\n# Backend and keypoint budget are tunable too; each distinct value extracts the map and the\n# queries again, so a study over them costs a full run per value. Uncomment to include them:\n# [tune.space."features.backend"]\n# choices = ["aliked", "xfeat"]\n# [tune.space."features.max_keypoints"]\n# choices = [512, 1024, 2048]\n\n[kaggle]\nroot = "/kaggle"             # a Kaggle kernel is detected by <root>/input ($UAVLOC_KAGGLE_ROOT overrides)\nkernel_id = "your-kaggle-username/uavloc-submit"\nkernel_title = "uavloc submit"\ncompetition = "gnss-denied-localization"\nweights_dataset = "your-kaggle-username/uavloc-weights"\nwheels_dataset = "your-kaggle-username/uavloc-wheels"\npython_version = "3.11"      # Kaggle\'s Python, for the wheels dataset\nwheels = ["kornia==0.9.0", "kornia_rs==0.2.0"]   # kornia and its dependency that Kaggle lacks\n\n# The seed notebook\'s logic: north-up frames, one anchor (the previous frame), the image\n# centre as the truth, no relocalization and no sequence consistency.\n[presets.reference]\n"reference.mode" = "centre"\n"localize.rotation_search" = "none"\n"localize.both_ends" = false\n"localize.neighbour_matching" = false\n"localize.relocalize" = false\n"localize.sequence_check" = false\n\n# XFeat + LighterGlue (matched against the map at features.map_level_xfeat)\n[presets.fast]\n"features.backend" = "xfeat"\n'
@@ -756,13 +756,16 @@ class QueryCache:
         st = path.stat()
         return digest([str(path.resolve()), st.st_size, st.st_mtime_ns, round(rotation, 3), round(scale, 6)], 20)
 
+    def _file(self, key: str) -> Path | None:
+        return self.folder / f"{key}.npz" if self.folder is not None else None
+
     def has(self, key: str) -> bool:
-        return key in self.memory or (self.folder is not None and (self.folder / f"{key}.npz").is_file())
+        return key in self.memory or (self.folder is not None and self._file(key).is_file())
 
     def get(self, key: str) -> QueryView | None:
         v = self.memory.get(key)
-        if v is None and self.folder is not None and (self.folder / f"{key}.npz").is_file():
-            z = np.load(self.folder / f"{key}.npz")
+        if v is None and self.folder is not None and self._file(key).is_file():
+            z = np.load(self._file(key))
             v = QueryView(Features(z["keypoints"], z["descriptors"], z["scores"]),
                           (int(z["size"][0]), int(z["size"][1])), z["to_view"])
             self.memory[key] = v
@@ -778,7 +781,7 @@ class QueryCache:
         tmp = self.folder / f".{key}.tmp.npz"
         np.savez(tmp, keypoints=v.features.keypoints, descriptors=v.features.descriptors,
                  scores=v.features.scores, size=np.array(v.size), to_view=v.to_view)
-        os.replace(tmp, self.folder / f"{key}.npz")
+        os.replace(tmp, self._file(key))
 
 
 # ----------------------------------------------------------------------------- geometry
@@ -843,6 +846,11 @@ def camera_nadir(H: np.ndarray, K: np.ndarray) -> np.ndarray | None:
     u, _, vt = np.linalg.svd(np.c_[r1, r2, np.cross(r1, r2)])     # nearest rotation
     centre = -(u @ vt).T @ t
     return centre[:2] if np.all(np.isfinite(centre)) else None
+
+
+def normalized_offset(uv, frame: Frame) -> np.ndarray:
+    """An image point as an offset from the principal point in focal units."""
+    return np.array([(uv[0] - frame.cx) / frame.fx, (uv[1] - frame.cy) / frame.fy])
 
 
 def nadir_offset(H: np.ndarray, frame: Frame) -> np.ndarray | None:
@@ -1375,11 +1383,6 @@ def fit_calibration(loc: Localizer, dataset: Dataset, registered: dict[int, Esti
     return calib
 
 
-def normalized_offset(uv, frame: Frame) -> np.ndarray:
-    """An image point as an offset from the principal point in focal units."""
-    return np.array([(uv[0] - frame.cx) / frame.fx, (uv[1] - frame.cy) / frame.fy])
-
-
 def truth_errors(calib: Calibration, reg: list[Estimate], frames: list[Frame]) -> np.ndarray:
     return np.array([np.hypot(*(project(e.H, [calib.ref_pixel(f, e.H)])[0] - f.truth)) for e, f in zip(reg, frames)])
 
@@ -1684,8 +1687,7 @@ class Tuner:
         blocks = runs_of(self.split.holdout, self.dataset.train_ids)
         est = {i: e for _, block_est in self.estimates(settings, known, blocks) for i, e in block_est.items()}
         pred = pd.DataFrame([e.row() for e in est.values()])[["id", "x_pixel", "y_pixel"]]
-        truth = pd.DataFrame([(i, *self.dataset.frames[i].truth) for i in est], columns=["id", "x_pixel", "y_pixel"])
-        return metric(pred, truth)
+        return metric(pred, truth_table(self.dataset, list(est)))
 
 
 def open_study(settings: dict, args, out: Path, fingerprint: str):
@@ -1734,7 +1736,7 @@ def mode_tune(args, settings: dict, weights: Path, out: Path) -> None:
 
     def progress(study, trial):
         bar.update(1)
-        if any(t.state == TrialState.COMPLETE for t in study.trials):
+        if study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
             bar.set_postfix(best=f"{study.best_value:.2f}", last=trial.state.name.lower())
 
     if todo:
@@ -1925,7 +1927,7 @@ def validate_submission(sub: pd.DataFrame, dataset: Dataset, map_size: tuple[int
 
 
 def run_validation(loc: Localizer, dataset: Dataset, registered: dict[int, Estimate], checkpoint: Checkpoint,
-                   out: Path, log=print) -> tuple[dict, pd.DataFrame]:
+                   out: Path, log=print) -> pd.DataFrame:
     """Hide blocks of train frames, calibrate on the rest, localize the hidden ones and score them."""
     sp = loc.s["split"]
     train = dataset.train_ids
@@ -1934,13 +1936,16 @@ def run_validation(loc: Localizer, dataset: Dataset, registered: dict[int, Estim
     fit_calibration(loc, dataset, registered, fit_ids, log)
     est = localize_sequence(loc, dataset, {i: registered[i] for i in fit_ids}, val_ids, checkpoint, "validation")
     df = predictions_frame(est, dataset)
-    truth = pd.DataFrame({"id": val_ids, "x_pixel": [dataset.frames[i].truth[0] for i in val_ids],
-                          "y_pixel": [dataset.frames[i].truth[1] for i in val_ids]})
-    m = metric(df[["id", "x_pixel", "y_pixel"]], truth)
+    m = metric(df[["id", "x_pixel", "y_pixel"]], truth_table(dataset, val_ids))
     write_csv(df, out / "val_predictions.csv")
     log(f"validation ({len(val_ids)} hidden train frames in blocks, {len(fit_ids)} known): {format_metric(m)}")
     atomic_write(out / "val_metric.json", json.dumps(m, indent=1))
-    return m, df
+    return df
+
+
+def truth_table(dataset: Dataset, ids: list[int]) -> pd.DataFrame:
+    """id, x_pixel, y_pixel of train frames, in the submission's columns, for the metric."""
+    return pd.DataFrame([(i, *dataset.frames[i].truth) for i in ids], columns=["id", "x_pixel", "y_pixel"])
 
 
 def run_test(loc: Localizer, dataset: Dataset, registered: dict[int, Estimate], checkpoint: Checkpoint,
@@ -1961,12 +1966,8 @@ def run_test(loc: Localizer, dataset: Dataset, registered: dict[int, Estimate], 
 
 @dataclass
 class RunResult:
-    val_metric: dict | None
-    val: pd.DataFrame | None
-    test: pd.DataFrame | None
     setup_s: dict[str, float]          # one-off costs: map features, registration, validation
     test_stages: list[dict]            # per test frame: seconds per stage
-    failed: list[tuple[int, str]]      # frames that raised an unexpected error
 
 
 def run_data(args, settings: dict, weights: Path, out: Path, mode: str, log=print) -> RunResult:
@@ -1981,8 +1982,8 @@ def run_data(args, settings: dict, weights: Path, out: Path, mode: str, log=prin
     checkpoint = Checkpoint(None) if mode == "bench" else open_checkpoint(settings, dataset, out, args.fresh)
     registered = register_train(loc, dataset, checkpoint)
     t0 = tick(setup, f"registration of {len(registered)} train frames", t0)
-    val_metric, val = run_validation(loc, dataset, registered, checkpoint, out, log) \
-        if settings["run"]["validate"] or mode == "validate" else (None, None)
+    val = run_validation(loc, dataset, registered, checkpoint, out, log) \
+        if settings["run"]["validate"] or mode == "validate" else None
     t0 = tick(setup, "validation", t0)
     test = run_test(loc, dataset, registered, checkpoint, out, log) if mode != "validate" else None
     write_reports(loc, dataset, out, val, test)
@@ -1996,7 +1997,7 @@ def run_data(args, settings: dict, weights: Path, out: Path, mode: str, log=prin
         log(f"checkpoint: {checkpoint.replayed} results replayed from {checkpoint.path}")
     log(f"query feature cache: {loc.cache.hits} hits, {loc.cache.misses} extracted")
     stages = [json.loads(s) for s in test["stages"]] if test is not None else []
-    return RunResult(val_metric, val, test, setup, stages, failed)
+    return RunResult(setup, stages)
 
 
 def tick(times: dict, name: str, t0: float) -> float:
@@ -2196,7 +2197,7 @@ def detect_kaggle(settings: dict) -> KaggleEnv | None:
 
 def kernel_source(settings_text: str) -> str:
     """kaggle/uavloc.py: this module with settings.toml embedded (a script kernel is one file)."""
-    src = Path(__file__).read_text()
+    src = MODULE_FILE.read_text()
     marker = "\nEMBEDDED_SETTINGS = None\n"
     if marker not in src:
         raise UsageError("kaggle-sync must run from the project's uavloc.py, not from the kernel copy")

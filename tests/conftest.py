@@ -1,4 +1,5 @@
 import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -20,3 +21,9 @@ def demo_data(tmp_path_factory):
     """A small synthetic data set in the competition layout (the same generator as --mode demo)."""
     root = tmp_path_factory.mktemp("demo")
     return uavloc.make_demo(root, seed=3, n_frames=24)
+
+
+def run_cli(*args, env=None):
+    """uavloc.py as a user runs it: a subprocess, output captured."""
+    return subprocess.run([sys.executable, str(ROOT / "uavloc.py"), *args], capture_output=True, text=True,
+                          env=env, timeout=600)

@@ -1,13 +1,11 @@
 import json
-import subprocess
-import sys
 
 import numpy as np
 import pandas as pd
 import pytest
 
 import uavloc as U
-from conftest import ROOT
+from conftest import run_cli
 
 
 def test_metric_hand_computed():
@@ -73,11 +71,6 @@ def test_atomic_write_leaves_no_partial_file(tmp_path):
     p = tmp_path / "a.csv"
     U.atomic_write(p, "id\n1\n")
     assert p.read_text() == "id\n1\n" and len(list(tmp_path.iterdir())) == 1
-
-
-def run_cli(*args, env=None):
-    return subprocess.run([sys.executable, str(ROOT / "uavloc.py"), *args], capture_output=True, text=True,
-                          env=env, timeout=600)
 
 
 def test_superpoint_loads_magicleap_layout_and_gives_256d(tmp_path):

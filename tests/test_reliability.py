@@ -13,7 +13,7 @@ import pandas as pd
 import pytest
 
 import uavloc as U
-from conftest import ROOT
+from conftest import ROOT, run_cli
 
 
 def edit_csv(path, fn):
@@ -142,8 +142,7 @@ def test_cli_error_prints_no_traceback(demo_data, tmp_path):
     data = tmp_path / "data"
     shutil.copytree(demo_data, data)
     truncate("train")(data)
-    r = subprocess.run([sys.executable, str(ROOT / "uavloc.py"), "--data", str(data), "--out", str(tmp_path / "o")],
-                       capture_output=True, text=True, timeout=300)
+    r = run_cli("--data", str(data), "--out", str(tmp_path / "o"))
     assert r.returncode == 3 and "truncated image" in r.stderr and "Traceback" not in r.stderr
 
 
