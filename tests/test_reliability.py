@@ -13,7 +13,7 @@ import pandas as pd
 import pytest
 
 import uavloc as U
-from conftest import ROOT, run_cli
+from conftest import ROOT, run_cli, weights_present
 
 
 def edit_csv(path, fn):
@@ -113,6 +113,7 @@ def test_wrong_weights_file_is_a_weights_error(demo_data, tmp_path, capsys, recw
 
 
 @pytest.mark.weights
+@pytest.mark.skipif(not weights_present("aliked"), reason="ALIKED weights absent")
 def test_weights_of_the_wrong_shape_are_a_weights_error(demo_data, tmp_path, capsys):
     import torch
     weights = tmp_path / "w"
