@@ -1,17 +1,20 @@
 #!/usr/bin/env python3
 """uavloc: find where each drone photo was taken on one large orthophoto map.
 
-Sections, in the order data flows: config, data, preprocessing, features/matching,
-geometry, calibration, localization, metric, tuning, reports, then the jobs behind the modes
-(runs, demo data, kaggle) and the CLI.
+Sections, in the order data flows: config, data, preprocessing, features (the backend table and the
+map's features), geometry, query views, calibration, localization, metric, pipeline (register,
+validate, test), reports, tuning, demo data, kaggle, jobs (one function per mode) and the CLI.
+
+Use from Python: `uavloc.submit(uavloc.load_settings(), Path("data"), Path("build/run"))` returns the
+path of the submission it wrote.
 """
 from __future__ import annotations
 
 import argparse
-import copy
 import dataclasses
-import functools
+import enum
 import hashlib
+import io
 import json
 import os
 import shutil
@@ -20,11 +23,14 @@ import sys
 import tempfile
 import time
 import tomllib
+import types
+import typing
 import warnings
 from collections import OrderedDict
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable, ClassVar, Mapping
 
 import cv2
 import numpy as np
@@ -62,6 +68,8 @@ class FrameError(UavlocError):
 
 
 # ----------------------------------------------------------------------------- config
+# settings.toml holds every default. It is merged as plain TOML tables (--settings, --preset, --set),
+# then resolved once into the frozen, typed records below; nothing changes a record afterwards.
 
 def default_settings_text() -> str:
     if EMBEDDED_SETTINGS is not None and not DEFAULT_SETTINGS.is_file():
@@ -87,23 +95,24 @@ def parse_value(text: str):
         return text
 
 
-def set_dotted(settings: dict, key: str, value) -> None:
+def set_dotted(tables: dict, key: str, value) -> None:
+    """Set section.key in merged TOML tables; unknown keys and values of the wrong kind are errors."""
     section, _, name = key.partition(".")
-    if not name or section not in settings or not isinstance(settings[section], dict):
+    if not name or section not in tables or not isinstance(tables[section], dict):
         raise UsageError(f"unknown setting '{key}' (use section.key, e.g. features.backend)")
-    if name not in settings[section]:
-        raise UsageError(f"unknown setting '{key}': [{section}] has {sorted(settings[section])}")
-    old = settings[section][name]
+    if name not in tables[section]:
+        raise UsageError(f"unknown setting '{key}': [{section}] has {sorted(tables[section])}")
+    old = tables[section][name]
     if isinstance(old, bool) and not isinstance(value, bool):
         raise UsageError(f"setting '{key}' takes true or false, not {value!r}")
     if isinstance(old, (int, float)) and not isinstance(old, bool):
         if not isinstance(value, (int, float)) or isinstance(value, bool):
             raise UsageError(f"setting '{key}' takes a number, not {value!r}")
         value = float(value) if isinstance(old, float) else value
-    settings[section][name] = value
+    tables[section][name] = value
 
 
-def merge_settings(base: dict, extra: dict, origin: str) -> dict:
+def merge_tables(base: dict, extra: dict, origin: str) -> dict:
     """Overlay a user TOML on the defaults; unknown keys are errors, not silent no-ops."""
     for section, table in extra.items():
         if not isinstance(table, dict):
@@ -119,24 +128,285 @@ def merge_settings(base: dict, extra: dict, origin: str) -> dict:
     return base
 
 
+def overlay(tables: dict, values: dict) -> dict:
+    """A copy of `tables` with dotted keys set (a preset, --set values, a tuning trial's parameters)."""
+    out = {k: dict(v) if isinstance(v, dict) else v for k, v in tables.items()}
+    for key, value in values.items():
+        set_dotted(out, key, value)
+    return out
+
+
+def freeze(value):
+    """Tables become read-only mappings and lists tuples, so a settings record cannot be edited."""
+    if isinstance(value, dict):
+        return types.MappingProxyType({k: freeze(v) for k, v in value.items()})
+    if isinstance(value, list):
+        return tuple(freeze(v) for v in value)
+    return value
+
+
+def thaw(value):
+    if isinstance(value, Mapping):
+        return {k: thaw(v) for k, v in value.items()}
+    if isinstance(value, tuple):
+        return [thaw(v) for v in value]
+    return value
+
+
+class Section:
+    """Base of the settings records: built from a TOML table, each value checked against its type."""
+
+    @classmethod
+    def from_table(cls, name: str, table: dict):
+        hints = typing.get_type_hints(cls)
+        names = [f.name for f in dataclasses.fields(cls)]
+        unknown = sorted(set(table) - set(names))
+        missing = [n for n in names if n not in table]
+        if unknown or missing:
+            raise UsageError(f"settings [{name}]: unknown {unknown}, missing {missing}")
+        values = {}
+        for n in names:
+            values[n] = checked(f"{name}.{n}", table[n], hints[n])
+        return cls(**values)
+
+    def to_table(self) -> dict:
+        return {f.name: thaw(getattr(self, f.name)) for f in dataclasses.fields(self)}
+
+
+def checked(key: str, value, kind):
+    """`value` as the record's type: ints are accepted for floats; lists become tuples."""
+    ok = {bool: lambda v: isinstance(v, bool),
+          int: lambda v: isinstance(v, int) and not isinstance(v, bool),
+          float: lambda v: isinstance(v, (int, float)) and not isinstance(v, bool),
+          str: lambda v: isinstance(v, str)}
+    origin = typing.get_origin(kind) or kind
+    if origin in ok:
+        if not ok[origin](value):
+            raise UsageError(f"setting '{key}' must be {origin.__name__}, not {value!r}")
+        return float(value) if origin is float else value
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)):
+            raise UsageError(f"setting '{key}' must be a list, not {value!r}")
+        return freeze(list(value))
+    if not isinstance(value, dict):
+        raise UsageError(f"setting '{key}' must be a table, not {value!r}")
+    return freeze(value)
+
+
+@dataclass(frozen=True)
+class RunSettings(Section):
+    data: str
+    out: str
+    weights_dir: str
+    wheels_dir: str
+    device: str
+    threads: int
+    strict: bool
+    resume: bool
+    fresh: bool
+    validate: bool
+    feature_cache: bool
+    prefetch: bool
+
+
+@dataclass(frozen=True)
+class SplitSettings(Section):
+    val_fraction: float
+    block_min: int
+    block_max: int
+    seed: int
+
+
+@dataclass(frozen=True)
+class PreprocessSettings(Section):
+    max_side: int
+    edge_blend: bool
+    canny_low: int
+    canny_high: int
+    edge_kernel: int
+    gray_weight: float
+    edge_weight: float
+
+
+@dataclass(frozen=True)
+class FeatureSettings(Section):
+    backend: str
+    max_keypoints: int
+    map_level: float
+    map_tile: int
+    map_tile_pad: int
+    map_keypoints_per_tile: int
+    max_map_keypoints: int
+    match_threshold: float
+    sift_ratio: float
+    half_precision: bool
+    query_scale_step: float
+
+    def extraction_key(self) -> dict:
+        """The values that change extracted features (and so the caches of map and query features);
+        matching values (thresholds, window budget) are left out so tuning them reuses the caches."""
+        return {k: getattr(self, k) for k in ("backend", "max_keypoints", "map_level", "map_tile",
+                                              "map_tile_pad", "map_keypoints_per_tile", "half_precision")}
+
+
+@dataclass(frozen=True)
+class GeometrySettings(Section):
+    ransac_threshold: float
+    ransac_confidence: float
+    ransac_max_iters: int
+    min_inliers: int
+    max_anisotropy: float
+
+
+@dataclass(frozen=True)
+class ScaleSettings(Section):
+    ncc_candidates: int
+    ncc_frames: int
+    ncc_template: int
+    ncc_min_footprint: float
+    ncc_max_footprint: float
+    clip_low: float
+    clip_high: float
+    virtual_zoom: float
+    crop_factor: float
+
+
+@dataclass(frozen=True)
+class ReferenceSettings(Section):
+    mode: str
+    min_frames: int
+    pose_clip: float
+
+
+@dataclass(frozen=True)
+class LocalizeSettings(Section):
+    rotation_search: str
+    rotation_step: float
+    max_hypotheses: int
+    strong_inliers: int
+    search_radius: float
+    radius_per_id: float
+    max_radius: float
+    both_ends: bool
+    neighbour_matching: bool
+    neighbour_max_gap: int
+    neighbour_advantage: float
+    relocalize: bool
+    relocalize_growth: float
+    relocalize_levels: int
+    sequence_check: bool
+    speed_margin: float
+    jump_slack: float
+
+
+@dataclass(frozen=True)
+class LocateSettings(Section):
+    footprint: float
+    clip_low: float
+    clip_high: float
+
+
+@dataclass(frozen=True)
+class ReportSettings(Section):
+    worst_frames: int
+    enabled: bool
+
+
+@dataclass(frozen=True)
+class TuneSettings(Section):
+    trials: int
+    study: str
+    storage: str
+    apply: bool
+    sampler_seed: int
+    holdout_fraction: float
+    pruner_p: float
+    tie_break: float
+    space: Mapping
+
+
+@dataclass(frozen=True)
+class KaggleSettings(Section):
+    root: str
+    kernel_id: str
+    kernel_title: str
+    competition: str
+    weights_dataset: str
+    wheels_dataset: str
+    python_version: str
+    wheels: tuple
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Every setting, resolved once (settings.toml < --settings < --preset < --set < CLI flags)."""
+    run: RunSettings
+    split: SplitSettings
+    preprocess: PreprocessSettings
+    features: FeatureSettings
+    geometry: GeometrySettings
+    scale: ScaleSettings
+    reference: ReferenceSettings
+    localize: LocalizeSettings
+    locate: LocateSettings
+    report: ReportSettings
+    tune: TuneSettings
+    kaggle: KaggleSettings
+    presets: Mapping
+
+    @classmethod
+    def from_tables(cls, tables: dict) -> "Settings":
+        hints = typing.get_type_hints(cls)
+        unknown = sorted(set(tables) - {f.name for f in dataclasses.fields(cls)})
+        if unknown:
+            raise UsageError(f"unknown settings section(s) {unknown}")
+        values = {}
+        for f in dataclasses.fields(cls):
+            if f.name not in tables:
+                raise UsageError(f"settings: section [{f.name}] is missing")
+            kind = hints[f.name]
+            values[f.name] = kind.from_table(f.name, tables[f.name]) if isinstance(kind, type) and \
+                issubclass(kind, Section) else freeze(tables[f.name])
+        return cls(**values)
+
+    def to_tables(self) -> dict:
+        return {f.name: (v.to_table() if isinstance(v := getattr(self, f.name), Section) else thaw(v))
+                for f in dataclasses.fields(self)}
+
+    def value(self, key: str):
+        section, _, name = key.partition(".")
+        return getattr(getattr(self, section), name)
+
+    def with_values(self, values: dict) -> "Settings":
+        """A new record with dotted keys changed (a tuning trial's parameters); this one is unchanged."""
+        return Settings.from_tables(overlay(self.to_tables(), values))
+
+
+# settings sections that change a frame's result: a checkpoint is only replayed when they are unchanged
+RESULT_SECTIONS = ("split", "preprocess", "features", "geometry", "scale", "reference", "localize")
+
+
 def load_settings(settings_file: str | None = None, preset: str | None = None,
-                  overrides: list[str] = ()) -> dict:
-    """TOML defaults < --settings FILE < --preset NAME < --set key=value."""
-    settings = tomllib.loads(default_settings_text())
+                  overrides: list[str] | tuple = (), flags: dict | None = None) -> Settings:
+    """settings.toml < --settings FILE < --preset NAME < --set key=value < $UAVLOC_WEIGHTS < `flags`
+    (dotted keys from CLI flags)."""
+    tables = tomllib.loads(default_settings_text())
     if settings_file:
-        merge_settings(settings, load_toml(Path(settings_file)), settings_file)
+        merge_tables(tables, load_toml(Path(settings_file)), settings_file)
     if preset:
-        presets = settings.get("presets", {})
+        presets = tables.get("presets", {})
         if preset not in presets:
             raise UsageError(f"unknown preset '{preset}'; settings.toml has {sorted(presets)}")
-        for k, v in presets[preset].items():
-            set_dotted(settings, k, v)
+        tables = overlay(tables, presets[preset])
+    values = {}
     for item in overrides:
         key, eq, text = item.partition("=")
         if not eq:
             raise UsageError(f"--set takes key=value, got '{item}'")
-        set_dotted(settings, key.strip(), parse_value(text.strip()))
-    return settings
+        values[key.strip()] = parse_value(text.strip())
+    # the weights folder: --weights (a flag) > $UAVLOC_WEIGHTS > --set / settings files
+    env = {"run.weights_dir": os.environ["UAVLOC_WEIGHTS"]} if os.environ.get("UAVLOC_WEIGHTS") else {}
+    return Settings.from_tables(overlay(tables, {**values, **env, **(flags or {})}))
 
 
 def toml_value(v) -> str:
@@ -151,7 +421,7 @@ def toml_value(v) -> str:
     raise TypeError(f"cannot write {type(v).__name__} to TOML")
 
 
-def dump_toml(settings: dict) -> str:
+def dump_toml(tables: dict) -> str:
     """Write flat sections of scalars (what settings hold); nested tables become dotted headers."""
     lines: list[str] = []
 
@@ -165,36 +435,45 @@ def dump_toml(settings: dict) -> str:
             if isinstance(v, dict):
                 table(f"{prefix}.{json.dumps(k) if '.' in k else k}", v)
 
-    for section, body in settings.items():
+    for section, body in tables.items():
         table(section, body)
     return "\n".join(lines)
 
 
 def digest(obj, n: int = 12) -> str:
     """A short stable hash of a JSON-able object: the key of caches and checkpoints."""
-    return hashlib.sha1(json.dumps(obj, sort_keys=True).encode()).hexdigest()[:n]
+    return hashlib.sha1(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:n]
 
 
-def atomic_write(path: Path, data: str | bytes) -> None:
-    """Write to a temp file beside `path`, then rename: a reader never sees half a file."""
+def atomic_write(path: Path, data: str | bytes | Callable[[typing.BinaryIO], None]) -> Path:
+    """Write to a temp file beside `path`, then rename: a reader never sees half a file, and a write
+    that fails half-way leaves the old file as it was. `data` is the content, or a function that
+    writes it to an open binary file (numpy's savez, matplotlib's savefig)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
     try:
         with os.fdopen(fd, "wb") as f:
-            f.write(data.encode() if isinstance(data, str) else data)
+            if callable(data):
+                data(f)
+            else:
+                f.write(data.encode() if isinstance(data, str) else data)
         os.chmod(tmp, 0o644)            # mkstemp makes 0600; outputs are ordinary files
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+    return path
 
 
 # ----------------------------------------------------------------------------- data
 
-@dataclass
+@dataclass(frozen=True)
 class Frame:
+    """One photo: its file, its size (read once from the header) and its intrinsics."""
     id: int
     path: Path
+    width: int
+    height: int
     fx: float
     fy: float
     cx: float
@@ -202,12 +481,28 @@ class Frame:
     split: str                    # "train" | "test"
     truth: tuple[float, float] | None = None
 
+    @property
+    def size(self) -> tuple[int, int]:
+        return self.width, self.height
 
-@dataclass
+    @property
+    def focal(self) -> float:
+        return float(np.sqrt(self.fx * self.fy))
+
+    @property
+    def principal_point(self) -> tuple[float, float]:
+        return self.cx, self.cy
+
+    @property
+    def K(self) -> np.ndarray:
+        return np.array([[self.fx, 0, self.cx], [0, self.fy, self.cy], [0, 0, 1.0]])
+
+
+@dataclass(frozen=True)
 class Dataset:
     root: Path
     map_path: Path
-    frames: dict[int, Frame]
+    frames: Mapping[int, Frame]
 
     @property
     def train_ids(self) -> list[int]:
@@ -266,6 +561,9 @@ def follow_pointer(path: Path) -> Path:
     return path
 
 
+MIN_MAP_SIDE = 64
+
+
 def load_dataset(root: Path) -> Dataset:
     """Read and check the competition layout before any heavy work."""
     root = Path(root)
@@ -300,28 +598,25 @@ def load_dataset(root: Path) -> Dataset:
             path = image_path(folder, fid)
             if path is None:
                 raise DataError(f"{folder}: no image for {split} id {fid} (expected {fid:04d}.JPG)")
-            check_image_file(path)
+            w, h = check_image_file(path)
             truth = positions.get(fid) if split == "train" else None
             if split == "train" and truth is None:
                 raise DataError(f"{root / 'train_data/train_pos.csv'}: train id {fid} has no position")
-            frames[fid] = Frame(fid, path, float(r.fx), float(r.fy), float(r.cx), float(r.cy), split, truth)
+            frames[fid] = Frame(fid, path, w, h, float(r.fx), float(r.fy), float(r.cx), float(r.cy), split, truth)
     extra = sorted(set(positions) - {i for i, f in frames.items() if f.split == "train"})
     if extra:
         raise DataError(f"{root / 'train_data/train_pos.csv'}: id {extra[0]} has a position but no intrinsics")
     map_path = follow_pointer(map_path)
-    check_image_file(map_path)
-    w, h = image_size(map_path)
+    w, h = check_image_file(map_path)
     if min(w, h) < MIN_MAP_SIDE:
         raise DataError(f"{map_path}: map is {w}x{h} px, too small for any frame (need at least {MIN_MAP_SIDE} px a side)")
-    return Dataset(root, map_path, frames)
+    return Dataset(root, map_path, types.MappingProxyType(frames))
 
 
-MIN_MAP_SIDE = 64
-
-
-def check_image_file(path: Path) -> None:
+def check_image_file(path: Path) -> tuple[int, int]:
     """Cheap up-front check that an image is complete: the header parses and the end marker is there
-    (a truncated JPG still decodes, silently grey at the bottom, so decoding alone would not tell)."""
+    (a truncated JPG still decodes, silently grey at the bottom, so decoding alone would not tell).
+    Returns its (width, height)."""
     with open(path, "rb") as f:
         head = f.read(8)
         f.seek(max(0, path.stat().st_size - 64))
@@ -335,7 +630,7 @@ def check_image_file(path: Path) -> None:
     if not complete:
         raise DataError(f"{path}: truncated image (no end-of-image marker)")
     try:
-        image_size(path)
+        return image_size(path)
     except (IndexError, ValueError) as e:
         raise DataError(f"{path}: corrupt image header ({e})") from None
 
@@ -350,9 +645,8 @@ def read_image(path: Path, flags: int = cv2.IMREAD_GRAYSCALE) -> np.ndarray:
     return img
 
 
-@functools.lru_cache(maxsize=4096)
 def image_size(path: Path) -> tuple[int, int]:
-    """(width, height) from the file header, read once per path: every search attempt asks for it."""
+    """(width, height) from the file header (decoding the whole image only when the header is unusual)."""
     with open(path, "rb") as f:
         head = f.read(65536)
     if head[:8] == b"\x89PNG\r\n\x1a\n":
@@ -368,20 +662,22 @@ def image_size(path: Path) -> tuple[int, int]:
 
 
 def block_split(ids: list[int], fraction: float, block_min: int, block_max: int, seed: int) -> list[int]:
-    """Hide blocks of consecutive ids (as the test set hides them), never the first or last id."""
+    """Hide blocks of consecutive ids (as the test set hides them): every block holds block_min to
+    block_max ids, never the first or last id, and a known id separates any two blocks. The count
+    reaches round(fraction x len) or passes it by less than block_min."""
     rng = np.random.default_rng(seed)
     n_target = int(round(fraction * len(ids)))
     hidden: set[int] = set()
     for _ in range(1000):
         if len(hidden) >= n_target:
             break
-        size = int(rng.integers(block_min, block_max + 1))
-        start = int(rng.integers(1, max(2, len(ids) - size)))
-        block = ids[start:start + size]
-        # keep one known frame between blocks so each block stays a separate run
-        if any(i in hidden for i in ids[max(0, start - 1):start + size + 1]):
+        size = max(block_min, min(int(rng.integers(block_min, block_max + 1)), n_target - len(hidden)))
+        if size > len(ids) - 2:
+            break
+        start = int(rng.integers(1, len(ids) - size))
+        if any(i in hidden for i in ids[start - 1:start + size + 1]):
             continue
-        hidden.update(block[:n_target - len(hidden)])
+        hidden.update(ids[start:start + size])
     return sorted(hidden)
 
 
@@ -396,9 +692,9 @@ def reduced_flag(full_side: int, target_side: int) -> int:
     return cv2.IMREAD_GRAYSCALE
 
 
-def load_gray(path: Path, target_side: int) -> np.ndarray:
+def load_gray(path: Path, target_side: int, full_size: tuple[int, int] | None = None) -> np.ndarray:
     """Decode at reduced size where the target allows it, then resize so max side = target_side."""
-    w, h = image_size(path)
+    w, h = full_size or image_size(path)
     img = read_image(path, reduced_flag(max(w, h), target_side))
     scale = target_side / max(img.shape)
     if abs(scale - 1) > 1e-6:
@@ -406,16 +702,48 @@ def load_gray(path: Path, target_side: int) -> np.ndarray:
     return img
 
 
-def preprocess(gray: np.ndarray, p: dict) -> np.ndarray:
+def preprocess(gray: np.ndarray, p: PreprocessSettings) -> np.ndarray:
     """Optional seed-style Canny edge blend; off by default (it kills matches at the true scale)."""
-    if not p["edge_blend"]:
+    if not p.edge_blend:
         return gray
-    edges = cv2.Canny(gray, p["canny_low"], p["canny_high"])
-    edges = cv2.dilate(edges, np.ones((p["edge_kernel"],) * 2, np.uint8))
-    return cv2.addWeighted(gray, p["gray_weight"], edges, p["edge_weight"], 0)
+    edges = cv2.Canny(gray, p.canny_low, p.canny_high)
+    edges = cv2.dilate(edges, np.ones((p.edge_kernel,) * 2, np.uint8))
+    return cv2.addWeighted(gray, p.gray_weight, edges, p.edge_weight, 0)
 
 
-# ----------------------------------------------------------------------------- features/matching
+class FrameDecoder:
+    """Frames decoded at working size: a small explicit cache (a frame's rotation hypotheses share one
+    decode) and one background thread that decodes the next frame while this one is matched
+    (cv2.imread releases the GIL; a 48-megapixel JPG costs about as much as matching it)."""
+
+    def __init__(self, prefetch: bool, keep: int = 4):
+        self.pool = ThreadPoolExecutor(1, thread_name_prefix="uavloc-decode") if prefetch else None
+        self.items: OrderedDict[tuple, np.ndarray | Future] = OrderedDict()
+        self.keep = keep
+
+    def prefetch(self, path: Path, side: int) -> None:
+        if self.pool is not None and (path, side) not in self.items:
+            self._store((path, side), self.pool.submit(load_gray, path, side))
+
+    def get(self, path: Path, side: int) -> np.ndarray:
+        item = self.items.get((path, side))
+        if item is None:
+            item = load_gray(path, side)
+        elif isinstance(item, Future):
+            item = item.result()          # an error in the thread (a corrupt image) is raised here
+        self._store((path, side), item)
+        return item
+
+    def _store(self, key: tuple, item) -> None:
+        self.items[key] = item
+        self.items.move_to_end(key)
+        while len(self.items) > self.keep:
+            self.items.popitem(last=False)
+
+
+# ----------------------------------------------------------------------------- features
+# One small class per backend in one table (BACKENDS), after cvg/LightGlue's table of feature types:
+# each names its weight files, whether it needs torch, and how much map resolution it needs.
 
 @dataclass
 class Features:
@@ -426,28 +754,70 @@ class Features:
     def subset(self, index) -> "Features":
         return Features(self.keypoints[index], self.descriptors[index], self.scores[index])
 
+    def shifted(self, offset) -> "Features":
+        return Features(self.keypoints + np.asarray(offset, np.float32), self.descriptors, self.scores)
 
-# file name in the weights dir -> name kornia expects in torch's hub cache (MANIFEST.md)
-WEIGHT_FILES = {
-    "aliked": {"aliked-n16.pth": "aliked-n16.pth", "aliked_lightglue.pth": "aliked_lightglue_v0-1_arxiv-pth"},
-    "xfeat": {"xfeat.pt": "xfeat.pt", "xfeat-lighterglue.pt": "xfeat-lighterglue.pt"},
-    "superpoint": {"superpoint_v1.pth": "superpoint_v1.pth",
-                   "superpoint_lightglue.pth": "superpoint_lightglue_v0-1_arxiv-pth"},
-    "sift": {},
-}
+    @staticmethod
+    def empty(dim: int) -> "Features":
+        return Features(np.zeros((0, 2), np.float32), np.zeros((0, dim), np.float32), np.zeros(0, np.float32))
+
+    @staticmethod
+    def concatenate(parts: list["Features"]) -> "Features":
+        return Features(*(np.concatenate([getattr(p, a) for p in parts]) for a in ("keypoints", "descriptors", "scores")))
+
+    def save(self, path: Path, **extra) -> None:
+        """An .npz of the arrays and `extra` ones (a view's size, a map's level), written atomically."""
+        atomic_write(path, lambda f: np.savez(f, keypoints=self.keypoints, descriptors=self.descriptors,
+                                              scores=self.scores, **extra))
+
+    @staticmethod
+    def load(path: Path) -> tuple["Features", dict]:
+        with np.load(path) as z:
+            extra = {k: z[k] for k in z.files if k not in ("keypoints", "descriptors", "scores")}
+            return Features(z["keypoints"], z["descriptors"], z["scores"]), extra
 
 
-def find_weight(weights_dir: Path, name: str, cache_name: str) -> Path:
-    import torch
-    hub = Path(torch.hub.get_dir()) / "checkpoints"
-    places = [weights_dir / name, weights_dir / cache_name, hub / cache_name]
+NO_MATCHES = (np.zeros(0, int), np.zeros(0, int), np.zeros(0, np.float32))
+
+
+def find_weight(weights_dir: Path, name: str, hub_name: str) -> Path:
+    """A weight file in the weights folder (under its own name or kornia's), else torch's hub cache."""
+    places = [weights_dir / name, weights_dir / hub_name]
+    torch_home = os.environ.get("TORCH_HOME", os.path.join(os.path.expanduser("~"), ".cache", "torch"))
+    hub = Path(torch_home) / "hub" / "checkpoints" / hub_name
+    if hub not in places:
+        places.append(hub)
     for p in places:
         if p.is_file():
             return p
     raise WeightsError(
-        f"weights file '{name}' not found; looked in: {', '.join(str(p) for p in places)}. "
-        f"Put it in the weights dir (setting run.weights_dir, $UAVLOC_WEIGHTS or --weights); "
-        f"see README 'Weights' (kornia downloads it where a network is available).")
+        f"weights file '{name}' not found; looked in: {', '.join(dict.fromkeys(str(p.parent) for p in places))}. "
+        f"Put it in the weights folder (setting run.weights_dir, $UAVLOC_WEIGHTS or --weights); "
+        f"see README 'Weights' for where to get it.")
+
+
+def load_state(path: Path, backend: str) -> dict:
+    """torch.load of a weights file; anything that does not load is a WeightsError naming the file."""
+    import torch
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:   # torch raises many types for a file that is not a checkpoint
+        raise WeightsError(f"{path}: not a loadable weights file for backend '{backend}' "
+                           f"({type(e).__name__}: {str(e).strip().splitlines()[0][:120]})") from None
+
+
+def load_into(module, state: dict, path: Path, backend: str, strict: bool = True):
+    """load_state_dict, with a wrong layout reported as a WeightsError; returns the module in eval mode."""
+    try:
+        result = module.load_state_dict(state, strict=strict)
+    except Exception as e:   # RuntimeError for shapes, KeyError/TypeError for odd files
+        raise WeightsError(f"weights for backend '{backend}' do not load from {path} (wrong or corrupt "
+                           f"file?): {type(e).__name__}: {str(e).strip().splitlines()[0][:200]}") from None
+    learned = {n for n, _ in module.named_parameters()}
+    if not strict and learned & set(result.missing_keys):
+        raise WeightsError(f"weights for backend '{backend}' do not load from {path}: missing "
+                           f"{sorted(learned & set(result.missing_keys))[:3]} (wrong file?)")
+    return module.eval()
 
 
 def pick_device(name: str):
@@ -459,7 +829,153 @@ def pick_device(name: str):
     return torch.device(name)
 
 
+def import_kornia_feature(wheels: Path):
+    """kornia.feature; where kornia is missing (a Kaggle kernel without internet), install it first
+    from the wheels dataset with pip --no-index, so nothing is downloaded."""
+    try:
+        import kornia.feature as KF
+        return KF
+    except ImportError:
+        pass
+    wheel_files = sorted(wheels.glob("kornia-*.whl")) if wheels.is_dir() else []
+    if not wheel_files:
+        raise WeightsError(f"kornia is not installed and no kornia wheel is in {wheels} (run.wheels_dir); "
+                           f"install it (pip install -r requirements.txt) or attach the uavloc-wheels dataset")
+    cmd = [sys.executable, "-m", "pip", "install", "--no-index", "--find-links", str(wheels), "kornia"]
+    r = subprocess.run(cmd, capture_output=True, text=True)
+    if r.returncode:
+        raise WeightsError(f"offline install of kornia from {wheels} failed: {r.stderr.strip().splitlines()[-1]}")
+    import importlib
+    importlib.invalidate_caches()
+    import kornia.feature as KF
+    return KF
+
+
+class Backend:
+    """Extract features from a gray image and match two feature sets."""
+    name: ClassVar[str]
+    weight_files: ClassVar[dict[str, str]] = {}   # file in the weights folder -> kornia's hub cache name
+    needs_torch: ClassVar[bool] = True
+    # map resolution needed relative to features.map_level: XFeat detects on a 1/8-resolution grid
+    # and needs twice the map pixels of ALIKED to see the same detail
+    map_level_factor: ClassVar[float] = 1.0
+
+    def __init__(self, cfg: FeatureSettings, weights_dir: Path, device_name: str, wheels_dir: Path):
+        self.cfg = cfg
+        self.device = pick_device(device_name) if self.needs_torch else None
+        self.half = cfg.half_precision and self.device is not None and self.device.type == "cuda"
+
+    @classmethod
+    def map_level(cls, cfg: FeatureSettings) -> float:
+        """The resolution the map is matched at, as a fraction of map.png."""
+        return min(1.0, cfg.map_level * cls.map_level_factor)
+
+    @property
+    def device_name(self) -> str:
+        return str(self.device or "cpu")
+
+    def extract(self, image: np.ndarray, max_keypoints: int | None = None) -> Features:
+        """image: uint8 gray (H, W). Keypoints in that image's pixel coordinates."""
+        raise NotImplementedError
+
+    def match(self, f0: Features, size0: tuple[int, int], f1: Features, size1: tuple[int, int],
+              cfg: FeatureSettings):
+        """(idx0, idx1, confidence) of putative matches; sizes are (width, height). `cfg` is the
+        caller's: a tuning trial's thresholds apply though the networks are shared."""
+        raise NotImplementedError
+
+
+class LightGlueBackend(Backend):
+    """A kornia extractor + LightGlue, both loaded from our own weight files: nothing is fetched and no
+    process-wide state (torch's hub folder) is touched."""
+    lightglue_kind: ClassVar[str]
+
+    def __init__(self, cfg, weights_dir, device_name, wheels_dir):
+        super().__init__(cfg, weights_dir, device_name, wheels_dir)
+        KF = import_kornia_feature(Path(wheels_dir))
+        files = {n: find_weight(Path(weights_dir), n, hub) for n, hub in self.weight_files.items()}
+        states = {n: load_state(p, self.name) for n, p in files.items()}   # all checked before building
+        extractor_file, matcher_file = files
+        self.extractor = self.build_extractor(KF, states[extractor_file], files[extractor_file]).to(self.device)
+        self.lightglue = self.build_lightglue(KF, states[matcher_file], files[matcher_file]).to(self.device)
+
+    def build_extractor(self, KF, state: dict, path: Path):
+        raise NotImplementedError
+
+    def build_lightglue(self, KF, state: dict, path: Path):
+        conf = {k: v for k, v in KF.LightGlue.features[self.lightglue_kind].items() if k != "weights"}
+        model = KF.LightGlue(None, **{**conf, "filter_threshold": self.cfg.match_threshold})
+        # released files use older key names: an XFeat file nests them under "matcher.", and
+        # LightGlue v0.1 files name attention layers self_attn.N / cross_attn.N
+        state = {k.removeprefix("matcher."): v for k, v in state.items()}
+        for i in range(model.conf.n_layers):
+            state = {k.replace(f"self_attn.{i}", f"transformers.{i}.self_attn")
+                      .replace(f"cross_attn.{i}", f"transformers.{i}.cross_attn"): v for k, v in state.items()}
+        return load_into(model, state, path, self.name, strict=False)
+
+    def extract(self, image, max_keypoints=None):
+        import torch
+        k = max_keypoints or self.cfg.max_keypoints
+        x = torch.from_numpy(image).to(self.device).float().div(255)[None, None]
+        with torch.inference_mode(), torch.autocast("cuda", torch.float16, enabled=self.half):
+            kp, desc, sc = self.detect(x, k)
+        return Features(kp.float().cpu().numpy(), desc.float().cpu().numpy(), sc.float().cpu().numpy())
+
+    def detect(self, x, k: int):
+        """x: (1, 1, H, W) in [0, 1] -> keypoints (N, 2), descriptors (N, D), scores (N,)."""
+        raise NotImplementedError
+
+    def match(self, f0, size0, f1, size1, cfg):
+        if len(f0.keypoints) < 2 or len(f1.keypoints) < 2:
+            return NO_MATCHES
+        import torch
+        dev = self.device
+
+        def side(f, size):
+            return {"keypoints": torch.from_numpy(f.keypoints).to(dev)[None],
+                    "descriptors": torch.from_numpy(f.descriptors).to(dev)[None],
+                    "image_size": torch.tensor([size], dtype=torch.float32, device=dev)}
+
+        with torch.inference_mode(), torch.autocast("cuda", torch.float16, enabled=self.half):
+            self.lightglue.conf.filter_threshold = cfg.match_threshold   # per call: trials share the network
+            out = self.lightglue({"image0": side(f0, size0), "image1": side(f1, size1)})
+        m = out["matches"][0].cpu().numpy()
+        return m[:, 0], m[:, 1], out["scores"][0].float().cpu().numpy()
+
+
+class AlikedBackend(LightGlueBackend):
+    name = "aliked"
+    weight_files = {"aliked-n16.pth": "aliked-n16.pth", "aliked_lightglue.pth": "aliked_lightglue_v0-1_arxiv-pth"}
+    lightglue_kind = "aliked"
+
+    def build_extractor(self, KF, state, path):
+        model = KF.ALIKED(model_name="aliked-n16", max_num_keypoints=self.cfg.max_keypoints, detection_threshold=0.0)
+        return load_into(model, state, path, self.name, strict=False)   # only a derived buffer is missing
+
+    def detect(self, x, k):
+        self.extractor.max_num_keypoints = k
+        r = self.extractor(x.expand(1, 3, -1, -1))[0]
+        return r.keypoints, r.descriptors, r.keypoint_scores
+
+
+class XFeatBackend(LightGlueBackend):
+    name = "xfeat"
+    weight_files = {"xfeat.pt": "xfeat.pt", "xfeat-lighterglue.pt": "xfeat-lighterglue.pt"}
+    lightglue_kind = "xfeat"
+    map_level_factor = 2.0
+
+    def build_extractor(self, KF, state, path):
+        model = KF.XFeat(top_k=self.cfg.max_keypoints, detection_threshold=0.05)
+        load_into(model.net, state, path, self.name)
+        return model.eval()
+
+    def detect(self, x, k):
+        r = self.extractor.detectAndCompute(x, top_k=k)[0]
+        return r["keypoints"], r["descriptors"], r["scores"]
+
+
 def superpoint_net():
+    """SuperPoint in MagicLeap's layout (their weights are non-commercial: users supply the file)."""
     import torch
     from torch import nn
 
@@ -493,92 +1009,22 @@ def superpoint_net():
     return SuperPoint()
 
 
-class Matcher:
-    """One interface for every backend: extract(image) -> Features; match(f0, size0, f1, size1)."""
+class SuperPointBackend(LightGlueBackend):
+    name = "superpoint"
+    weight_files = {"superpoint_v1.pth": "superpoint_v1.pth",
+                    "superpoint_lightglue.pth": "superpoint_lightglue_v0-1_arxiv-pth"}
+    lightglue_kind = "superpoint"
+    threshold, nms = 0.005, 4          # MagicLeap's detection threshold and NMS radius
 
-    def __init__(self, cfg: dict, weights_dir: Path, device_name: str = "auto", wheels_dir: Path = Path("wheels")):
-        self.backend = cfg["backend"]
-        if self.backend not in WEIGHT_FILES:
-            raise UsageError(f"features.backend must be one of {sorted(WEIGHT_FILES)}, not '{self.backend}'")
-        self.cfg = cfg
-        self.device = pick_device(device_name) if self.backend != "sift" else None
-        self.half = bool(cfg["half_precision"]) and self.device is not None and self.device.type == "cuda"
-        if self.backend == "sift":
-            self.sift = cv2.SIFT_create(nfeatures=0)
-        else:
-            self._load_networks(Path(weights_dir), Path(wheels_dir))
+    def build_extractor(self, KF, state, path):
+        return load_into(superpoint_net(), state, path, self.name)
 
-    def _load_networks(self, weights_dir: Path, wheels_dir: Path) -> None:
-        import torch
-        KF = import_kornia_feature(wheels_dir)
-        files = {name: find_weight(weights_dir, name, cache) for name, cache in WEIGHT_FILES[self.backend].items()}
-        for path in files.values():
-            # kornia re-downloads a cached file it cannot load: check each one here so nothing is fetched
-            try:
-                torch.load(path, map_location="cpu", weights_only=True)
-            except Exception as e:
-                raise WeightsError(f"{path}: not a loadable weights file for backend '{self.backend}' "
-                                   f"({type(e).__name__}: {str(e).strip().splitlines()[0][:120]})") from None
-        # kornia loads from torch's hub cache: stage our files there under its names, in a private dir
-        hub = Path(tempfile.mkdtemp(prefix="uavloc-hub-"))
-        (hub / "checkpoints").mkdir()
-        for name, path in files.items():
-            target = hub / "checkpoints" / WEIGHT_FILES[self.backend][name]
-            try:
-                target.symlink_to(path.resolve())
-            except OSError:
-                target.write_bytes(path.read_bytes())
-        old_hub = torch.hub.get_dir()
-        torch.hub.set_dir(str(hub))
-        try:
-            if self.backend == "aliked":
-                self.extractor = KF.ALIKED.from_pretrained("aliked-n16", max_num_keypoints=self.cfg["max_keypoints"],
-                                                           detection_threshold=0.0)
-                self.lightglue = KF.LightGlue("aliked", filter_threshold=self.cfg["match_threshold"])
-            elif self.backend == "xfeat":
-                self.extractor = KF.XFeat.from_pretrained(top_k=self.cfg["max_keypoints"], detection_threshold=0.05)
-                self.lightglue = KF.LightGlue("xfeat", filter_threshold=self.cfg["match_threshold"])
-            else:
-                self.extractor = superpoint_net()
-                state = torch.load(files["superpoint_v1.pth"], map_location="cpu", weights_only=True)
-                self.extractor.load_state_dict(state)
-                self.lightglue = KF.LightGlue("superpoint", filter_threshold=self.cfg["match_threshold"])
-        except Exception as e:  # torch.load and load_state_dict raise many types for a wrong file
-            names = ", ".join(str(f) for f in files.values())
-            raise WeightsError(f"weights for backend '{self.backend}' do not load from {names} "
-                               f"(wrong or corrupt file?): {type(e).__name__}: {str(e).strip().splitlines()[0][:200]}") \
-                from None
-        finally:
-            torch.hub.set_dir(old_hub)
-        self.extractor = self.extractor.eval().to(self.device)
-        self.lightglue = self.lightglue.eval().to(self.device)
-
-    # --- extraction
-    def extract(self, image: np.ndarray, max_keypoints: int | None = None) -> Features:
-        """image: uint8 gray (H, W). Keypoints in that image's pixel coordinates."""
-        k = max_keypoints or self.cfg["max_keypoints"]
-        if self.backend == "sift":
-            return self._extract_sift(image, k)
-        import torch
-        x = torch.from_numpy(image).to(self.device).float().div(255)[None, None]
-        with torch.inference_mode(), torch.autocast("cuda", torch.float16, enabled=self.half):
-            if self.backend == "aliked":
-                self.extractor.max_num_keypoints = k
-                r = self.extractor(x.expand(1, 3, -1, -1))[0]
-                kp, desc, sc = r.keypoints, r.descriptors, r.keypoint_scores
-            elif self.backend == "xfeat":
-                r = self.extractor.detectAndCompute(x, top_k=k)[0]
-                kp, desc, sc = r["keypoints"], r["descriptors"], r["scores"]
-            else:
-                kp, desc, sc = self._superpoint(x, k)
-        return Features(kp.float().cpu().numpy(), desc.float().cpu().numpy(), sc.float().cpu().numpy())
-
-    def _superpoint(self, x, k, threshold: float = 0.005, nms: int = 4):
+    def detect(self, x, k):
         import torch
         prob, dense = self.extractor(x)
         prob = prob[0]
-        peak = torch.nn.functional.max_pool2d(prob[None], nms * 2 + 1, 1, nms)[0] == prob
-        ys, xs = torch.nonzero(peak & (prob > threshold), as_tuple=True)
+        peak = torch.nn.functional.max_pool2d(prob[None], self.nms * 2 + 1, 1, self.nms)[0] == prob
+        ys, xs = torch.nonzero(peak & (prob > self.threshold), as_tuple=True)
         sc = prob[ys, xs]
         order = torch.argsort(sc, descending=True)[:k]
         kp = torch.stack([xs[order], ys[order]], 1).float()
@@ -587,50 +1033,58 @@ class Matcher:
         desc = torch.nn.functional.grid_sample(dense, grid[None, None], align_corners=False)[0, :, 0].T
         return kp, torch.nn.functional.normalize(desc, dim=1), sc[order]
 
-    def _extract_sift(self, image: np.ndarray, k: int) -> Features:
+
+class SiftBackend(Backend):
+    """OpenCV SIFT with Lowe's ratio test and a mutual check: no weights, no torch."""
+    name = "sift"
+    needs_torch = False
+
+    def __init__(self, cfg, weights_dir, device_name, wheels_dir):
+        super().__init__(cfg, weights_dir, device_name, wheels_dir)
+        self.sift = cv2.SIFT_create(nfeatures=0)
+
+    def extract(self, image, max_keypoints=None):
+        k = max_keypoints or self.cfg.max_keypoints
         kps, desc = self.sift.detectAndCompute(image, None)
         if desc is None or not kps:
-            return Features(np.zeros((0, 2), np.float32), np.zeros((0, 128), np.float32), np.zeros(0, np.float32))
+            return Features.empty(128)
         resp = np.array([p.response for p in kps], np.float32)
         order = np.argsort(-resp, kind="stable")[:k]
         pts = np.array([p.pt for p in kps], np.float32)[order]
         return Features(pts, desc[order].astype(np.float32), resp[order])
 
-    # --- matching
-    def match(self, f0: Features, size0: tuple[int, int], f1: Features, size1: tuple[int, int],
-              threshold: float):
-        """Returns (idx0, idx1, confidence) of putative matches with confidence above `threshold`
-        (LightGlue; SIFT uses its ratio test); sizes are (width, height)."""
+    def match(self, f0, size0, f1, size1, cfg):
         if len(f0.keypoints) < 2 or len(f1.keypoints) < 2:
-            return np.zeros(0, int), np.zeros(0, int), np.zeros(0, np.float32)
-        if self.backend == "sift":
-            return self._match_sift(f0, f1)
-        import torch
-        dev = self.device
-
-        def side(f, size):
-            return {"keypoints": torch.from_numpy(f.keypoints).to(dev)[None],
-                    "descriptors": torch.from_numpy(f.descriptors).to(dev)[None],
-                    "image_size": torch.tensor([size], dtype=torch.float32, device=dev)}
-
-        with torch.inference_mode(), torch.autocast("cuda", torch.float16, enabled=self.half):
-            self.lightglue.conf.filter_threshold = threshold   # per call: tuning trials share one matcher
-            out = self.lightglue({"image0": side(f0, size0), "image1": side(f1, size1)})
-        m = out["matches"][0].cpu().numpy()
-        conf = out["scores"][0].float().cpu().numpy()
-        return m[:, 0], m[:, 1], conf
-
-    def _match_sift(self, f0: Features, f1: Features):
+            return NO_MATCHES
         bf = cv2.BFMatcher(cv2.NORM_L2)
         fwd = bf.knnMatch(f0.descriptors, f1.descriptors, k=2)
         back = {m.queryIdx: m.trainIdx for m in bf.match(f1.descriptors, f0.descriptors)}
         keep = [(a.queryIdx, a.trainIdx, 1 - a.distance / max(b.distance, 1e-6)) for a, b in
                 (p for p in fwd if len(p) == 2)
-                if a.distance < self.cfg["sift_ratio"] * b.distance and back.get(a.trainIdx) == a.queryIdx]
+                if a.distance < cfg.sift_ratio * b.distance and back.get(a.trainIdx) == a.queryIdx]
         if not keep:
-            return np.zeros(0, int), np.zeros(0, int), np.zeros(0, np.float32)
+            return NO_MATCHES
         k = np.array(keep)
         return k[:, 0].astype(int), k[:, 1].astype(int), k[:, 2].astype(np.float32)
+
+
+BACKENDS: dict[str, type[Backend]] = {b.name: b for b in (AlikedBackend, XFeatBackend, SuperPointBackend, SiftBackend)}
+
+
+def backend_class(name: str) -> type[Backend]:
+    if name not in BACKENDS:
+        raise UsageError(f"features.backend must be one of {sorted(BACKENDS)}, not '{name}'")
+    return BACKENDS[name]
+
+
+def build_backend(settings: Settings) -> Backend:
+    cls = backend_class(settings.features.backend)
+    if cls.needs_torch:
+        import torch
+        if settings.run.threads:
+            torch.set_num_threads(settings.run.threads)
+        torch.manual_seed(0)
+    return cls(settings.features, Path(settings.run.weights_dir), settings.run.device, Path(settings.run.wheels_dir))
 
 
 @dataclass
@@ -640,28 +1094,21 @@ class MapFeatures:
     size: tuple[int, int]     # (width, height) at level
     features: Features
 
-    def window(self, x0: float, y0: float, x1: float, y1: float, limit: int) -> tuple[Features, np.ndarray]:
-        """Keypoints inside a window given in map-level px; returns them relative to the window origin."""
+    def window(self, x0: float, y0: float, x1: float, y1: float, limit: int) -> Features:
+        """Keypoints inside a window given in map-level px, relative to the window origin."""
         kp = self.features.keypoints
         inside = np.flatnonzero((kp[:, 0] >= x0) & (kp[:, 0] < x1) & (kp[:, 1] >= y0) & (kp[:, 1] < y1))
         if len(inside) > limit:
             inside = inside[np.argsort(-self.features.scores[inside], kind="stable")[:limit]]
-        sub = self.features.subset(inside)
-        sub.keypoints = sub.keypoints - np.array([x0, y0], np.float32)
-        return sub, inside
+        return self.features.subset(inside).shifted([-x0, -y0])
 
 
-def map_level(cfg: dict) -> float:
-    """The resolution the map is matched at: XFeat detects on a 1/8-resolution grid and needs more pixels."""
-    return cfg["map_level_xfeat"] if cfg["backend"] == "xfeat" else cfg["map_level"]
-
-
-def extract_map_features(map_gray: np.ndarray, matcher: Matcher, cfg: dict) -> MapFeatures:
+def extract_map_features(map_gray: np.ndarray, backend: Backend, cfg: FeatureSettings) -> MapFeatures:
     """Tile the map (with overlap for context), keep each tile's keypoints from its core only."""
-    level = map_level(cfg)
+    level = backend.map_level(cfg)
     img = cv2.resize(map_gray, None, fx=level, fy=level, interpolation=cv2.INTER_AREA) if level != 1 else map_gray
     h, w = img.shape
-    tile, pad = cfg["map_tile"], 32
+    tile, pad = cfg.map_tile, cfg.map_tile_pad
     parts = []
     for y in range(0, h, tile):
         for x in range(0, w, tile):
@@ -669,119 +1116,33 @@ def extract_map_features(map_gray: np.ndarray, matcher: Matcher, cfg: dict) -> M
             crop = img[oy:min(h, y + tile + pad), ox:min(w, x + tile + pad)]
             if crop.std() < 1:          # blank (no-data) area of the map
                 continue
-            f = matcher.extract(crop, cfg["map_keypoints_per_tile"])
-            f.keypoints = f.keypoints + np.array([ox, oy], np.float32)
+            f = backend.extract(crop, cfg.map_keypoints_per_tile).shifted([ox, oy])
             kp = f.keypoints
-            core = (kp[:, 0] >= x) & (kp[:, 0] < x + tile) & (kp[:, 1] >= y) & (kp[:, 1] < y + tile)
-            parts.append(f.subset(core))
+            parts.append(f.subset((kp[:, 0] >= x) & (kp[:, 0] < x + tile) & (kp[:, 1] >= y) & (kp[:, 1] < y + tile)))
     if not parts:
         raise DataError("map.png is blank: no features can be extracted")
-    feats = Features(*(np.concatenate([getattr(p, a) for p in parts]) for a in ("keypoints", "descriptors", "scores")))
-    return MapFeatures(level, (w, h), feats)
+    return MapFeatures(level, (w, h), Features.concatenate(parts))
 
 
-def cached_map_features(map_path: Path, map_gray: np.ndarray, matcher: Matcher, settings: dict,
+def features_key(settings: Settings, backend: Backend) -> dict:
+    """What the extracted features of map and frames depend on: preprocessing, the feature section's
+    extraction values and the device (CUDA half precision gives slightly different features)."""
+    return {"preprocess": settings.preprocess.to_table(), "features": settings.features.extraction_key(),
+            "device": backend.device_name}
+
+
+def cached_map_features(map_path: Path, map_gray: np.ndarray, backend: Backend, settings: Settings,
                         cache_dir: Path) -> tuple[MapFeatures, bool]:
-    """Disk cache keyed by the map file and every setting that changes the map's features."""
+    """Disk cache keyed by the map file and everything the features depend on."""
     stat = map_path.stat()
-    key = digest([str(map_path.resolve()), stat.st_size, stat.st_mtime_ns, settings["preprocess"],
-                  {k: settings["features"][k] for k in ("backend", "map_tile", "map_keypoints_per_tile")},
-                  map_level(settings["features"]),
-                  str(matcher.device or "cpu")], 16)
+    key = digest([str(map_path.resolve()), stat.st_size, stat.st_mtime_ns, features_key(settings, backend)], 16)
     path = cache_dir / f"map_{key}.npz"
     if path.is_file():
-        z = np.load(path)
-        return MapFeatures(float(z["level"]), tuple(int(v) for v in z["size"]),
-                           Features(z["keypoints"], z["descriptors"], z["scores"])), True
-    mf = extract_map_features(preprocess(map_gray, settings["preprocess"]), matcher, settings["features"])
-    cache_dir.mkdir(parents=True, exist_ok=True)
-    tmp = cache_dir / f".map_{key}.tmp.npz"
-    np.savez(tmp, level=mf.level, size=np.array(mf.size), keypoints=mf.features.keypoints,
-             descriptors=mf.features.descriptors, scores=mf.features.scores)
-    os.replace(tmp, path)
+        feats, extra = Features.load(path)
+        return MapFeatures(float(extra["level"]), tuple(int(v) for v in extra["size"]), feats), True
+    mf = extract_map_features(preprocess(map_gray, settings.preprocess), backend, settings.features)
+    mf.features.save(path, level=mf.level, size=np.array(mf.size))
     return mf, False
-
-
-class FrameDecoder:
-    """Frames decoded at working size: a small explicit cache (a frame's rotation hypotheses share one
-    decode) and one background thread that decodes the next frame while this one is matched
-    (cv2.imread releases the GIL; a 48-megapixel JPG costs about as much as matching it)."""
-
-    def __init__(self, prefetch: bool, keep: int = 4):
-        self.pool = ThreadPoolExecutor(1, thread_name_prefix="uavloc-decode") if prefetch else None
-        self.items: OrderedDict[tuple, np.ndarray | Future] = OrderedDict()
-        self.keep = keep
-
-    def prefetch(self, path: Path, side: int) -> None:
-        if self.pool is not None and (path, side) not in self.items:
-            self._store((path, side), self.pool.submit(load_gray, path, side))
-
-    def get(self, path: Path, side: int) -> np.ndarray:
-        item = self.items.get((path, side))
-        if item is None:
-            item = load_gray(path, side)
-        elif isinstance(item, Future):
-            item = item.result()          # an error in the thread (a corrupt image) is raised here
-        self._store((path, side), item)
-        return item
-
-    def _store(self, key: tuple, item) -> None:
-        self.items[key] = item
-        self.items.move_to_end(key)
-        while len(self.items) > self.keep:
-            self.items.popitem(last=False)
-
-
-@dataclass
-class QueryView:
-    """A frame's features at one rotation and scale, in the coordinates of that rotated view."""
-    features: Features
-    size: tuple[int, int]            # (w, h) of the rotated working image
-    to_view: np.ndarray              # original image px -> view px
-
-
-class QueryCache:
-    """Explicit cache of query views: in memory, and on disk under <out>/cache/query/<key>/ so a second
-    run or a tuning trial skips decoding and extraction. The key holds everything that changes the
-    features: the image file (path, size, mtime), rotation, scale, preprocessing and backend."""
-
-    def __init__(self, folder: Path | None, settings: dict, device: str):
-        f = settings["features"]
-        self.folder = folder / digest([settings["preprocess"], f["backend"], device, f["max_keypoints"],
-                                       f["half_precision"]]) if folder else None
-        self.memory: dict[str, QueryView] = {}
-        self.hits = self.misses = 0
-
-    def key(self, path: Path, rotation: float, scale: float) -> str:
-        st = path.stat()
-        return digest([str(path.resolve()), st.st_size, st.st_mtime_ns, round(rotation, 3), round(scale, 6)], 20)
-
-    def _file(self, key: str) -> Path | None:
-        return self.folder / f"{key}.npz" if self.folder is not None else None
-
-    def has(self, key: str) -> bool:
-        return key in self.memory or (self.folder is not None and self._file(key).is_file())
-
-    def get(self, key: str) -> QueryView | None:
-        v = self.memory.get(key)
-        if v is None and self.folder is not None and self._file(key).is_file():
-            z = np.load(self._file(key))
-            v = QueryView(Features(z["keypoints"], z["descriptors"], z["scores"]),
-                          (int(z["size"][0]), int(z["size"][1])), z["to_view"])
-            self.memory[key] = v
-        self.hits += v is not None
-        self.misses += v is None
-        return v
-
-    def put(self, key: str, v: QueryView) -> None:
-        self.memory[key] = v
-        if self.folder is None:
-            return
-        self.folder.mkdir(parents=True, exist_ok=True)
-        tmp = self.folder / f".{key}.tmp.npz"
-        np.savez(tmp, keypoints=v.features.keypoints, descriptors=v.features.descriptors,
-                 scores=v.features.scores, size=np.array(v.size), to_view=v.to_view)
-        os.replace(tmp, self._file(key))
 
 
 # ----------------------------------------------------------------------------- geometry
@@ -855,19 +1216,17 @@ def normalized_offset(uv, frame: Frame) -> np.ndarray:
 
 def nadir_offset(H: np.ndarray, frame: Frame) -> np.ndarray | None:
     """The nadir's image point, as an offset from the principal point in focal units."""
-    K = np.array([[frame.fx, 0, frame.cx], [0, frame.fy, frame.cy], [0, 0, 1.0]])
-    nadir = camera_nadir(H, K)
+    nadir = camera_nadir(H, frame.K)
     if nadir is None:
         return None
     return normalized_offset(project(np.linalg.inv(H), [nadir])[0], frame)
 
 
-def estimate_homography(p0: np.ndarray, p1: np.ndarray, g: dict) -> tuple[np.ndarray | None, np.ndarray]:
+def estimate_homography(p0: np.ndarray, p1: np.ndarray, g: GeometrySettings) -> tuple[np.ndarray | None, np.ndarray]:
     if len(p0) < 4:
         return None, np.zeros(len(p0), bool)
     H, mask = cv2.findHomography(p0.astype(np.float32), p1.astype(np.float32), cv2.USAC_MAGSAC,
-                                 g["ransac_threshold"], maxIters=g["ransac_max_iters"],
-                                 confidence=g["ransac_confidence"])
+                                 g.ransac_threshold, maxIters=g.ransac_max_iters, confidence=g.ransac_confidence)
     if H is None:
         return None, np.zeros(len(p0), bool)
     return H, mask.ravel().astype(bool)
@@ -889,9 +1248,108 @@ def homography_problem(H: np.ndarray, pt, expected_scale: float, max_anisotropy:
     return None
 
 
-# ----------------------------------------------------------------------------- calibration
+# ----------------------------------------------------------------------------- query views
+# A frame as the matcher sees it: decoded near the map's resolution, rotated by a yaw hypothesis,
+# its features extracted once and cached (memory and disk) for every later attempt, run and trial.
 
 @dataclass
+class QueryView:
+    """A frame's features at one rotation and scale, in the coordinates of that rotated view."""
+    features: Features
+    size: tuple[int, int]            # (w, h) of the rotated working image
+    to_view: np.ndarray              # original image px -> view px
+
+
+# keypoints this close (in original px, scaled) to a rotated view's blank corners are detector artefacts
+CANVAS_MARGIN_PX = 4
+
+
+class Stopwatch:
+    """Seconds per pipeline stage (decode, extract, match, ...) of the frame being located."""
+
+    def __init__(self):
+        self.stages: dict[str, float] = {}
+
+    def tick(self, stage: str, t0: float) -> float:
+        t = time.perf_counter()
+        self.stages[stage] = self.stages.get(stage, 0.0) + t - t0
+        return t
+
+
+class QueryViews:
+    """Query views of frames, cached in memory and on disk under <cache>/<features key>/ so a second
+    run or a tuning trial skips decoding and extraction. A view's key holds the image file (path,
+    size, mtime), its rotation and its scale; the folder holds everything else that changes features."""
+
+    def __init__(self, backend: Backend, preprocess_cfg: PreprocessSettings, folder: Path | None,
+                 decoder: FrameDecoder):
+        self.backend = backend
+        self.preprocess_cfg = preprocess_cfg
+        self.folder = folder
+        self.decoder = decoder
+        self.memory: dict[str, QueryView] = {}
+        self.hits = self.misses = 0
+
+    @staticmethod
+    def key(frame: Frame, rotation: float, scale: float) -> str:
+        st = frame.path.stat()
+        return digest([str(frame.path.resolve()), st.st_size, st.st_mtime_ns, round(rotation % 360, 3),
+                       round(scale, 6)], 20)
+
+    def _file(self, key: str) -> Path | None:
+        return self.folder / f"{key}.npz" if self.folder is not None else None
+
+    def cached(self, frame: Frame, rotation: float, scale: float) -> bool:
+        key = self.key(frame, rotation, scale)
+        return key in self.memory or (self.folder is not None and self._file(key).is_file())
+
+    def working_side(self, frame: Frame, scale: float) -> int:
+        return min(self.preprocess_cfg.max_side, max(8, int(round(max(frame.size) * scale))))
+
+    def prefetch(self, frame: Frame, scale: float) -> None:
+        self.decoder.prefetch(frame.path, self.working_side(frame, scale))
+
+    def image(self, frame: Frame, rotation: float, scale: float, clock: Stopwatch) -> tuple[np.ndarray, np.ndarray]:
+        """The frame decoded near `scale` x its size (capped at preprocess.max_side), preprocessed and
+        rotated by `rotation`; returns the image and the homography original px -> its px."""
+        t0 = time.perf_counter()
+        gray = self.decoder.get(frame.path, self.working_side(frame, scale))
+        t0 = clock.tick("decode", t0)
+        img, rot = rotate_image(preprocess(gray, self.preprocess_cfg), rotation)
+        clock.tick("preprocess", t0)
+        return img, rot @ scale_h(gray.shape[1] / frame.width, gray.shape[0] / frame.height)
+
+    def view(self, frame: Frame, rotation: float, scale: float, clock: Stopwatch) -> QueryView:
+        """The frame at `scale` x its size, rotated by `rotation`, with its features (cached)."""
+        key = self.key(frame, rotation, scale)
+        v = self.memory.get(key)
+        if v is None and self.folder is not None and self._file(key).is_file():
+            feats, extra = Features.load(self._file(key))
+            v = self.memory[key] = QueryView(feats, (int(extra["size"][0]), int(extra["size"][1])), extra["to_view"])
+        self.hits += v is not None
+        self.misses += v is None
+        if v is not None:
+            return v
+        img, to_view = self.image(frame, rotation, scale, clock)
+        t0 = time.perf_counter()
+        feats = self.backend.extract(img)
+        if rotation % 90:                  # drop keypoints on the rotated canvas' blank corners
+            orig = project(np.linalg.inv(to_view), feats.keypoints)
+            margin = CANVAS_MARGIN_PX / np.hypot(*to_view[:2, 0])
+            feats = feats.subset(np.all((orig > margin) & (orig < np.array(frame.size) - margin), axis=1))
+        clock.tick("extract", t0)
+        v = self.memory[key] = QueryView(feats, (img.shape[1], img.shape[0]), to_view)
+        if self.folder is not None:
+            feats.save(self._file(key), size=np.array(v.size), to_view=to_view)
+        return v
+
+
+# ----------------------------------------------------------------------------- calibration
+# What the train frames teach: the height model (k: map px per image px x focal length, i.e. the
+# altitude in map px) and the image point of the GPS truth. A Calibration is a value: fitted here,
+# then passed into the search; nothing edits it.
+
+@dataclass(frozen=True)
 class PoseModel:
     """The truth as the camera's nadir, found per frame by decomposing its homography. A homography
     cannot pin the tilt down exactly, so the nadir's image offset is kept within `clip` spreads of
@@ -910,10 +1368,10 @@ class PoseModel:
         return float(o[0]), float(o[1])
 
 
-@dataclass
+@dataclass(frozen=True)
 class Calibration:
-    """Height model (k = map px per image px x fx, i.e. altitude in map px) and the truth's image point:
-    one fixed point (ref_offset), or per frame from its pose (pose) when that fits the train frames better."""
+    """Height model and the truth's image point: one fixed point (ref_offset), or per frame from its
+    pose (pose) when that fits the train frames better."""
     k_ncc: float
     k: float
     k_spread: float
@@ -923,12 +1381,13 @@ class Calibration:
     pose: PoseModel | None = None
 
     @classmethod
-    def from_ncc(cls, k_ncc: float) -> "Calibration":
-        """Before registration: the NCC height model, the image centre as the truth."""
-        return cls(k_ncc, k_ncc, 0.0, (0.0, 0.0), (0.0, 0.0), 0)
+    def seed(cls, k: float, ref_offset: tuple[float, float] = (0.0, 0.0), pose: PoseModel | None = None) -> "Calibration":
+        """Before registration (or without train frames): a height model, the image centre as the truth."""
+        return cls(k, k, 0.0, ref_offset, (0.0, 0.0), 0, pose)
 
     def expected_scale(self, frame: Frame) -> float:
-        return self.k / np.sqrt(frame.fx * frame.fy)
+        """Map px per image px of `frame`."""
+        return self.k / frame.focal
 
     def ref_pixel(self, frame: Frame, H: np.ndarray | None = None) -> tuple[float, float]:
         """The image point of the GPS truth: from the frame's pose where the pose model is in use."""
@@ -936,21 +1395,37 @@ class Calibration:
         o = o or self.ref_offset
         return frame.cx + frame.fx * o[0], frame.cy + frame.fy * o[1]
 
+    def to_json(self) -> str:
+        return json.dumps(dataclasses.asdict(self), indent=1)
 
-def ncc_scale(frame: Frame, map_gray: np.ndarray, cfg: dict) -> tuple[float, float]:
+    @classmethod
+    def from_json(cls, text: str) -> "Calibration":
+        d = json.loads(text)
+        pose = PoseModel(**{k: tuple(v) if isinstance(v, list) else v for k, v in d["pose"].items()}) \
+            if d.get("pose") else None
+        return cls(d["k_ncc"], d["k"], d["k_spread"], tuple(d["ref_offset"]), tuple(d["ref_spread"]),
+                   d["n_registered"], pose)
+
+
+# half-side of the map crop searched per NCC candidate, in frame widths at that candidate's scale:
+# holds the frame at any yaw (half its diagonal is 0.625 of a 4:3 frame's width) plus the lean
+NCC_CROP = 0.9
+
+
+def ncc_scale(frame: Frame, map_gray: np.ndarray, cfg: ScaleSettings) -> tuple[float, float]:
     """Seed's template NCC over log-spaced scale candidates derived from the data, 4 rotations.
     Returns (map px per image px, best NCC)."""
-    w, h = image_size(frame.path)
+    w, h = frame.size
     side = min(map_gray.shape)
-    lo, hi = cfg["ncc_min_footprint"] * side / w, cfg["ncc_max_footprint"] * side / w
-    tw = cfg["ncc_template"]
-    small = load_gray(frame.path, max(tw * 2, 64))
+    lo, hi = cfg.ncc_min_footprint * side / w, cfg.ncc_max_footprint * side / w
+    tw = cfg.ncc_template
+    small = load_gray(frame.path, max(tw * 2, 64), frame.size)
     tmpl = cv2.resize(small, (tw, max(8, int(round(tw * h / w)))), interpolation=cv2.INTER_AREA)
     x, y = frame.truth
     best = (-2.0, np.sqrt(lo * hi))
-    for s in np.geomspace(lo, hi, cfg["ncc_candidates"]):
+    for s in np.geomspace(lo, hi, cfg.ncc_candidates):
         d = tw / (w * s)                          # map px -> template px at this candidate
-        half = 0.9 * max(w, h) * s
+        half = NCC_CROP * max(w, h) * s
         x0, y0 = int(max(0, x - half)), int(max(0, y - half))
         crop = map_gray[y0:int(y + half) + 1, x0:int(x + half) + 1]
         if min(crop.shape) < 8:
@@ -975,14 +1450,89 @@ def robust_center(values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return med, mad
 
 
-# ----------------------------------------------------------------------------- localization
+def height_from_ncc(frames: list[Frame], map_gray: np.ndarray, cfg: ScaleSettings) -> float:
+    """The seed's height model: template NCC of a sample of train frames at their known positions."""
+    sample = frames[:: max(1, len(frames) // cfg.ncc_frames)]
+    ks = np.array([ncc_scale(f, map_gray, cfg)[0] * f.focal for f in sample])
+    return float(robust_center(ks)[0])
 
-@dataclass
+
+def check_map_covers_frames(map_path: Path, map_size: tuple[int, int], frame: Frame, calib: Calibration) -> None:
+    w, h = map_size
+    s = calib.expected_scale(frame)
+    foot = (frame.width * s, frame.height * s)
+    if foot[0] > w or foot[1] > h:
+        raise DataError(f"{map_path}: map ({w}x{h} px) is smaller than one frame's footprint "
+                        f"({foot[0]:.0f}x{foot[1]:.0f} map px at the calibrated height)")
+
+
+def truth_errors(calib: Calibration, matched: list[tuple[Frame, np.ndarray]]) -> np.ndarray:
+    """Map px between each train truth and the prediction `calib` makes from the frame's homography."""
+    return np.array([np.hypot(*(project(H, [calib.ref_pixel(f, H)])[0] - f.truth)) for f, H in matched])
+
+
+def fit_calibration(matched: list[tuple[Frame, np.ndarray]], n_frames: int, k_ncc: float, rs: ReferenceSettings,
+                    log=print) -> Calibration:
+    """Scale model and the truth's image point from train frames registered at their known positions
+    (`matched`: frame and image -> map homography; robust medians). reference.mode auto keeps the pose
+    model only where it predicts the train truths better. A pure function of its arguments."""
+    k, k_spread = k_ncc, 0.0
+    if matched:
+        kk = np.array([homography_scale(H, f.principal_point) * f.focal for f, H in matched])
+        k, k_spread = (float(v) for v in robust_center(kk))
+    calib = Calibration(k_ncc, k, k_spread, (0.0, 0.0), (0.0, 0.0), len(matched))
+    chosen = "centre"
+    if rs.mode != "centre" and len(matched) >= rs.min_frames:
+        truth = np.array([normalized_offset(project(np.linalg.inv(H), [f.truth])[0], f) for f, H in matched])
+        c, spread = robust_center(truth)
+        calib = dataclasses.replace(calib, ref_offset=(float(c[0]), float(c[1])),
+                                    ref_spread=(float(spread[0]), float(spread[1])))
+        chosen = "calibrated"
+        nadirs = [nadir_offset(H, f) for f, H in matched]
+        ok = [i for i, o in enumerate(nadirs) if o is not None]
+        if rs.mode in ("pose", "auto") and len(ok) >= rs.min_frames:
+            on = np.array([nadirs[i] for i in ok])
+            c, spread = robust_center(on)
+            bias = np.median(truth[ok] - on, axis=0)
+            pose = PoseModel(tuple(map(float, c)), tuple(map(float, spread)), tuple(map(float, bias)), rs.pose_clip)
+            err_fixed = truth_errors(calib, matched)
+            err_pose = truth_errors(dataclasses.replace(calib, pose=pose), matched)
+            log(f"reference pixel on the train frames: fixed point median error {np.median(err_fixed):.1f} px, "
+                f"pose nadir {np.median(err_pose):.1f} px")
+            if rs.mode == "pose" or np.median(err_pose) < np.median(err_fixed):
+                calib, chosen = dataclasses.replace(calib, pose=pose), "pose"
+    r, sp = calib.ref_offset, calib.ref_spread
+    log(f"calibration: {len(matched)}/{n_frames} train frames registered; height k (map px x fx / image px): "
+        f"NCC {calib.k_ncc:.1f}, registered {calib.k:.1f} (spread {calib.k_spread:.1f}); reference pixel "
+        f"offset ({r[0]:+.4f}, {r[1]:+.4f}) x f (spread {sp[0]:.4f}, {sp[1]:.4f}); truth predicted by: {chosen}")
+    return calib
+
+
+# ----------------------------------------------------------------------------- localization
+# One frame: match it to the map window around a prior over yaw hypotheses, else to a localized
+# neighbour frame, else widen the search. A run of frames: worked from its known ends, implausible
+# jumps rejected, unmatched frames interpolated.
+
+class Source(str, enum.Enum):
+    """Where a position came from; `trusted` positions anchor their neighbours."""
+    MAP = "map"                      # matched to the map near its prior
+    NEIGHBOUR = "neighbour"          # matched to a localized neighbour frame, homographies composed
+    RELOCALIZED = "relocalized"      # matched to the map by the widening search
+    TRUTH = "truth"                  # a train frame's GPS position
+    UNMATCHED = "unmatched"          # no match yet: the position is the prior
+    INTERPOLATED = "interpolated"    # filled from trusted neighbours (unmatched, rejected or raised)
+
+    @property
+    def trusted(self) -> bool:
+        return self in (Source.MAP, Source.NEIGHBOUR, Source.RELOCALIZED, Source.TRUTH)
+
+
+@dataclass(frozen=True)
 class Estimate:
     id: int
     x: float
     y: float
-    source: str                      # map | neighbour | relocalized | interpolated | anchor | truth
+    source: Source
     H: np.ndarray | None = None      # original image px -> map.png px
     inliers: int = 0
     matches: int = 0
@@ -992,18 +1542,30 @@ class Estimate:
     scale: float = 0.0
     window: tuple = ()
     runtime: float = 0.0
-    stages: dict = field(default_factory=dict)   # seconds per pipeline stage (decode, extract, match, ...)
-    error: str = ""
+    stages: Mapping = field(default_factory=dict)   # seconds per pipeline stage (decode, extract, match, ...)
+    error: str = ""                  # why the best match was not accepted, or why it was rejected
+    raised: str = ""                 # the unexpected exception this frame raised, if any
 
     def row(self) -> dict:
-        return {"id": self.id, "x_pixel": round(self.x, 3), "y_pixel": round(self.y, 3), "source": self.source,
+        return {"id": self.id, "x_pixel": round(self.x, 3), "y_pixel": round(self.y, 3), "source": self.source.value,
                 "anchor_id": self.anchor_id, "anchor_source": self.anchor_source, "matches": self.matches,
                 "inliers": self.inliers, "used_match": self.H is not None,
                 "rotation": self.rotation, "scale": round(self.scale, 5),
                 "crop_w": int(self.window[2] - self.window[0]) if self.window else 0,
                 "crop_h": int(self.window[3] - self.window[1]) if self.window else 0,
-                "runtime_s": round(self.runtime, 3), "error": self.error,
+                "runtime_s": round(self.runtime, 3), "error": self.error, "raised": self.raised,
                 "stages": json.dumps({k: round(v, 5) for k, v in self.stages.items()})}
+
+    def to_record(self) -> dict:
+        d = dataclasses.asdict(self)
+        d.update(source=self.source.value, H=None if self.H is None else self.H.tolist(),
+                 window=[float(v) for v in self.window], stages=dict(self.stages))
+        return d
+
+    @classmethod
+    def from_record(cls, d: dict) -> "Estimate":
+        return cls(**{**d, "source": Source(d["source"]), "H": None if d["H"] is None else np.array(d["H"]),
+                      "window": tuple(d["window"])})
 
 
 @dataclass
@@ -1016,6 +1578,373 @@ class Attempt:
     problem: str = ""
     pairs: tuple = ()                 # (query pts, map pts, inlier mask) for reports
 
+    def better_than(self, other: "Attempt | None") -> bool:
+        return other is None or (self.H is not None, self.inliers) > (other.H is not None, other.inliers)
+
+
+@dataclass(frozen=True)
+class Engine:
+    """What every search shares and no tuning trial changes: the map, its features, the backend and
+    the query views (built once per distinct feature settings)."""
+    map_path: Path
+    map_gray: np.ndarray
+    map_features: MapFeatures
+    backend: Backend
+    views: QueryViews
+
+    @property
+    def map_size(self) -> tuple[int, int]:
+        return self.map_gray.shape[1], self.map_gray.shape[0]
+
+    @property
+    def map_centre(self) -> tuple[float, float]:
+        return self.map_gray.shape[1] / 2, self.map_gray.shape[0] / 2
+
+
+class Search:
+    """Localizes one frame with one calibration and one set of settings: windows, yaw hypotheses,
+    acceptance of a homography, and the widening search after a failure."""
+
+    def __init__(self, engine: Engine, settings: Settings, calib: Calibration):
+        self.engine, self.s, self.calib = engine, settings, calib
+
+    def view_scale(self, frame: Frame) -> float:
+        """Query scale relative to original px, snapped to a log grid so that the features of one frame
+        are reused across calibrations, search attempts and tuning trials."""
+        target = self.calib.expected_scale(frame) * self.engine.map_features.level * self.s.scale.virtual_zoom
+        step = np.log(self.s.features.query_scale_step)
+        return float(np.exp(step * np.round(np.log(target) / step)))
+
+    def view(self, frame: Frame, rotation: float, clock: Stopwatch) -> QueryView:
+        return self.engine.views.view(frame, rotation, self.view_scale(frame), clock)
+
+    def prefetch(self, frame: Frame) -> None:
+        """Start decoding `frame` in the background, unless its features are cached already."""
+        scale = self.view_scale(frame)
+        if not any(self.engine.views.cached(frame, r, scale) for r in self.hypotheses(None)):
+            self.engine.views.prefetch(frame, scale)
+
+    def match_map(self, frame: Frame, rotation: float, centre, radius: float, clock: Stopwatch) -> Attempt:
+        """Match one rotation hypothesis against the map keypoints of a window around `centre`."""
+        scale = self.calib.expected_scale(frame)
+        v = self.view(frame, rotation, clock)
+        t0 = time.perf_counter()
+        mf = self.engine.map_features
+        lv = mf.level
+        half = (0.5 * np.hypot(*frame.size) * scale * self.s.scale.crop_factor + radius) * lv
+        cx, cy = (centre[0] + 0.5) * lv - 0.5, (centre[1] + 0.5) * lv - 0.5
+        x0, y0 = max(0.0, cx - half), max(0.0, cy - half)
+        x1, y1 = min(mf.size[0], cx + half), min(mf.size[1], cy + half)
+        window = (x0 / lv, y0 / lv, x1 / lv, y1 / lv)
+        sub = mf.window(x0, y0, x1, y1, self.s.features.max_map_keypoints)
+        i0, i1, _ = self.engine.backend.match(v.features, v.size, sub, (int(np.ceil(x1 - x0)) + 1,
+                                                                         int(np.ceil(y1 - y0)) + 1), self.s.features)
+        t0 = clock.tick("match", t0)
+        p0, p1 = v.features.keypoints[i0], sub.keypoints[i1]
+        Hv, inl = estimate_homography(p0, p1, self.s.geometry)
+        clock.tick("geometry", t0)
+        attempt = Attempt(None, int(inl.sum()), len(i0), rotation, window, pairs=(p0, p1 + [x0, y0], inl))
+        if Hv is None:
+            attempt.problem = "no homography"
+            return attempt
+        return self.accept(attempt, np.linalg.inv(scale_h(lv, lv)) @ translate_h(x0, y0) @ Hv @ v.to_view, frame)
+
+    def match_neighbour(self, frame: Frame, rotation: float, neighbour: Frame, n_est: Estimate,
+                        clock: Stopwatch) -> Attempt:
+        """Match to a localized neighbour frame (same season and light) and compose its homography."""
+        v = self.view(frame, rotation, clock)
+        nv = self.view(neighbour, n_est.rotation, clock)
+        t0 = time.perf_counter()
+        i0, i1, _ = self.engine.backend.match(v.features, v.size, nv.features, nv.size, self.s.features)
+        t0 = clock.tick("match", t0)
+        p0, p1 = v.features.keypoints[i0], nv.features.keypoints[i1]
+        Hv, inl = estimate_homography(p0, p1, self.s.geometry)
+        clock.tick("geometry", t0)
+        attempt = Attempt(None, int(inl.sum()), len(i0), rotation, ())
+        if Hv is None:
+            attempt.problem = "no homography"
+            return attempt
+        return self.accept(attempt, n_est.H @ np.linalg.inv(nv.to_view) @ Hv @ v.to_view, frame)
+
+    def accept(self, attempt: Attempt, H: np.ndarray, frame: Frame) -> Attempt:
+        """Keep H when it is a plausible nadir view at the expected scale with enough inliers."""
+        g, sc = self.s.geometry, self.s.scale
+        problem = homography_problem(H, frame.principal_point, self.calib.expected_scale(frame), g.max_anisotropy,
+                                     (sc.clip_low, sc.clip_high))
+        if problem is None and attempt.inliers < g.min_inliers:
+            problem = f"{attempt.inliers} inliers < {g.min_inliers}"
+        if problem is None:
+            attempt.H = H
+        attempt.problem = problem or ""
+        return attempt
+
+    def hypotheses(self, yaw_prior: float | None, limit: bool = True) -> list[float]:
+        """Rotation hypotheses (degrees applied to the query), the heading prior's first; `limit`
+        keeps localize.max_hypotheses of them (a relocalization tries them all)."""
+        lz = self.s.localize
+        if lz.rotation_search == "none":
+            return [0.0]
+        grid = [float(a) for a in np.arange(0, 360, lz.rotation_step)]
+        if lz.rotation_search == "all" or yaw_prior is None:
+            return grid
+        want = -yaw_prior
+        dist = lambda a: abs((a - want + 180) % 360 - 180)  # noqa: E731
+        return sorted(grid, key=dist)[:lz.max_hypotheses if limit else None]
+
+    def relocalization_stages(self, frame: Frame, centre, radius: float, area) -> list[list[tuple]]:
+        """Windows (centre, radius) of a widening search, stage by stage: growing radii around the
+        anchor, then tiles over the area the known frames span, then tiles over the whole map."""
+        lz = self.s.localize
+        stages = [[(centre, radius * lz.relocalize_growth ** n)] for n in range(1, lz.relocalize_levels + 1)]
+        reach = np.hypot(*frame.size) * self.calib.expected_scale(frame)     # a footprint's diagonal, map px
+        mw, mh = self.engine.map_size
+        for x0, y0, x1, y1 in ([area] if area is not None else []) + [(0, 0, mw, mh)]:
+            nx, ny = (max(1, int(np.ceil((b - a) / (2 * reach)))) for a, b in ((x0, x1), (y0, y1)))
+            xs = x0 + (np.arange(nx) + 0.5) * (x1 - x0) / nx
+            ys = y0 + (np.arange(ny) + 0.5) * (y1 - y0) / ny
+            tiles = sorted(((float(x), float(y)) for x in xs for y in ys),
+                           key=lambda c: np.hypot(c[0] - centre[0], c[1] - centre[1]))
+            stages.append([(c, reach) for c in tiles])
+        return stages
+
+    def agrees(self, H: np.ndarray, frame: Frame, yaw_prior: float | None) -> bool:
+        """A match whose yaw lands within half a rotation step of the heading prior confirms the
+        prior: the remaining hypotheses need not be tried (a wrong match has a random yaw)."""
+        if yaw_prior is None:
+            return False
+        d = abs((homography_yaw(H, frame.principal_point) - yaw_prior + 180) % 360 - 180)
+        return d <= self.s.localize.rotation_step / 2
+
+    def locate(self, frame: Frame, centre, radius: float, yaw_prior: float | None,
+               neighbour: tuple[Frame, Estimate] | None = None, area=None,
+               widen: bool = True) -> tuple[Estimate, Attempt | None]:
+        """Map match over the rotation hypotheses; then neighbour match; then, with `widen`, a widening
+        search (`area`: x0, y0, x1, y1 map px spanned by the known frames)."""
+        t_start = time.perf_counter()
+        clock = Stopwatch()
+        lz = self.s.localize
+        strong = lz.strong_inliers
+        best: Attempt | None = None
+        source = Source.MAP
+        for rot in self.hypotheses(yaw_prior):
+            a = self.match_map(frame, rot, centre, radius, clock)
+            if a.better_than(best):
+                best = a
+            if best.H is not None and (best.inliers >= strong or self.agrees(best.H, frame, yaw_prior)):
+                break
+        if (best.H is None or best.inliers < strong) and neighbour and lz.neighbour_matching \
+                and neighbour[1].H is not None:
+            a = self.match_neighbour(frame, neighbour[1].rotation, *neighbour, clock)
+            if a.H is not None and (best.H is None or a.inliers > lz.neighbour_advantage * best.inliers):
+                best, source = a, Source.NEIGHBOUR
+        if best.H is None and lz.relocalize and widen:
+            for stage in self.relocalization_stages(frame, centre, radius, area):
+                for c, r, rot in [(c, r, rot) for c, r in stage for rot in self.hypotheses(yaw_prior, limit=False)]:
+                    a = self.match_map(frame, rot, c, r, clock)   # the stage's best, unless one is strong at once
+                    if a.better_than(best):
+                        best, source = a, Source.RELOCALIZED
+                    if a.H is not None and a.inliers >= strong:
+                        break
+                if best.H is not None:
+                    break
+        x, y, H, scale = float(centre[0]), float(centre[1]), None, self.calib.expected_scale(frame)
+        if best.H is not None:
+            x, y = (float(v) for v in project(best.H, [self.calib.ref_pixel(frame, best.H)])[0])
+            H, scale = best.H, homography_scale(best.H, frame.principal_point)
+        est = Estimate(frame.id, x, y, source if H is not None else Source.UNMATCHED, H, best.inliers, best.matches,
+                       best.rotation, scale=scale, window=best.window, runtime=time.perf_counter() - t_start,
+                       stages=dict(clock.stages), error=best.problem)
+        return est, best
+
+
+def locate_guarded(search: Search, frame: Frame, centre, radius: float, yaw, neighbour=None, area=None,
+                   widen: bool = True) -> Estimate:
+    """Search.locate, but a frame that raises an unexpected error is recorded with the error and
+    treated as unmatched so the run goes on; run.strict re-raises instead."""
+    try:
+        return search.locate(frame, centre, radius, yaw, neighbour, area, widen)[0]
+    except UavlocError:
+        raise
+    except Exception as e:
+        if search.s.run.strict:
+            raise FrameError(f"frame {frame.id} ({frame.path}) raised {type(e).__name__}: {e}; "
+                             f"stopped there because of --strict / run.strict") from e
+        return Estimate(frame.id, float(centre[0]), float(centre[1]), Source.UNMATCHED,
+                        raised=f"{type(e).__name__}: {e}")
+
+
+def speed_bound(dataset: Dataset, ids: list[int], margin: float) -> float:
+    """Map px per id the flight can plausibly cover, from the known train positions."""
+    pts = [(i, dataset.frames[i].truth) for i in sorted(ids)]
+    steps = [np.hypot(b[1][0] - a[1][0], b[1][1] - a[1][1]) / (b[0] - a[0]) for a, b in zip(pts, pts[1:])]
+    return margin * float(np.percentile(steps, 95)) if steps else float("inf")
+
+
+def processing_order(targets: list[int], known: list[int], both_ends: bool) -> list[int]:
+    """Both ends: always take the target closest (in ids) to a resolved frame, so a run between
+    two train frames is worked from each end. Else the seed's order: ascending, with the ids
+    below the first known id processed backwards from it."""
+    if not known:
+        return sorted(targets)
+    if not both_ends:
+        first = min(known)
+        return sorted((t for t in targets if t < first), reverse=True) + sorted(t for t in targets if t > first)
+    known_ids = np.array(sorted(known))
+    return sorted(targets, key=lambda i: (int(np.abs(known_ids - i).min()), i))
+
+
+def known_area(resolved: Mapping[int, Estimate], pad: float):
+    """x0, y0, x1, y1 of the positions known so far, padded; None before any is known."""
+    if not resolved:
+        return None
+    xy = np.array([(e.x, e.y) for e in resolved.values()])
+    return (*(xy.min(axis=0) - pad), *(xy.max(axis=0) + pad))
+
+
+def neighbours(i: int, resolved: Mapping[int, Estimate]) -> tuple[int | None, int | None]:
+    before = [j for j in resolved if j < i]
+    after = [j for j in resolved if j > i]
+    return (max(before) if before else None), (min(after) if after else None)
+
+
+def between(i: int, b: int, a: int, known: Mapping[int, Estimate]) -> tuple[float, float]:
+    """The position of id i interpolated linearly in id between known frames b < i < a."""
+    t = (i - b) / (a - b)
+    pb, pa = known[b], known[a]
+    return pb.x + t * (pa.x - pb.x), pb.y + t * (pa.y - pb.y)
+
+
+def prior_for(i: int, resolved: Mapping[int, Estimate], both_ends: bool, map_centre) -> tuple:
+    """(centre, id gap, anchor id): interpolated between the bracketing frames when both ends are used."""
+    b, a = neighbours(i, resolved)
+    if b is None and a is None:
+        return map_centre, 1, None
+    if both_ends and b is not None and a is not None:
+        return between(i, b, a, resolved), min(i - b, a - i), (b if i - b <= a - i else a)
+    if not both_ends:
+        anchor = b if b is not None and (i - 1 in resolved or a is None) else (a if a is not None else b)
+    else:
+        anchor = b if b is not None else a
+    return (resolved[anchor].x, resolved[anchor].y), abs(i - anchor), anchor
+
+
+def localize_sequence(search: Search, dataset: Dataset, known: Mapping[int, Estimate], targets: list[int],
+                      checkpoint: "Checkpoint", phase: str, progress: "Progress | None" = None) -> dict[int, Estimate]:
+    """Localize `targets` from the `known` frames outward; then reject jumps and fill the unmatched."""
+    lz = search.s.localize
+    resolved = dict(known)      # frames with a trusted position, used as anchors
+    done: dict[int, Estimate] = {}
+    map_centre = search.engine.map_centre
+    order = processing_order(targets, list(known), lz.both_ends)
+    for n, i in enumerate(order):
+        frame = dataset.frames[i]
+        est = checkpoint.estimate(phase, i)
+        if est is None:
+            if n + 1 < len(order):
+                search.prefetch(dataset.frames[order[n + 1]])
+            centre, gap, anchor = prior_for(i, resolved, lz.both_ends, map_centre)
+            radius = min(lz.max_radius, lz.search_radius + lz.radius_per_id * max(0, gap - 1))
+            with_h = [j for j in resolved if resolved[j].H is not None]
+            near = min(with_h, key=lambda j: (abs(j - i), j)) if with_h else None
+            yaw = homography_yaw(resolved[near].H, dataset.frames[near].principal_point) if near is not None else None
+            nb = (dataset.frames[near], resolved[near]) if near is not None and abs(near - i) <= lz.neighbour_max_gap \
+                else None
+            est = locate_guarded(search, frame, centre, radius, yaw, nb, known_area(resolved, lz.search_radius))
+            est = dataclasses.replace(est, anchor_id=anchor,
+                                      anchor_source=resolved[anchor].source.value if anchor is not None else "map centre")
+            checkpoint.put_estimate(phase, est)
+        if progress is not None:
+            progress.step()
+        done[i] = est
+        if est.H is not None:
+            resolved[i] = est
+    if progress is not None:
+        progress.close()
+    if lz.sequence_check:
+        done = reject_jumps(done, known, speed_bound(dataset, list(known), lz.speed_margin), lz.jump_slack)
+    done = fill_unmatched(done, known, map_centre)
+    w, h = search.engine.map_size
+    return {i: dataclasses.replace(e, x=float(np.clip(e.x, 0, w - 1)), y=float(np.clip(e.y, 0, h - 1)))
+            for i, e in done.items()}
+
+
+def reject_jumps(done: Mapping[int, Estimate], known: Mapping[int, Estimate], bound: float,
+                 slack: float) -> dict[int, Estimate]:
+    """A matched frame whose position is further from its trusted neighbours' than the speed bound
+    allows for the id gap is rejected (and later filled by interpolation)."""
+    out = dict(done)
+    for i in sorted(out):
+        e = out[i]
+        if e.H is None:
+            continue
+        trusted = {j: v for j, v in {**known, **out}.items() if j != i and v.source.trusted}
+        b, a = neighbours(i, trusted)
+        checks = [(trusted[j], abs(i - j)) for j in (b, a) if j is not None]
+        if checks and all(np.hypot(e.x - n.x, e.y - n.y) > bound * gap + slack for n, gap in checks):
+            out[i] = dataclasses.replace(e, source=Source.INTERPOLATED, H=None,
+                                         error=f"rejected: jump beyond {bound:.0f} px/id")
+    return out
+
+
+def fill_unmatched(done: Mapping[int, Estimate], known: Mapping[int, Estimate], map_centre) -> dict[int, Estimate]:
+    """Interpolate (in id) between the nearest trusted estimates; extrapolate at the ends."""
+    trusted = {j: v for j, v in {**known, **done}.items() if v.source.trusted}
+    ids = sorted(trusted)
+    out = {}
+    for i, e in done.items():
+        if e.source.trusted:
+            out[i] = e
+            continue
+        out[i] = dataclasses.replace(e, source=Source.INTERPOLATED, x=float(map_centre[0]), y=float(map_centre[1]))
+        if not ids:
+            continue
+        b, a = neighbours(i, trusted)
+        if b is not None and a is not None:
+            x, y = between(i, b, a, trusted)
+        else:
+            side = [j for j in ids if (j < i if a is None else j > i)]
+            side = side[-2:] if a is None else side[:2]
+            ref = side[-1] if a is None else side[0]
+            x, y = trusted[ref].x, trusted[ref].y
+            if len(side) == 2:  # extrapolate along the last known motion
+                j0, j1 = side
+                x += (trusted[j1].x - trusted[j0].x) / (j1 - j0) * (i - ref)
+                y += (trusted[j1].y - trusted[j0].y) / (j1 - j0) * (i - ref)
+        out[i] = dataclasses.replace(out[i], x=float(x), y=float(y))
+    return out
+
+
+# ----------------------------------------------------------------------------- metric
+
+THRESHOLDS = (25, 125, 500)
+
+
+def metric(pred: pd.DataFrame, truth: pd.DataFrame) -> dict:
+    """score = 100 * mean(acc@25, acc@125, acc@500); a missing prediction misses every threshold."""
+    m = truth.merge(pred, on="id", how="left", suffixes=("_gt", "_pred"))
+    d = np.hypot(m["x_pixel_pred"] - m["x_pixel_gt"], m["y_pixel_pred"] - m["y_pixel_gt"]).to_numpy(float)
+    d = np.where(np.isfinite(d), d, np.inf)
+    acc = {t: float((d <= t).mean()) if len(d) else 0.0 for t in THRESHOLDS}
+    finite = d[np.isfinite(d)]
+    return {"n": int(len(d)), "mean_px": float(finite.mean()) if len(finite) else float("inf"),
+            "median_px": float(np.median(d)) if len(d) else float("inf"),
+            **{f"acc@{t}": acc[t] for t in THRESHOLDS},
+            "score": 100 * float(np.mean(list(acc.values())))}
+
+
+def format_metric(m: dict) -> str:
+    return (f"n={m['n']} mean={m['mean_px']:.1f}px median={m['median_px']:.1f}px "
+            + " ".join(f"acc@{t}={m[f'acc@{t}']:.3f}" for t in THRESHOLDS) + f" score={m['score']:.2f}")
+
+
+def read_solution(path: Path) -> pd.DataFrame:
+    """A solution (or submission) file: id, x_pixel, y_pixel."""
+    return read_table(Path(path), ["id", "x_pixel", "y_pixel"])
+
+
+# ----------------------------------------------------------------------------- pipeline
+# Register the train frames once, calibrate, validate on hidden blocks of them, localize the test
+# frames, check and write the submission. Every finished frame goes to a checkpoint first.
 
 class Checkpoint:
     """Finished frames, appended as JSON lines while a run goes: a re-run with the same data and
@@ -1053,526 +1982,352 @@ class Checkpoint:
 
     def estimate(self, phase: str, fid: int) -> Estimate | None:
         d = self.get(phase, fid)
-        if d is None:
-            return None
-        return Estimate(**{**d, "H": None if d["H"] is None else np.array(d["H"]), "window": tuple(d["window"])})
+        return None if d is None else Estimate.from_record(d)
 
     def put_estimate(self, phase: str, est: Estimate) -> None:
-        d = dataclasses.asdict(est)
-        d["H"] = None if est.H is None else est.H.tolist()
-        d["window"] = [float(v) for v in est.window]
-        self.put(phase, est.id, d)
+        self.put(phase, est.id, est.to_record())
 
 
-class Localizer:
-    """Everything one frame's localization needs; `locate` is the single code path of every mode."""
-
-    def __init__(self, settings: dict, map_gray: np.ndarray, map_features: MapFeatures, matcher: Matcher,
-                 cache: QueryCache, decoder: FrameDecoder):
-        self.s = settings
-        self.map_gray = map_gray
-        self.mf = map_features
-        self.matcher = matcher
-        self.cache = cache
-        self.decoder = decoder
-        self.calib: Calibration | None = None
-        self.frame_timing: dict[str, float] = {}   # seconds per stage of the frame being located
-
-    def _tick(self, stage: str, t0: float) -> float:
-        t = time.perf_counter()
-        self.frame_timing[stage] = self.frame_timing.get(stage, 0.0) + t - t0
-        return t
-
-    def query_image(self, frame: Frame, rotation: float, target: float) -> tuple[np.ndarray, np.ndarray]:
-        """The frame decoded near `target` x its size (capped at preprocess.max_side), preprocessed and
-        rotated by `rotation`; returns the image and the homography original px -> its px."""
-        t0 = time.perf_counter()
-        w, h = image_size(frame.path)
-        gray = self.decoder.get(frame.path, self.working_side(frame, target))
-        t0 = self._tick("decode", t0)
-        gray = preprocess(gray, self.s["preprocess"])
-        img, rot = rotate_image(gray, rotation)
-        self._tick("preprocess", t0)
-        return img, rot @ scale_h(gray.shape[1] / w, gray.shape[0] / h)
-
-    def working_side(self, frame: Frame, target: float) -> int:
-        w, h = image_size(frame.path)
-        return min(self.s["preprocess"]["max_side"], max(8, int(round(max(w, h) * target))))
-
-    def prefetch(self, frame: Frame) -> None:
-        """Start decoding `frame` in the background, unless its features are cached already."""
-        target = self.view_scale(self.calib.expected_scale(frame))
-        if not any(self.cache.has(self.cache.key(frame.path, r, target)) for r in self.hypotheses(None)):
-            self.decoder.prefetch(frame.path, self.working_side(frame, target))
-
-    def view_scale(self, expected_scale: float) -> float:
-        """Query scale relative to original px, snapped to a log grid so that the features of one frame
-        are reused across calibrations, search attempts and tuning trials."""
-        target = expected_scale * self.mf.level * self.s["scale"]["virtual_zoom"]
-        step = np.log(self.s["features"]["query_scale_step"])
-        return float(np.exp(step * np.round(np.log(target) / step)))
-
-    def view(self, frame: Frame, rotation: float, expected_scale: float) -> QueryView:
-        """The frame scaled to the map level and rotated by `rotation`, with its features (cached)."""
-        target = self.view_scale(expected_scale)
-        key = self.cache.key(frame.path, rotation % 360, target)
-        v = self.cache.get(key)
-        if v is not None:
-            return v
-        img, to_view = self.query_image(frame, rotation, target)
-        t0 = time.perf_counter()
-        feats = self.matcher.extract(img)
-        if rotation % 90:                  # drop keypoints on the rotated canvas' blank corners
-            w, h = image_size(frame.path)
-            orig = project(np.linalg.inv(to_view), feats.keypoints)
-            margin = 4 / np.hypot(*to_view[:2, 0])
-            feats = feats.subset(np.all((orig > margin) & (orig < np.array([w, h]) - margin), axis=1))
-        self._tick("extract", t0)
-        v = QueryView(feats, (img.shape[1], img.shape[0]), to_view)
-        self.cache.put(key, v)
-        return v
-
-    def match_map(self, frame: Frame, rotation: float, centre, radius: float) -> Attempt:
-        """Match one rotation hypothesis against the map keypoints of a window around `centre`."""
-        scale = self.calib.expected_scale(frame)
-        v = self.view(frame, rotation, scale)
-        t0 = time.perf_counter()
-        lv = self.mf.level
-        w, h = image_size(frame.path)
-        half = (0.5 * np.hypot(w, h) * scale * self.s["scale"]["crop_factor"] + radius) * lv
-        cx, cy = (centre[0] + 0.5) * lv - 0.5, (centre[1] + 0.5) * lv - 0.5
-        x0, y0 = max(0.0, cx - half), max(0.0, cy - half)
-        x1, y1 = min(self.mf.size[0], cx + half), min(self.mf.size[1], cy + half)
-        window = (x0 / lv, y0 / lv, x1 / lv, y1 / lv)
-        sub, _ = self.mf.window(x0, y0, x1, y1, self.s["features"]["max_map_keypoints"])
-        i0, i1, _ = self.matcher.match(v.features, v.size, sub, (int(np.ceil(x1 - x0)) + 1, int(np.ceil(y1 - y0)) + 1),
-                                       self.s["features"]["match_threshold"])
-        t0 = self._tick("match", t0)
-        p0, p1 = v.features.keypoints[i0], sub.keypoints[i1]
-        Hv, inl = estimate_homography(p0, p1, self.s["geometry"])
-        self._tick("geometry", t0)
-        attempt = Attempt(None, int(inl.sum()), len(i0), rotation, window, pairs=(p0, p1 + [x0, y0], inl))
-        if Hv is None:
-            attempt.problem = "no homography"
-            return attempt
-        H = np.linalg.inv(scale_h(lv, lv)) @ translate_h(x0, y0) @ Hv @ v.to_view
-        return self._accept(attempt, H, frame, scale)
-
-    def match_neighbour(self, frame: Frame, rotation: float, neighbour: Frame, n_est: Estimate) -> Attempt:
-        """Match to a localized neighbour frame (same season and light) and compose its homography."""
-        scale = self.calib.expected_scale(frame)
-        v = self.view(frame, rotation, scale)
-        nv = self.view(neighbour, n_est.rotation, self.calib.expected_scale(neighbour))
-        t0 = time.perf_counter()
-        i0, i1, _ = self.matcher.match(v.features, v.size, nv.features, nv.size, self.s["features"]["match_threshold"])
-        t0 = self._tick("match", t0)
-        p0, p1 = v.features.keypoints[i0], nv.features.keypoints[i1]
-        Hv, inl = estimate_homography(p0, p1, self.s["geometry"])
-        self._tick("geometry", t0)
-        attempt = Attempt(None, int(inl.sum()), len(i0), rotation, ())
-        if Hv is None:
-            attempt.problem = "no homography"
-            return attempt
-        H = n_est.H @ np.linalg.inv(nv.to_view) @ Hv @ v.to_view
-        return self._accept(attempt, H, frame, scale)
-
-    def _accept(self, attempt: Attempt, H: np.ndarray, frame: Frame, scale: float) -> Attempt:
-        g = self.s["geometry"]
-        sc = self.s["scale"]
-        problem = homography_problem(H, (frame.cx, frame.cy), scale, g["max_anisotropy"],
-                                     (sc["clip_low"], sc["clip_high"]))
-        if problem is None and attempt.inliers < g["min_inliers"]:
-            problem = f"{attempt.inliers} inliers < {g['min_inliers']}"
-        if problem is None:
-            attempt.H = H
-        attempt.problem = problem or ""
-        return attempt
-
-    def hypotheses(self, yaw_prior: float | None, limit: bool = True) -> list[float]:
-        """Rotation hypotheses (degrees applied to the query), the heading prior's first; `limit`
-        keeps localize.max_hypotheses of them (a relocalization tries them all)."""
-        loc = self.s["localize"]
-        step = loc["rotation_step"]
-        if loc["rotation_search"] == "none":
-            return [0.0]
-        grid = [float(a) for a in np.arange(0, 360, step)]
-        if loc["rotation_search"] == "all" or yaw_prior is None:
-            return grid
-        want = -yaw_prior
-        dist = lambda a: abs((a - want + 180) % 360 - 180)  # noqa: E731
-        return sorted(grid, key=dist)[:loc["max_hypotheses"] if limit else None]
-
-    def relocalization_stages(self, frame: Frame, centre, radius: float, area) -> list[list[tuple]]:
-        """Windows (centre, radius) of a widening search, stage by stage: growing radii around the
-        anchor, then tiles over the area the known frames span, then tiles over the whole map."""
-        loc = self.s["localize"]
-        stages = [[(centre, radius * loc["relocalize_growth"] ** n)] for n in range(1, loc["relocalize_levels"] + 1)]
-        w, h = image_size(frame.path)
-        reach = np.hypot(w, h) * self.calib.expected_scale(frame)     # a footprint's diagonal, map px
-        mh, mw = self.map_gray.shape
-        for x0, y0, x1, y1 in ([area] if area is not None else []) + [(0, 0, mw, mh)]:
-            nx, ny = (max(1, int(np.ceil((b - a) / (2 * reach)))) for a, b in ((x0, x1), (y0, y1)))
-            xs = x0 + (np.arange(nx) + 0.5) * (x1 - x0) / nx
-            ys = y0 + (np.arange(ny) + 0.5) * (y1 - y0) / ny
-            tiles = sorted(((float(x), float(y)) for x in xs for y in ys),
-                           key=lambda c: np.hypot(c[0] - centre[0], c[1] - centre[1]))
-            stages.append([(c, reach) for c in tiles])
-        return stages
-
-    def agrees(self, H: np.ndarray, frame: Frame, yaw_prior: float | None) -> bool:
-        """A match whose yaw lands within half a rotation step of the heading prior confirms the
-        prior: the remaining hypotheses need not be tried (a wrong match has a random yaw)."""
-        if yaw_prior is None:
-            return False
-        d = abs((homography_yaw(H, (frame.cx, frame.cy)) - yaw_prior + 180) % 360 - 180)
-        return d <= self.s["localize"]["rotation_step"] / 2
-
-    def locate(self, frame: Frame, centre, radius: float, yaw_prior: float | None,
-               neighbour: tuple[Frame, Estimate] | None = None, area=None,
-               widen: bool = True) -> tuple[Estimate, Attempt | None]:
-        """Map match over the rotation hypotheses; then neighbour match; then, with `widen`, a widening
-        search (`area`: x0, y0, x1, y1 map px spanned by the known frames)."""
-        t_start = time.perf_counter()
-        self.frame_timing = {}
-        loc = self.s["localize"]
-        strong = loc["strong_inliers"]
-        best: Attempt | None = None
-        source = "map"
-        rotations = self.hypotheses(yaw_prior)
-
-        def better(a: Attempt, b: Attempt | None) -> bool:
-            return b is None or (a.H is not None, a.inliers) > (b.H is not None, b.inliers)
-
-        for rot in rotations:
-            a = self.match_map(frame, rot, centre, radius)
-            if better(a, best):
-                best = a
-            if best.H is not None and (best.inliers >= strong or self.agrees(best.H, frame, yaw_prior)):
-                break
-        if (best.H is None or best.inliers < strong) and neighbour and loc["neighbour_matching"] \
-                and neighbour[1].H is not None:
-            a = self.match_neighbour(frame, neighbour[1].rotation, *neighbour)
-            if a.H is not None and (best.H is None or a.inliers > 2 * best.inliers):
-                best, source = a, "neighbour"
-        if best.H is None and loc["relocalize"] and widen:
-            for stage in self.relocalization_stages(frame, centre, radius, area):
-                attempts = [(c, r, rot) for c, r in stage for rot in self.hypotheses(yaw_prior, limit=False)]
-                for c, r, rot in attempts:        # the stage's best match, unless one is strong at once
-                    a = self.match_map(frame, rot, c, r)
-                    if better(a, best):
-                        best, source = a, "relocalized"
-                    if a.H is not None and a.inliers >= strong:
-                        break
-                if best.H is not None:
-                    break
-        est = Estimate(frame.id, float(centre[0]), float(centre[1]), "anchor", rotation=best.rotation,
-                       matches=best.matches, inliers=best.inliers, window=best.window,
-                       scale=self.calib.expected_scale(frame), error=best.problem)
-        if best.H is not None:
-            x, y = project(best.H, [self.calib.ref_pixel(frame, best.H)])[0]
-            est.x, est.y, est.H, est.source = float(x), float(y), best.H, source
-            est.scale = homography_scale(best.H, (frame.cx, frame.cy))
-        est.runtime = time.perf_counter() - t_start
-        est.stages = dict(self.frame_timing)
-        return est, best
+def data_fingerprint(dataset: Dataset) -> str:
+    """The CSVs' contents and every image's name, size and mtime: cheap, and changes with any edit."""
+    h = hashlib.sha1()
+    for name in ("train_data/train_cam.csv", "train_data/train_pos.csv", "test_data/test_cam.csv"):
+        h.update((dataset.root / name).read_bytes())
+    for f in [dataset.map_path] + [fr.path for _, fr in sorted(dataset.frames.items())]:
+        st = f.stat()
+        h.update(f"{f.name} {st.st_size} {st.st_mtime_ns}".encode())
+    return h.hexdigest()[:12]
 
 
-def speed_bound(dataset: Dataset, ids: list[int], margin: float) -> float:
-    """Map px per id the flight can plausibly cover, from the known train positions."""
-    pts = [(i, dataset.frames[i].truth) for i in sorted(ids)]
-    steps = [np.hypot(b[1][0] - a[1][0], b[1][1] - a[1][1]) / (b[0] - a[0]) for a, b in zip(pts, pts[1:])]
-    return margin * float(np.percentile(steps, 95)) if steps else float("inf")
+def open_checkpoint(settings: Settings, dataset: Dataset, out: Path, enabled: bool = True) -> Checkpoint:
+    if not (enabled and settings.run.resume):
+        return Checkpoint(None)
+    tables = settings.to_tables()
+    # the code is part of the key too: an edited uavloc.py never replays results of the old one
+    key = digest([tables[k] for k in RESULT_SECTIONS] + [settings.run.device, digest(MODULE_FILE.read_text())])
+    return Checkpoint(out / "checkpoints" / f"{key}_{data_fingerprint(dataset)}.jsonl", settings.run.fresh)
 
 
-EXCEPTION_PREFIX = "raised "
+def build_engine(settings: Settings, map_path: Path, out: Path, log=print) -> Engine:
+    backend = build_backend(settings)
+    map_gray = read_image(map_path)
+    t0 = time.perf_counter()
+    mf, hit = cached_map_features(map_path, map_gray, backend, settings, out / "cache")
+    log(f"map features: {len(mf.features.keypoints)} keypoints at level {mf.level} "
+        f"({'reused from cache' if hit else 'extracted'}, {time.perf_counter() - t0:.1f}s); "
+        f"backend {backend.name} on {backend.device_name}")
+    folder = out / "cache" / "query" / digest(features_key(settings, backend)) if settings.run.feature_cache else None
+    views = QueryViews(backend, settings.preprocess, folder, FrameDecoder(settings.run.prefetch))
+    return Engine(map_path, map_gray, mf, backend, views)
 
 
-def locate_guarded(loc: Localizer, frame: Frame, centre, radius: float, yaw, neighbour=None, area=None,
-                   widen: bool = True) -> Estimate:
-    """Localizer.locate, but a frame that raises an unexpected error is recorded with the error and
-    treated as unmatched so the run goes on; run.strict re-raises instead."""
-    try:
-        return loc.locate(frame, centre, radius, yaw, neighbour, area, widen)[0]
-    except UavlocError:
-        raise
-    except Exception as e:
-        if loc.s["run"]["strict"]:
-            raise FrameError(f"frame {frame.id} ({frame.path}) raised {type(e).__name__}: {e}; "
-                             f"stopped there because of --strict / run.strict") from e
-        return Estimate(frame.id, float(centre[0]), float(centre[1]), "anchor",
-                        error=f"{EXCEPTION_PREFIX}{type(e).__name__}: {e}")
+@dataclass(frozen=True)
+class Registration:
+    """The train frames registered at their known positions with the NCC height model."""
+    k_ncc: float
+    estimates: Mapping[int, Estimate]      # source TRUTH at the truth; H where the frame matched
+
+    def matched(self, dataset: Dataset, ids: list[int]) -> list[tuple[Frame, np.ndarray]]:
+        return [(dataset.frames[i], self.estimates[i].H) for i in ids if self.estimates[i].H is not None]
+
+    def known(self, ids: list[int]) -> dict[int, Estimate]:
+        return {i: self.estimates[i] for i in ids}
 
 
-def height_from_ncc(loc: Localizer, dataset: Dataset, ids: list[int]) -> float:
-    """The seed's height model: template NCC of a sample of train frames at their known positions."""
-    sample = ids[:: max(1, len(ids) // 20)]
-    ks = np.array([ncc_scale(dataset.frames[i], loc.map_gray, loc.s["scale"])[0] *
-                   np.sqrt(dataset.frames[i].fx * dataset.frames[i].fy) for i in sample])
-    return float(robust_center(ks)[0])
-
-
-def register_train(loc: Localizer, dataset: Dataset, checkpoint: Checkpoint) -> dict[int, Estimate]:
+def register_train(engine: Engine, settings: Settings, dataset: Dataset, checkpoint: Checkpoint,
+                   log=print) -> Registration:
     """Register every train frame at its known position (a narrow search) with the NCC height model.
     Their homographies give the scale model, the truth's image point and rotation priors."""
     ids = dataset.train_ids
-    ncc = checkpoint.get("ncc", 0) or checkpoint.put("ncc", 0, {"k": height_from_ncc(loc, dataset, ids)})
-    loc.calib = Calibration.from_ncc(ncc["k"])
-    check_map_covers_frames(loc, dataset)
+    ncc = checkpoint.get("ncc", 0) or checkpoint.put("ncc", 0, {"k": height_from_ncc(
+        [dataset.frames[i] for i in ids], engine.map_gray, settings.scale)})
+    search = Search(engine, settings, Calibration.seed(ncc["k"]))
+    check_map_covers_frames(dataset.map_path, engine.map_size, dataset.frames[ids[0]], search.calib)
     known: dict[int, Estimate] = {}
     yaw = None
-    for n, i in enumerate(tqdm(ids, desc="register train", disable=None, leave=False)):
+    progress = Progress("register train", len(ids), log)
+    for n, i in enumerate(ids):
         f = dataset.frames[i]
         est = checkpoint.estimate("register", i)
         if est is None:
             if n + 1 < len(ids):
-                loc.prefetch(dataset.frames[ids[n + 1]])
+                search.prefetch(dataset.frames[ids[n + 1]])
             # the position is known: a frame that does not match there is not searched for elsewhere
-            est = locate_guarded(loc, f, f.truth, loc.s["localize"]["search_radius"], yaw, widen=False)
+            est = locate_guarded(search, f, f.truth, settings.localize.search_radius, yaw, widen=False)
             checkpoint.put_estimate("register", est)
+        progress.step()
         if est.H is not None:
-            yaw = homography_yaw(est.H, (f.cx, f.cy))
-        known[i] = dataclasses.replace(est, x=f.truth[0], y=f.truth[1], source="truth")
-    return known
+            yaw = homography_yaw(est.H, f.principal_point)
+        known[i] = dataclasses.replace(est, x=f.truth[0], y=f.truth[1], source=Source.TRUTH)
+    progress.close()
+    return Registration(ncc["k"], types.MappingProxyType(known))
 
 
-def check_map_covers_frames(loc: Localizer, dataset: Dataset) -> None:
-    h, w = loc.map_gray.shape
-    f = dataset.frames[dataset.train_ids[0]]
-    fw, fh = image_size(f.path)
-    foot = (fw * loc.calib.expected_scale(f), fh * loc.calib.expected_scale(f))
-    if foot[0] > w or foot[1] > h:
-        raise DataError(f"{dataset.map_path}: map ({w}x{h} px) is smaller than one frame's footprint "
-                        f"({foot[0]:.0f}x{foot[1]:.0f} map px at the calibrated height)")
+class Progress:
+    """A bar on a terminal; elsewhere (Kaggle, CI, nohup, where tqdm hides itself) a log line every
+    PROGRESS_EVERY frames or PROGRESS_SECONDS seconds: done/total, frames per second and the ETA."""
+
+    def __init__(self, phase: str, total: int, log=print):
+        self.phase, self.total, self.log = phase, total, log
+        self.done, self.t0 = 0, time.perf_counter()
+        self.last = self.t0
+        self.bar = tqdm(total=total, desc=phase, leave=False) if sys.stderr.isatty() else None
+
+    def step(self) -> None:
+        self.done += 1
+        if self.bar is not None:
+            self.bar.update(1)
+            return
+        now = time.perf_counter()
+        if self.done == self.total or self.done % PROGRESS_EVERY == 0 or now - self.last >= PROGRESS_SECONDS:
+            self.last = now
+            rate = self.done / max(now - self.t0, 1e-9)
+            eta = (self.total - self.done) / rate if rate > 0 else float("inf")
+            self.log(f"progress: {self.phase} {self.done}/{self.total} frames, {rate:.2f} frames/s, "
+                     f"ETA {eta:.0f} s")
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
 
 
-def fit_calibration(loc: Localizer, dataset: Dataset, registered: dict[int, Estimate], ids: list[int],
-                    log=print) -> Calibration:
-    """Scale model and the truth's image point from the registered frames among `ids` (robust medians).
-    reference.mode auto keeps the pose model only where it predicts the train truths better."""
-    rs = loc.s["reference"]
-    reg = [registered[i] for i in ids if registered[i].H is not None]
-    fr = [dataset.frames[e.id] for e in reg]
-    calib = Calibration(loc.calib.k_ncc, loc.calib.k_ncc, 0.0, (0.0, 0.0), (0.0, 0.0), len(reg))
-    if reg:
-        kk = np.array([homography_scale(e.H, (f.cx, f.cy)) * np.sqrt(f.fx * f.fy) for e, f in zip(reg, fr)])
-        calib.k, calib.k_spread = (float(v) for v in robust_center(kk))
-    chosen = "centre"
-    if rs["mode"] != "centre" and len(reg) >= rs["min_frames"]:
-        truth = np.array([normalized_offset(project(np.linalg.inv(e.H), [f.truth])[0], f) for e, f in zip(reg, fr)])
-        c, spread = robust_center(truth)
-        calib.ref_offset, calib.ref_spread = (float(c[0]), float(c[1])), (float(spread[0]), float(spread[1]))
-        chosen = "calibrated"
-        nadirs = [nadir_offset(e.H, f) for e, f in zip(reg, fr)]
-        ok = [i for i, o in enumerate(nadirs) if o is not None]
-        if rs["mode"] in ("pose", "auto") and len(ok) >= rs["min_frames"]:
-            on = np.array([nadirs[i] for i in ok])
-            c, spread = robust_center(on)
-            bias = np.median(truth[ok] - on, axis=0)
-            pose = PoseModel(tuple(map(float, c)), tuple(map(float, spread)), tuple(map(float, bias)), rs["pose_clip"])
-            err_fixed = truth_errors(calib, reg, fr)
-            err_pose = truth_errors(dataclasses.replace(calib, pose=pose), reg, fr)
-            log(f"reference pixel on the train frames: fixed point median error {np.median(err_fixed):.1f} px, "
-                f"pose nadir {np.median(err_pose):.1f} px")
-            if rs["mode"] == "pose" or np.median(err_pose) < np.median(err_fixed):
-                calib.pose, chosen = pose, "pose"
-    loc.calib = calib
-    r, sp = calib.ref_offset, calib.ref_spread
-    log(f"calibration: {len(reg)}/{len(ids)} train frames registered; height k (map px x fx / image px): "
-        f"NCC {calib.k_ncc:.1f}, registered {calib.k:.1f} (spread {calib.k_spread:.1f}); reference pixel "
-        f"offset ({r[0]:+.4f}, {r[1]:+.4f}) x f (spread {sp[0]:.4f}, {sp[1]:.4f}); truth predicted by: {chosen}")
-    return calib
+PROGRESS_EVERY, PROGRESS_SECONDS = 25, 30.0
 
 
-def truth_errors(calib: Calibration, reg: list[Estimate], frames: list[Frame]) -> np.ndarray:
-    return np.array([np.hypot(*(project(e.H, [calib.ref_pixel(f, e.H)])[0] - f.truth)) for e, f in zip(reg, frames)])
+def predictions_frame(est: Mapping[int, Estimate], dataset: Dataset) -> pd.DataFrame:
+    df = pd.DataFrame([e.row() for _, e in sorted(est.items())])
+    truth = [dataset.frames[i].truth for i in df["id"]]
+    if all(t is not None for t in truth) and len(truth):
+        df["x_truth"], df["y_truth"] = [t[0] for t in truth], [t[1] for t in truth]
+        df["error_px"] = np.hypot(df.x_pixel - df.x_truth, df.y_pixel - df.y_truth).round(2)
+    return df
 
 
-def processing_order(targets: list[int], known: list[int], both_ends: bool) -> list[int]:
-    """Both ends: always take the target closest (in ids) to a resolved frame, so a run between
-    two train frames is worked from each end. Else the seed's order: ascending, with the ids
-    below the first known id processed backwards from it."""
-    if not known:
-        return sorted(targets)
-    if not both_ends:
-        first = min(known)
-        return sorted((t for t in targets if t < first), reverse=True) + sorted(t for t in targets if t > first)
-    known_ids = np.array(sorted(known))
-    return sorted(targets, key=lambda i: (int(np.abs(known_ids - i).min()), i))
+def write_csv(df: pd.DataFrame, path: Path) -> Path:
+    return atomic_write(path, df.to_csv(index=False))
 
 
-def known_area(resolved: dict[int, Estimate], pad: float):
-    """x0, y0, x1, y1 of the positions known so far, padded; None before any is known."""
-    if not resolved:
-        return None
-    xy = np.array([(e.x, e.y) for e in resolved.values()])
-    return (*(xy.min(axis=0) - pad), *(xy.max(axis=0) + pad))
+def validate_submission(sub: pd.DataFrame, dataset: Dataset, map_size: tuple[int, int]) -> None:
+    ids = dataset.test_ids
+    if sorted(sub["id"].tolist()) != ids:
+        raise UavlocError("internal error: the submission does not hold every test id exactly once")
+    xy = sub[["x_pixel", "y_pixel"]].to_numpy(float)
+    w, h = map_size
+    if not np.all(np.isfinite(xy)) or (xy < 0).any() or (xy[:, 0] > w).any() or (xy[:, 1] > h).any():
+        raise UavlocError("internal error: the submission has a non-finite or off-map position")
 
 
-def neighbours(i: int, resolved: dict[int, Estimate]) -> tuple[int | None, int | None]:
-    before = [j for j in resolved if j < i]
-    after = [j for j in resolved if j > i]
-    return (max(before) if before else None), (min(after) if after else None)
+def truth_table(dataset: Dataset, ids: list[int]) -> pd.DataFrame:
+    """id, x_pixel, y_pixel of train frames, in the submission's columns, for the metric."""
+    return pd.DataFrame([(i, *dataset.frames[i].truth) for i in ids], columns=["id", "x_pixel", "y_pixel"])
 
 
-def prior_for(i: int, resolved: dict[int, Estimate], both_ends: bool, map_centre) -> tuple:
-    """(centre, id gap, anchor id): interpolated between the bracketing frames when both ends are used."""
-    b, a = neighbours(i, resolved)
-    if b is None and a is None:
-        return map_centre, 1, None
-    if both_ends and b is not None and a is not None:
-        t = (i - b) / (a - b)
-        pb, pa = resolved[b], resolved[a]
-        centre = (pb.x + t * (pa.x - pb.x), pb.y + t * (pa.y - pb.y))
-        return centre, min(i - b, a - i), (b if i - b <= a - i else a)
-    if not both_ends:
-        anchor = b if b is not None and (i - 1 in resolved or a is None) else (a if a is not None else b)
-    else:
-        anchor = b if b is not None else a
-    return (resolved[anchor].x, resolved[anchor].y), abs(i - anchor), anchor
+def run_validation(engine: Engine, settings: Settings, dataset: Dataset, reg: Registration, checkpoint: Checkpoint,
+                   out: Path, log=print) -> pd.DataFrame:
+    """Hide blocks of train frames, calibrate on the rest, localize the hidden ones and score them."""
+    sp = settings.split
+    train = dataset.train_ids
+    val_ids = block_split(train, sp.val_fraction, sp.block_min, sp.block_max, sp.seed)
+    fit_ids = [i for i in train if i not in val_ids]
+    calib = fit_calibration(reg.matched(dataset, fit_ids), len(fit_ids), reg.k_ncc, settings.reference, log)
+    est = localize_sequence(Search(engine, settings, calib), dataset, reg.known(fit_ids), val_ids, checkpoint,
+                            "validation", Progress("validation", len(val_ids), log))
+    df = predictions_frame(est, dataset)
+    m = metric(df[["id", "x_pixel", "y_pixel"]], truth_table(dataset, val_ids))
+    write_csv(df, out / "val_predictions.csv")
+    log(f"validation ({len(val_ids)} hidden train frames in blocks, {len(fit_ids)} known): {format_metric(m)}")
+    atomic_write(out / "val_metric.json", json.dumps(m, indent=1))
+    return df
 
 
-def localize_sequence(loc: Localizer, dataset: Dataset, known: dict[int, Estimate], targets: list[int],
-                      checkpoint: Checkpoint, phase: str) -> dict[int, Estimate]:
-    lz = loc.s["localize"]
-    resolved = dict(known)      # frames with a trusted position, used as anchors
-    done: dict[int, Estimate] = {}
-    map_centre = (loc.map_gray.shape[1] / 2, loc.map_gray.shape[0] / 2)
-    order = processing_order(targets, list(known), lz["both_ends"])
-    for n, i in enumerate(tqdm(order, desc=phase, disable=None, leave=False)):
-        frame = dataset.frames[i]
-        est = checkpoint.estimate(phase, i)
-        if est is None:
-            if n + 1 < len(order):
-                loc.prefetch(dataset.frames[order[n + 1]])
-            centre, gap, anchor = prior_for(i, resolved, lz["both_ends"], map_centre)
-            radius = min(lz["max_radius"], lz["search_radius"] + lz["radius_per_id"] * max(0, gap - 1))
-            with_h = [j for j in resolved if resolved[j].H is not None]
-            near = min(with_h, key=lambda j: (abs(j - i), j)) if with_h else None
-            yaw = homography_yaw(resolved[near].H, (dataset.frames[near].cx, dataset.frames[near].cy)) \
-                if near is not None else None
-            nb = (dataset.frames[near], resolved[near]) if near is not None and abs(near - i) <= 2 else None
-            est = locate_guarded(loc, frame, centre, radius, yaw, nb, known_area(resolved, lz["search_radius"]))
-            est.anchor_id = anchor
-            est.anchor_source = resolved[anchor].source if anchor is not None else "map centre"
-            checkpoint.put_estimate(phase, est)
-        done[i] = est
-        if est.H is not None:
-            resolved[i] = est
-    if lz["sequence_check"]:
-        bound = speed_bound(dataset, [j for j in known], lz["speed_margin"])
-        reject_jumps(done, known, bound, lz["jump_slack"])
-    fill_unmatched(done, known, map_centre)
-    h, w = loc.map_gray.shape
-    for e in done.values():
-        e.x, e.y = float(np.clip(e.x, 0, w - 1)), float(np.clip(e.y, 0, h - 1))
-    return done
+def run_test(engine: Engine, settings: Settings, dataset: Dataset, reg: Registration, checkpoint: Checkpoint,
+             out: Path, log=print) -> pd.DataFrame:
+    """Calibrate on every train frame, localize the test frames, check and write the submission."""
+    train = dataset.train_ids
+    calib = fit_calibration(reg.matched(dataset, train), len(train), reg.k_ncc, settings.reference, log)
+    atomic_write(out / "calibration.json", calib.to_json())
+    est = localize_sequence(Search(engine, settings, calib), dataset, reg.estimates, dataset.test_ids, checkpoint,
+                            "test", Progress("test", len(dataset.test_ids), log))
+    df = predictions_frame(est, dataset)
+    sub = df[["id", "x_pixel", "y_pixel"]].sort_values("id")
+    validate_submission(sub, dataset, engine.map_size)    # before anything is written
+    write_csv(df, out / "test_predictions.csv")
+    write_csv(sub, out / "submission.csv")
+    log(f"submission: {len(sub)} test frames -> {out / 'submission.csv'} (sources: {df['source'].value_counts().to_dict()})")
+    return df
 
 
-def reject_jumps(done: dict[int, Estimate], known: dict[int, Estimate], bound: float, slack: float) -> None:
-    """A matched frame whose position is further from its trusted neighbours' than the speed bound
-    allows for the id gap is rejected (and later filled by interpolation)."""
-    for i in sorted(done):
-        e = done[i]
-        if e.H is None:
+@dataclass(frozen=True)
+class RunResult:
+    out: Path
+    submission: Path | None
+    setup_s: Mapping[str, float]          # one-off costs: map features, registration, validation
+    test_stages: tuple[dict, ...]         # per test frame: seconds per stage
+
+
+def run_pipeline(settings: Settings, data: Path, out: Path, validate: bool, test: bool, checkpoints: bool = True,
+                 log=print) -> RunResult:
+    """Register the train frames once, optionally validate, optionally localize the test frames."""
+    dataset = load_dataset(data)
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write(out / "settings_used.toml", dump_toml(settings.to_tables()))
+    setup: dict[str, float] = {}
+    t0 = time.perf_counter()
+    engine = build_engine(settings, dataset.map_path, out, log)
+    t0 = tick(setup, "map features and networks", t0)
+    checkpoint = open_checkpoint(settings, dataset, out, checkpoints)
+    reg = register_train(engine, settings, dataset, checkpoint, log)
+    t0 = tick(setup, f"registration of {len(reg.estimates)} train frames", t0)
+    val = run_validation(engine, settings, dataset, reg, checkpoint, out, log) if validate else None
+    t0 = tick(setup, "validation", t0)
+    tst = run_test(engine, settings, dataset, reg, checkpoint, out, log) if test else None
+    if settings.report.enabled:
+        write_reports(engine, settings, dataset, reg, out, val, tst)
+    frames = [e for df in (val, tst) if df is not None for e in df.itertuples()]
+    failed = [(int(e.id), e.raised) for e in frames if isinstance(e.raised, str) and e.raised]
+    write_csv(pd.DataFrame(failed, columns=["id", "error"]), out / "failed_frames.csv")
+    if failed:
+        log(f"{len(failed)} frame(s) raised and were filled like unmatched frames: "
+            f"{', '.join(str(i) for i, _ in failed)} (see {out / 'failed_frames.csv'}; --strict stops instead)")
+    if checkpoint.path is not None:
+        log(f"checkpoint: {checkpoint.replayed} results replayed from {checkpoint.path}")
+    log(f"query feature cache: {engine.views.hits} hits, {engine.views.misses} extracted")
+    stages = tuple(json.loads(s) for s in tst["stages"]) if tst is not None else ()
+    return RunResult(out, out / "submission.csv" if tst is not None else None, types.MappingProxyType(setup), stages)
+
+
+def tick(times: dict, name: str, t0: float) -> float:
+    t = time.perf_counter()
+    times[name] = t - t0
+    return t
+
+
+# ----------------------------------------------------------------------------- reports
+
+SOURCE_COLOURS = {Source.MAP.value: "tab:green", Source.NEIGHBOUR.value: "tab:cyan",
+                  Source.RELOCALIZED.value: "tab:orange", Source.INTERPOLATED.value: "tab:red",
+                  Source.UNMATCHED.value: "tab:purple"}
+
+
+def plt_agg():
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    return plt
+
+
+def save_figure(fig, path: Path) -> None:
+    atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=110, bbox_inches="tight"))
+    plt_agg().close(fig)
+
+
+def plot_overview(map_gray: np.ndarray, dataset: Dataset, val: pd.DataFrame | None, test: pd.DataFrame | None,
+                  path: Path) -> None:
+    plt = plt_agg()
+    h, w = map_gray.shape
+    fig, ax = plt.subplots(figsize=(10, 10 * h / w))
+    ax.imshow(map_gray, cmap="gray")
+    tr = np.array([dataset.frames[i].truth for i in dataset.train_ids])
+    ax.scatter(tr[:, 0], tr[:, 1], s=8, c="white", edgecolors="k", linewidths=0.3, label="train")
+    for df, marker, name in ((val, "o", "validation"), (test, "^", "test")):
+        if df is None or df.empty:
             continue
-        trusted = {j: v for j, v in {**known, **done}.items() if j != i and (v.H is not None or v.source == "truth")
-                   and v.source != "interpolated"}
-        b, a = neighbours(i, trusted)
-        checks = [(trusted[j], abs(i - j)) for j in (b, a) if j is not None]
-        if checks and all(np.hypot(e.x - n.x, e.y - n.y) > bound * gap + slack for n, gap in checks):
-            e.source, e.error = "interpolated", f"rejected: jump beyond {bound:.0f} px/id"
-            e.H = None
+        for src, g in df.groupby("source"):
+            ax.scatter(g.x_pixel, g.y_pixel, s=18, marker=marker, c=SOURCE_COLOURS.get(src, "k"),
+                       label=f"{name}: {src}")
+        if "x_truth" in df:
+            for r in df.itertuples():
+                ax.plot([r.x_truth, r.x_pixel], [r.y_truth, r.y_pixel], "y-", lw=0.8)
+    ax.legend(fontsize=7, loc="best")
+    ax.set_title("uavloc: train positions, validation (truth-prediction lines) and test predictions")
+    save_figure(fig, path)
 
 
-def fill_unmatched(done: dict[int, Estimate], known: dict[int, Estimate], map_centre) -> None:
-    """Interpolate (in id) between the nearest trusted estimates; extrapolate at the ends."""
-    trusted = {j: v for j, v in {**known, **done}.items() if v.H is not None or v.source == "truth"}
-    ids = sorted(trusted)
-    for i, e in done.items():
-        if e.H is not None:
-            continue
-        e.source = "interpolated"
-        if not ids:
-            e.x, e.y = map_centre
-            continue
-        b, a = neighbours(i, trusted)
-        if b is not None and a is not None:
-            t = (i - b) / (a - b)
-            e.x = trusted[b].x + t * (trusted[a].x - trusted[b].x)
-            e.y = trusted[b].y + t * (trusted[a].y - trusted[b].y)
-            continue
-        side = [j for j in ids if (j < i if a is None else j > i)]
-        side = side[-2:] if a is None else side[:2]
-        p = trusted[side[-1] if a is None else side[0]]
-        e.x, e.y = p.x, p.y
-        if len(side) == 2:  # extrapolate along the last known motion
-            j0, j1 = side
-            v = ((trusted[j1].x - trusted[j0].x) / (j1 - j0), (trusted[j1].y - trusted[j0].y) / (j1 - j0))
-            ref = side[-1] if a is None else side[0]
-            e.x, e.y = trusted[ref].x + v[0] * (i - ref), trusted[ref].y + v[1] * (i - ref)
+def plot_matches(map_gray: np.ndarray, query: np.ndarray, attempt: Attempt, est: Estimate, level: float,
+                 path: Path, truth=None) -> None:
+    """Query view and map window side by side; inliers green, outliers red."""
+    plt = plt_agg()
+    from matplotlib.patches import ConnectionPatch
+    p0, p1, inl = attempt.pairs
+    x0, y0, x1, y1 = (int(v) for v in attempt.window)
+    fig, ax = plt.subplots(1, 2, figsize=(12, 6))
+    ax[0].imshow(query, cmap="gray")
+    ax[1].imshow(map_gray[y0:y1, x0:x1], cmap="gray", extent=(x0, x1, y1, y0))
+    for a, b, ok in zip(p0, (p1 + 0.5) / level - 0.5, inl):
+        fig.add_artist(ConnectionPatch(a, b, "data", "data", axesA=ax[0], axesB=ax[1],
+                                       color="g" if ok else "r", lw=0.4, alpha=0.6))
+    ax[1].plot(est.x, est.y, "c*", ms=14, label="prediction")
+    ax[1].plot((x0 + x1) / 2, (y0 + y1) / 2, "m+", ms=14, label="window centre (anchor)")
+    if truth is not None:
+        ax[1].plot(*truth, "yo", ms=8, label="truth")
+    ax[1].legend(fontsize=7)
+    fig.suptitle(f"frame {est.id}: {attempt.matches} matches, {attempt.inliers} inliers, rotation "
+                 f"{attempt.rotation:.0f} deg, source {est.source.value}")
+    save_figure(fig, path)
 
 
-# ----------------------------------------------------------------------------- metric
-
-THRESHOLDS = (25, 125, 500)
-
-
-def metric(pred: pd.DataFrame, truth: pd.DataFrame) -> dict:
-    """score = 100 * mean(acc@25, acc@125, acc@500); a missing prediction misses every threshold."""
-    m = truth.merge(pred, on="id", how="left", suffixes=("_gt", "_pred"))
-    d = np.hypot(m["x_pixel_pred"] - m["x_pixel_gt"], m["y_pixel_pred"] - m["y_pixel_gt"]).to_numpy(float)
-    d = np.where(np.isfinite(d), d, np.inf)
-    acc = {t: float((d <= t).mean()) if len(d) else 0.0 for t in THRESHOLDS}
-    finite = d[np.isfinite(d)]
-    return {"n": int(len(d)), "mean_px": float(finite.mean()) if len(finite) else float("inf"),
-            "median_px": float(np.median(d)) if len(d) else float("inf"),
-            **{f"acc@{t}": acc[t] for t in THRESHOLDS},
-            "score": 100 * float(np.mean(list(acc.values())))}
+def report_frame(search: Search, dataset: Dataset, fid: int, out: Path, prior=None) -> Path:
+    """Re-run one frame's map match near its prior (its truth for a train frame) and draw it."""
+    f = dataset.frames[fid]
+    centre = prior or f.truth or search.engine.map_centre
+    est, attempt = search.locate(f, centre, search.s.localize.search_radius, None)
+    path = out / "report" / f"matches_{fid}.png"
+    if attempt is not None and attempt.pairs:
+        query, _ = search.engine.views.image(f, attempt.rotation, search.view_scale(f), Stopwatch())
+        plot_matches(search.engine.map_gray, query, attempt, est, search.engine.map_features.level, path, f.truth)
+    return path
 
 
-def format_metric(m: dict) -> str:
-    return (f"n={m['n']} mean={m['mean_px']:.1f}px median={m['median_px']:.1f}px "
-            + " ".join(f"acc@{t}={m[f'acc@{t}']:.3f}" for t in THRESHOLDS) + f" score={m['score']:.2f}")
+def write_reports(engine: Engine, settings: Settings, dataset: Dataset, reg: Registration, out: Path,
+                  val: pd.DataFrame | None, test: pd.DataFrame | None) -> None:
+    """The map overview, and match plots of the worst validation frames."""
+    plot_overview(engine.map_gray, dataset, val, test, out / "report" / "map_overview.png")
+    if val is None or "error_px" not in val:
+        return
+    train = dataset.train_ids
+    calib = fit_calibration(reg.matched(dataset, train), len(train), reg.k_ncc, settings.reference, log=quiet)
+    search = Search(engine, settings, calib)
+    for fid in val.sort_values("error_px", ascending=False)["id"].head(settings.report.worst_frames):
+        report_frame(search, dataset, int(fid), out)
+
+
+def quiet(*_args) -> None:
+    """A log function that prints nothing (tuning trials, tests)."""
 
 
 # ----------------------------------------------------------------------------- tuning
+# An Optuna study over [tune.space]: block validation on the train frames (as the test set hides
+# them), Wilcoxon pruning on per-frame values, and a holdout the study never sees.
 
-def search_space(settings: dict) -> dict[str, dict]:
+def search_space(settings: Settings) -> Mapping[str, Mapping]:
     """tune.space from settings.toml: one table per dotted setting, `low`/`high` (+ `log`) or `choices`."""
-    space = settings["tune"].get("space", {})
+    space = settings.tune.space
     if not space:
         raise UsageError("tune.space is empty: declare at least one [tune.space.\"section.key\"] table")
+    sections = {f.name: getattr(settings, f.name) for f in dataclasses.fields(settings)}
     for key, spec in space.items():
         section, _, name = key.partition(".")
-        if section not in settings or not isinstance(settings[section], dict) or name not in settings[section]:
+        if not isinstance(sections.get(section), Section) or name not in sections[section].to_table():
             raise UsageError(f"tune.space: '{key}' is not a setting")
         if "choices" in spec:
-            if not isinstance(spec["choices"], list) or not spec["choices"]:
+            if not isinstance(spec["choices"], tuple) or not spec["choices"]:
                 raise UsageError(f"tune.space.'{key}': choices must be a non-empty list")
         elif not ("low" in spec and "high" in spec and spec["low"] < spec["high"]):
             raise UsageError(f"tune.space.'{key}': give low < high, or choices")
     return space
 
 
-def suggest(trial, space: dict[str, dict], base: dict) -> dict:
+def suggest(trial, space: Mapping[str, Mapping], base: Settings) -> dict:
     """The trial's value for each setting of the space: integers stay integers, as in settings.toml."""
     params = {}
     for key, spec in space.items():
-        section, _, name = key.partition(".")
         if "choices" in spec:
-            params[key] = trial.suggest_categorical(key, spec["choices"])
-        elif isinstance(base[section][name], int) and not isinstance(base[section][name], bool):
+            params[key] = trial.suggest_categorical(key, list(spec["choices"]))
+        elif isinstance(base.value(key), int) and not isinstance(base.value(key), bool):
             params[key] = trial.suggest_int(key, int(spec["low"]), int(spec["high"]), log=spec.get("log", False))
         else:
             params[key] = trial.suggest_float(key, float(spec["low"]), float(spec["high"]), log=spec.get("log", False))
     return params
-
-
-def with_params(base: dict, params: dict) -> dict:
-    s = copy.deepcopy(base)
-    for key, value in params.items():
-        set_dotted(s, key, value)
-    return s
 
 
 def params_toml(params: dict, header: str) -> str:
@@ -1602,7 +2357,7 @@ def apply_params(text: str, params: dict) -> str:
     return "\n".join(out) + "\n"
 
 
-@dataclass
+@dataclass(frozen=True)
 class TuneSplit:
     """Train frames split three ways; the holdout blocks are never seen by the study."""
     fit: list[int]
@@ -1610,11 +2365,11 @@ class TuneSplit:
     holdout: list[int]
 
 
-def tune_split(train: list[int], settings: dict) -> TuneSplit:
-    sp = settings["split"]
-    holdout = block_split(train, settings["tune"]["holdout_fraction"], sp["block_min"], sp["block_max"], sp["seed"] + 1)
+def tune_split(train: list[int], settings: Settings) -> TuneSplit:
+    sp = settings.split
+    holdout = block_split(train, settings.tune.holdout_fraction, sp.block_min, sp.block_max, sp.seed + 1)
     study_ids = [i for i in train if i not in holdout]
-    val = block_split(study_ids, sp["val_fraction"], sp["block_min"], sp["block_max"], sp["seed"])
+    val = block_split(study_ids, sp.val_fraction, sp.block_min, sp.block_max, sp.seed)
     return TuneSplit([i for i in study_ids if i not in val], runs_of(val, study_ids), holdout)
 
 
@@ -1642,46 +2397,41 @@ class Tuner:
     """Everything a trial does not change is computed once: the map features, the train registration
     (with the base settings) and the query features (cached per frame, rotation and scale)."""
 
-    def __init__(self, base: dict, dataset: Dataset, weights: Path, out: Path, log=print):
-        self.base, self.dataset, self.weights, self.out, self.log = base, dataset, weights, out, log
-        self.localizers: dict[str, Localizer] = {}
+    def __init__(self, base: Settings, dataset: Dataset, out: Path, log=print):
+        self.base, self.dataset, self.out, self.log = base, dataset, out, log
+        self.engines: dict[str, Engine] = {}
         self.split = tune_split(dataset.train_ids, base)
-        loc = self.localizer(base)
-        self.registered = register_train(loc, dataset, open_checkpoint(base, dataset, out, fresh=False))
-        self.k_ncc = loc.calib.k_ncc
+        self.registration = register_train(self.engine(base), base, dataset, open_checkpoint(base, dataset, out), log)
 
-    def localizer(self, settings: dict) -> Localizer:
-        """One matcher and map-feature set per distinct feature setting; trials share them."""
-        f = settings["features"]
-        key = digest([settings["preprocess"], f["backend"], f["max_keypoints"], map_level(f), f["map_tile"],
-                      f["map_keypoints_per_tile"]])
-        if key not in self.localizers:
-            self.localizers[key] = build_localizer(settings, self.dataset, self.weights, self.out, self.log)
-        shared = self.localizers[key]
-        return Localizer(settings, shared.map_gray, shared.mf, shared.matcher, shared.cache, shared.decoder)
+    def engine(self, settings: Settings) -> Engine:
+        """One backend and map-feature set per distinct feature settings; trials share them."""
+        key = digest([settings.preprocess.to_table(), settings.features.extraction_key()])
+        if key not in self.engines:
+            self.engines[key] = build_engine(settings, self.dataset.map_path, self.out, self.log)
+        return self.engines[key]
 
-    def estimates(self, settings: dict, known_ids: list[int], blocks: list[list[int]]):
+    def estimates(self, settings: Settings, known_ids: list[int], blocks: list[list[int]]):
         """Yields (block, its estimates) block by block, so the pruner can stop a trial early."""
-        loc = self.localizer(settings)
-        loc.calib = Calibration.from_ncc(self.k_ncc)
-        fit_calibration(loc, self.dataset, self.registered, known_ids, log=lambda *a: None)
-        known = {i: self.registered[i] for i in known_ids}
+        reg = self.registration
+        calib = fit_calibration(reg.matched(self.dataset, known_ids), len(known_ids), reg.k_ncc, settings.reference,
+                                log=quiet)
+        search = Search(self.engine(settings), settings, calib)
         for block in blocks:
-            yield block, localize_sequence(loc, self.dataset, known, block, Checkpoint(None), "tune")
+            yield block, localize_sequence(search, self.dataset, reg.known(known_ids), block, Checkpoint(None), "tune")
 
-    def objective(self, trial, space: dict) -> float:
+    def objective(self, trial, space: Mapping) -> float:
         import optuna
-        settings = with_params(self.base, suggest(trial, space, self.base))
+        settings = self.base.with_values(suggest(trial, space, self.base))
         values = []
         for block, est in self.estimates(settings, self.split.fit, self.split.val_blocks):
             for i in block:
-                values.append(frame_score(est[i], self.dataset.frames[i].truth, settings["tune"]["tie_break"]))
+                values.append(frame_score(est[i], self.dataset.frames[i].truth, settings.tune.tie_break))
                 trial.report(values[-1], step=i)      # one instance per frame: what WilcoxonPruner compares
             if trial.should_prune():
                 raise optuna.TrialPruned()
         return float(np.mean(values))
 
-    def holdout_metric(self, settings: dict) -> dict:
+    def holdout_metric(self, settings: Settings) -> dict:
         """The competition metric on the held-out blocks, with every other train frame known."""
         known = [i for i in self.dataset.train_ids if i not in self.split.holdout]
         blocks = runs_of(self.split.holdout, self.dataset.train_ids)
@@ -1690,62 +2440,37 @@ class Tuner:
         return metric(pred, truth_table(self.dataset, list(est)))
 
 
-def open_study(settings: dict, args, out: Path, fingerprint: str):
+def study_storage(settings: Settings, out: Path) -> str:
+    t = settings.tune
+    return t.storage or f"sqlite:///{(out / 'tune' / f'{t.study}.db').resolve()}"
+
+
+def open_study(settings: Settings, out: Path, fingerprint: str):
     """An Optuna study in an RDB (SQLite under <out>/tune/ by default), created or continued."""
     import optuna
     from optuna.trial import TrialState
-    t = settings["tune"]
-    name = args.study or t["study"]
-    storage = args.storage or t["storage"] or f"sqlite:///{(out / 'tune' / f'{name}.db').resolve()}"
+    t = settings.tune
+    storage = study_storage(settings, out)
     (out / "tune").mkdir(parents=True, exist_ok=True)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
-    study = optuna.create_study(study_name=name, storage=storage, direction="maximize", load_if_exists=True,
-                                pruner=optuna.pruners.WilcoxonPruner(p_threshold=t["pruner_p"]))
+    study = optuna.create_study(study_name=t.study, storage=storage, direction="maximize", load_if_exists=True,
+                                pruner=optuna.pruners.WilcoxonPruner(p_threshold=t.pruner_p))
     if study.user_attrs.get("fingerprint", fingerprint) != fingerprint:
-        raise UsageError(f"study '{name}' in {storage} was run on other data, space or base settings; "
+        raise UsageError(f"study '{t.study}' in {storage} was run on other data, space or base settings; "
                          f"pick another --study name")
     study.set_user_attr("fingerprint", fingerprint)
     if not study.trials:   # the base settings are trial 0: the study's best is never worse on validation
-        study.enqueue_trial({k: settings[k.partition(".")[0]][k.partition(".")[2]] for k in search_space(settings)})
+        study.enqueue_trial({k: settings.value(k) for k in search_space(settings)})
     for tr in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
         # a killed run leaves its last trial RUNNING: close it so the study continues cleanly
         study._storage.set_trial_state_values(tr._trial_id, TrialState.FAIL)
     # a resumed study draws fresh parameters instead of replaying the first run's random start
-    study.sampler = optuna.samplers.TPESampler(multivariate=True, seed=t["sampler_seed"] + len(study.trials))
+    study.sampler = optuna.samplers.TPESampler(multivariate=True, seed=t.sampler_seed + len(study.trials))
     return study, storage
 
 
-def mode_tune(args, settings: dict, weights: Path, out: Path) -> None:
-    import optuna
-    from optuna.trial import TrialState
-    dataset = load_dataset(Path(args.data or settings["run"]["data"]))
-    space = search_space(settings)
-    n_trials = args.trials or settings["tune"]["trials"]
-    tuner = Tuner(settings, dataset, weights, out)
-    sp = tuner.split
-    print(f"tune: {len(sp.fit)} known train frames, {sum(map(len, sp.val_blocks))} validation frames in "
-          f"{len(sp.val_blocks)} blocks, {len(sp.holdout)} held-out frames the study never sees")
-    fingerprint = digest([data_fingerprint(dataset), space, {k: settings[k] for k in RESULT_SECTIONS},
-                          dataclasses.asdict(sp)])
-    study, storage = open_study(settings, args, out, fingerprint)
-    done = lambda: len(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED)))  # noqa: E731
-    todo = max(0, n_trials - done())
-    print(f"study '{study.study_name}' in {storage}: {done()} finished trials, running {todo} more")
-    bar = tqdm(total=todo, desc="trials", disable=None)
-
-    def progress(study, trial):
-        bar.update(1)
-        if study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
-            bar.set_postfix(best=f"{study.best_value:.2f}", last=trial.state.name.lower())
-
-    if todo:
-        study.optimize(lambda tr: tuner.objective(tr, space), n_trials=todo, callbacks=[progress])
-    bar.close()
-    write_tune_outputs(study, settings, tuner, out, args.apply)
-
-
-def write_tune_outputs(study, settings: dict, tuner: Tuner, out: Path, apply: bool) -> None:
+def write_tune_outputs(study, settings: Settings, tuner: Tuner, out: Path, log=print) -> Path:
     import optuna
     complete = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
     if not complete:
@@ -1753,280 +2478,33 @@ def write_tune_outputs(study, settings: dict, tuner: Tuner, out: Path, apply: bo
     write_csv(study.trials_dataframe(), out / "tune" / "trials.csv")
     best = study.best_trial
     header = f"uavloc tune: study '{study.study_name}', trial {best.number}, objective {best.value:.3f}"
-    atomic_write(out / "best_params.toml", params_toml(best.params, header))
+    best_path = atomic_write(out / "best_params.toml", params_toml(best.params, header))
     plot_study(study, out / "tune")
-    held_best = tuner.holdout_metric(with_params(settings, best.params))
+    held_best = tuner.holdout_metric(settings.with_values(best.params))
     held_base = tuner.holdout_metric(settings)
-    print(f"best trial {best.number}: study objective {best.value:.3f} (validation score less "
-          f"{settings['tune']['tie_break']} x mean px); held-out ({len(tuner.split.holdout)} frames the study "
-          f"never saw): best parameters {format_metric(held_best)}; base settings {format_metric(held_base)}")
-    print(f"wrote {out / 'best_params.toml'} (use: --settings {out / 'best_params.toml'}), "
-          f"{out / 'tune' / 'trials.csv'}, plots in {out / 'tune'}")
+    log(f"best trial {best.number}: study objective {best.value:.3f} (validation score less "
+        f"{settings.tune.tie_break} x mean px); held-out ({len(tuner.split.holdout)} frames the study "
+        f"never saw): best parameters {format_metric(held_best)}; base settings {format_metric(held_base)}")
+    log(f"wrote {best_path} (use: --settings {best_path}), {out / 'tune' / 'trials.csv'}, plots in {out / 'tune'}")
     atomic_write(out / "tune" / "holdout.json", json.dumps({"best": held_best, "base": held_base,
                                                             "study_best": best.value, "params": best.params}, indent=1))
-    if apply:
+    if settings.tune.apply:
         atomic_write(out / "settings_tuned.toml", apply_params(default_settings_text(), best.params))
-        print(f"wrote {out / 'settings_tuned.toml'}: diff it against settings.toml")
+        log(f"wrote {out / 'settings_tuned.toml'}: diff it against settings.toml")
+    return best_path
 
 
 def plot_study(study, folder: Path) -> None:
     import optuna
-    plt = plt_agg()
     from optuna.visualization import matplotlib as ovm
+    plt_agg()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")       # optuna marks its matplotlib plots experimental
         ax = ovm.plot_optimization_history(study)
         save_figure(ax.figure, folder / "optimization_history.png")
-        plt.close(ax.figure)
         if len([t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]) >= 2:
             ax = ovm.plot_param_importances(study, evaluator=optuna.importance.PedAnovaImportanceEvaluator())
             save_figure(ax.figure, folder / "param_importances.png")
-            plt.close(ax.figure)
-
-
-# ----------------------------------------------------------------------------- reports
-
-SOURCE_COLOURS = {"map": "tab:green", "neighbour": "tab:cyan", "relocalized": "tab:orange",
-                  "interpolated": "tab:red", "anchor": "tab:purple"}
-
-
-def plt_agg():
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    return plt
-
-
-def save_figure(fig, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.stem}.tmp.png")
-    fig.savefig(tmp, dpi=110, bbox_inches="tight")
-    os.replace(tmp, path)
-
-
-def plot_overview(map_gray: np.ndarray, dataset: Dataset, val: pd.DataFrame | None, test: pd.DataFrame | None,
-                  path: Path) -> None:
-    plt = plt_agg()
-    h, w = map_gray.shape
-    fig, ax = plt.subplots(figsize=(10, 10 * h / w))
-    ax.imshow(map_gray, cmap="gray")
-    tr = np.array([dataset.frames[i].truth for i in dataset.train_ids])
-    ax.scatter(tr[:, 0], tr[:, 1], s=8, c="white", edgecolors="k", linewidths=0.3, label="train")
-    for df, marker, name in ((val, "o", "validation"), (test, "^", "test")):
-        if df is None or df.empty:
-            continue
-        for src, g in df.groupby("source"):
-            ax.scatter(g.x_pixel, g.y_pixel, s=18, marker=marker, c=SOURCE_COLOURS.get(src, "k"),
-                       label=f"{name}: {src}")
-        if "x_truth" in df:
-            for r in df.itertuples():
-                ax.plot([r.x_truth, r.x_pixel], [r.y_truth, r.y_pixel], "y-", lw=0.8)
-    ax.legend(fontsize=7, loc="best")
-    ax.set_title("uavloc: train positions, validation (truth-prediction lines) and test predictions")
-    save_figure(fig, path)
-    plt.close(fig)
-
-
-def plot_matches(map_gray: np.ndarray, query: np.ndarray, attempt: Attempt, est: Estimate, level: float,
-                 path: Path, truth=None) -> None:
-    """Query view and map window side by side; inliers green, outliers red."""
-    plt = plt_agg()
-    from matplotlib.patches import ConnectionPatch
-    p0, p1, inl = attempt.pairs
-    x0, y0, x1, y1 = (int(v) for v in attempt.window)
-    fig, ax = plt.subplots(1, 2, figsize=(12, 6))
-    ax[0].imshow(query, cmap="gray")
-    ax[1].imshow(map_gray[y0:y1, x0:x1], cmap="gray", extent=(x0, x1, y1, y0))
-    for a, b, ok in zip(p0, (p1 + 0.5) / level - 0.5, inl):
-        fig.add_artist(ConnectionPatch(a, b, "data", "data", axesA=ax[0], axesB=ax[1],
-                                       color="g" if ok else "r", lw=0.4, alpha=0.6))
-    ax[1].plot(est.x, est.y, "c*", ms=14, label="prediction")
-    ax[1].plot((x0 + x1) / 2, (y0 + y1) / 2, "m+", ms=14, label="window centre (anchor)")
-    if truth is not None:
-        ax[1].plot(*truth, "yo", ms=8, label="truth")
-    ax[1].legend(fontsize=7)
-    fig.suptitle(f"frame {est.id}: {attempt.matches} matches, {attempt.inliers} inliers, rotation "
-                 f"{attempt.rotation:.0f} deg, source {est.source}")
-    save_figure(fig, path)
-    plt.close(fig)
-
-
-# ----------------------------------------------------------------------------- runs
-
-def weights_dir(settings: dict, flag: str | None) -> Path:
-    return Path(flag or os.environ.get("UAVLOC_WEIGHTS") or settings["run"]["weights_dir"]).expanduser()
-
-
-def setup_torch(settings: dict) -> None:
-    if settings["features"]["backend"] == "sift":
-        return
-    import torch
-    if settings["run"]["threads"]:
-        torch.set_num_threads(int(settings["run"]["threads"]))
-    torch.manual_seed(0)
-
-
-def build_localizer(settings: dict, dataset: Dataset, weights: Path, out: Path, log=print) -> Localizer:
-    setup_torch(settings)
-    matcher = Matcher(settings["features"], weights, settings["run"]["device"], Path(settings["run"]["wheels_dir"]))
-    map_gray = read_image(dataset.map_path)
-    t0 = time.perf_counter()
-    mf, hit = cached_map_features(dataset.map_path, map_gray, matcher, settings, out / "cache")
-    log(f"map features: {len(mf.features.keypoints)} keypoints at level {mf.level} "
-        f"({'reused from cache' if hit else 'extracted'}, {time.perf_counter() - t0:.1f}s); "
-        f"backend {matcher.backend} on {matcher.device or 'cpu'}")
-    cache = QueryCache(out / "cache" / "query" if settings["run"]["feature_cache"] else None, settings,
-                       str(matcher.device or "cpu"))
-    return Localizer(settings, map_gray, mf, matcher, cache, FrameDecoder(settings["run"]["prefetch"]))
-
-
-# settings sections that change a frame's result: a checkpoint is only replayed when they are unchanged
-RESULT_SECTIONS = ("split", "preprocess", "features", "geometry", "scale", "reference", "localize")
-
-
-def data_fingerprint(dataset: Dataset) -> str:
-    """The CSVs' contents and every image's name, size and mtime: cheap, and changes with any edit."""
-    h = hashlib.sha1()
-    for name in ("train_data/train_cam.csv", "train_data/train_pos.csv", "test_data/test_cam.csv"):
-        h.update((dataset.root / name).read_bytes())
-    for f in [dataset.map_path] + [fr.path for _, fr in sorted(dataset.frames.items())]:
-        st = f.stat()
-        h.update(f"{f.name} {st.st_size} {st.st_mtime_ns}".encode())
-    return h.hexdigest()[:12]
-
-
-def open_checkpoint(settings: dict, dataset: Dataset, out: Path, fresh: bool) -> Checkpoint:
-    if not settings["run"]["resume"]:
-        return Checkpoint(None)
-    # the code is part of the key too: an edited uavloc.py never replays results of the old one
-    key = digest([settings[k] for k in RESULT_SECTIONS] + [settings["run"]["device"], digest(MODULE_FILE.read_text())])
-    return Checkpoint(out / "checkpoints" / f"{key}_{data_fingerprint(dataset)}.jsonl", fresh)
-
-
-def predictions_frame(est: dict[int, Estimate], dataset: Dataset) -> pd.DataFrame:
-    df = pd.DataFrame([e.row() for _, e in sorted(est.items())])
-    truth = [dataset.frames[i].truth for i in df["id"]]
-    if all(t is not None for t in truth) and len(truth):
-        df["x_truth"], df["y_truth"] = [t[0] for t in truth], [t[1] for t in truth]
-        df["error_px"] = np.hypot(df.x_pixel - df.x_truth, df.y_pixel - df.y_truth).round(2)
-    return df
-
-
-def write_csv(df: pd.DataFrame, path: Path) -> None:
-    atomic_write(path, df.to_csv(index=False))
-
-
-def validate_submission(sub: pd.DataFrame, dataset: Dataset, map_size: tuple[int, int]) -> None:
-    ids = dataset.test_ids
-    if sorted(sub["id"].tolist()) != ids:
-        raise UavlocError("internal error: the submission does not hold every test id exactly once")
-    xy = sub[["x_pixel", "y_pixel"]].to_numpy(float)
-    w, h = map_size
-    if not np.all(np.isfinite(xy)) or (xy < 0).any() or (xy[:, 0] > w).any() or (xy[:, 1] > h).any():
-        raise UavlocError("internal error: the submission has a non-finite or off-map position")
-
-
-def run_validation(loc: Localizer, dataset: Dataset, registered: dict[int, Estimate], checkpoint: Checkpoint,
-                   out: Path, log=print) -> pd.DataFrame:
-    """Hide blocks of train frames, calibrate on the rest, localize the hidden ones and score them."""
-    sp = loc.s["split"]
-    train = dataset.train_ids
-    val_ids = block_split(train, sp["val_fraction"], sp["block_min"], sp["block_max"], sp["seed"])
-    fit_ids = [i for i in train if i not in val_ids]
-    fit_calibration(loc, dataset, registered, fit_ids, log)
-    est = localize_sequence(loc, dataset, {i: registered[i] for i in fit_ids}, val_ids, checkpoint, "validation")
-    df = predictions_frame(est, dataset)
-    m = metric(df[["id", "x_pixel", "y_pixel"]], truth_table(dataset, val_ids))
-    write_csv(df, out / "val_predictions.csv")
-    log(f"validation ({len(val_ids)} hidden train frames in blocks, {len(fit_ids)} known): {format_metric(m)}")
-    atomic_write(out / "val_metric.json", json.dumps(m, indent=1))
-    return df
-
-
-def truth_table(dataset: Dataset, ids: list[int]) -> pd.DataFrame:
-    """id, x_pixel, y_pixel of train frames, in the submission's columns, for the metric."""
-    return pd.DataFrame([(i, *dataset.frames[i].truth) for i in ids], columns=["id", "x_pixel", "y_pixel"])
-
-
-def run_test(loc: Localizer, dataset: Dataset, registered: dict[int, Estimate], checkpoint: Checkpoint,
-             out: Path, log=print) -> pd.DataFrame:
-    """Calibrate on every train frame, localize the test frames, check and write the submission."""
-    c = fit_calibration(loc, dataset, registered, dataset.train_ids, log)
-    atomic_write(out / "calibration.json", json.dumps(dataclasses.asdict(c), indent=1))
-    est = localize_sequence(loc, dataset, registered, dataset.test_ids, checkpoint, "test")
-    df = predictions_frame(est, dataset)
-    sub = df[["id", "x_pixel", "y_pixel"]].sort_values("id")
-    validate_submission(sub, dataset, (loc.map_gray.shape[1], loc.map_gray.shape[0]))
-    write_csv(df, out / "test_predictions.csv")
-    write_csv(sub, out / "submission.csv")
-    counts = df["source"].value_counts().to_dict()
-    log(f"submission: {len(sub)} test frames -> {out / 'submission.csv'} (sources: {counts})")
-    return df
-
-
-@dataclass
-class RunResult:
-    setup_s: dict[str, float]          # one-off costs: map features, registration, validation
-    test_stages: list[dict]            # per test frame: seconds per stage
-
-
-def run_data(args, settings: dict, weights: Path, out: Path, mode: str, log=print) -> RunResult:
-    """The submit/validate/bench job: register the train frames once, validate, then the test frames."""
-    dataset = load_dataset(Path(args.data or settings["run"]["data"]))
-    out.mkdir(parents=True, exist_ok=True)
-    atomic_write(out / "settings_used.toml", dump_toml(settings))
-    setup: dict[str, float] = {}
-    t0 = time.perf_counter()
-    loc = build_localizer(settings, dataset, weights, out, log)
-    t0 = tick(setup, "map features and networks", t0)
-    checkpoint = Checkpoint(None) if mode == "bench" else open_checkpoint(settings, dataset, out, args.fresh)
-    registered = register_train(loc, dataset, checkpoint)
-    t0 = tick(setup, f"registration of {len(registered)} train frames", t0)
-    val = run_validation(loc, dataset, registered, checkpoint, out, log) \
-        if settings["run"]["validate"] or mode == "validate" else None
-    t0 = tick(setup, "validation", t0)
-    test = run_test(loc, dataset, registered, checkpoint, out, log) if mode != "validate" else None
-    write_reports(loc, dataset, out, val, test)
-    frames = [e for df in (val, test) if df is not None for e in df.itertuples()]
-    failed = [(int(e.id), e.error) for e in frames if str(e.error).startswith(EXCEPTION_PREFIX)]
-    write_csv(pd.DataFrame(failed, columns=["id", "error"]), out / "failed_frames.csv")
-    if failed:
-        log(f"{len(failed)} frame(s) raised and were filled like unmatched frames: "
-            f"{', '.join(str(i) for i, _ in failed)} (see {out / 'failed_frames.csv'}; --strict stops instead)")
-    if checkpoint.path is not None:
-        log(f"checkpoint: {checkpoint.replayed} results replayed from {checkpoint.path}")
-    log(f"query feature cache: {loc.cache.hits} hits, {loc.cache.misses} extracted")
-    stages = [json.loads(s) for s in test["stages"]] if test is not None else []
-    return RunResult(setup, stages)
-
-
-def tick(times: dict, name: str, t0: float) -> float:
-    t = time.perf_counter()
-    times[name] = t - t0
-    return t
-
-
-def write_reports(loc: Localizer, dataset: Dataset, out: Path, val: pd.DataFrame | None,
-                  test: pd.DataFrame | None) -> None:
-    if not loc.s["report"]["enabled"]:
-        return
-    plot_overview(loc.map_gray, dataset, val, test, out / "report" / "map_overview.png")
-    if val is None or "error_px" not in val:
-        return
-    for fid in val.sort_values("error_px", ascending=False)["id"].head(loc.s["report"]["worst_frames"]):
-        report_frame(loc, dataset, int(fid), out)
-
-
-def report_frame(loc: Localizer, dataset: Dataset, fid: int, out: Path, prior=None) -> Path:
-    """Re-run one frame's map match near its prior (its truth for a train frame) and draw it."""
-    f = dataset.frames[fid]
-    centre = prior or f.truth or (loc.map_gray.shape[1] / 2, loc.map_gray.shape[0] / 2)
-    est, attempt = loc.locate(f, centre, loc.s["localize"]["search_radius"], None)
-    path = out / "report" / f"matches_{fid}.png"
-    if attempt is not None and attempt.pairs:
-        query, _ = loc.query_image(f, attempt.rotation, loc.view_scale(loc.calib.expected_scale(f)))
-        plot_matches(loc.map_gray, query, attempt, est, loc.mf.level, path, f.truth)
-    return path
 
 
 # ----------------------------------------------------------------------------- demo data
@@ -2135,29 +2613,7 @@ def make_demo(root: Path, seed: int = 7, n_frames: int = 40) -> Path:
 KAGGLE_DIR = ROOT / "kaggle"
 
 
-def import_kornia_feature(wheels: Path):
-    """kornia.feature; where kornia is missing (a Kaggle kernel without internet), install it first
-    from the wheels dataset with pip --no-index, so nothing is downloaded."""
-    try:
-        import kornia.feature as KF
-        return KF
-    except ImportError:
-        pass
-    wheel_files = sorted(wheels.glob("kornia-*.whl")) if wheels.is_dir() else []
-    if not wheel_files:
-        raise WeightsError(f"kornia is not installed and no kornia wheel is in {wheels} (run.wheels_dir); "
-                           f"install it (pip install -r requirements.txt) or attach the uavloc-wheels dataset")
-    cmd = [sys.executable, "-m", "pip", "install", "--no-index", "--find-links", str(wheels), "kornia"]
-    r = subprocess.run(cmd, capture_output=True, text=True)
-    if r.returncode:
-        raise WeightsError(f"offline install of kornia from {wheels} failed: {r.stderr.strip().splitlines()[-1]}")
-    import importlib
-    importlib.invalidate_caches()
-    import kornia.feature as KF
-    return KF
-
-
-@dataclass
+@dataclass(frozen=True)
 class KaggleEnv:
     root: Path
     data: Path
@@ -2177,11 +2633,10 @@ def find_folder(top: Path, holds, depth: int = 4) -> Path | None:
     return None
 
 
-def detect_kaggle(settings: dict) -> KaggleEnv | None:
-    """On Kaggle (a /kaggle/input folder; $UAVLOC_KAGGLE_ROOT moves the root for a simulated run):
-    the competition data is the folder with train_data/ and test_data/, the weights dataset the one
-    with the backend's files, the wheels dataset the one with a kornia wheel."""
-    root = Path(os.environ.get("UAVLOC_KAGGLE_ROOT", settings["kaggle"]["root"]))
+def detect_kaggle(root: Path, backend: str) -> KaggleEnv | None:
+    """On Kaggle (a <root>/input folder): the competition data is the folder with train_data/ and
+    test_data/, the weights dataset the one with the backend's files, the wheels dataset the one
+    with a kornia wheel."""
     inputs = root / "input"
     if not inputs.is_dir():
         return None
@@ -2189,7 +2644,7 @@ def detect_kaggle(settings: dict) -> KaggleEnv | None:
     if data is None:
         raise DataError(f"{inputs}: no competition data (a folder holding train_data/ and test_data/); "
                         f"add the competition to the kernel's inputs")
-    names = list(WEIGHT_FILES[settings["features"]["backend"]])
+    names = list(backend_class(backend).weight_files)
     weights = find_folder(inputs, lambda f: bool(names) and all((f / n).is_file() for n in names))
     wheels = find_folder(inputs, lambda f: any(f.glob("kornia-*.whl")))
     return KaggleEnv(root, data, root / "working", weights, wheels)
@@ -2204,46 +2659,11 @@ def kernel_source(settings_text: str) -> str:
     return src.replace(marker, f"\nEMBEDDED_SETTINGS = {settings_text!r}\n", 1)
 
 
-def kernel_metadata(settings: dict) -> dict:
-    k = settings["kaggle"]
-    return {"id": k["kernel_id"], "title": k["kernel_title"], "code_file": "uavloc.py", "language": "python",
+def kernel_metadata(k: KaggleSettings) -> dict:
+    return {"id": k.kernel_id, "title": k.kernel_title, "code_file": "uavloc.py", "language": "python",
             "kernel_type": "script", "is_private": True, "enable_gpu": True, "enable_internet": False,
-            "competition_sources": [k["competition"]], "dataset_sources": [k["weights_dataset"], k["wheels_dataset"]],
+            "competition_sources": [k.competition], "dataset_sources": [k.weights_dataset, k.wheels_dataset],
             "kernel_sources": [], "model_sources": []}
-
-
-def kaggle_sync(settings: dict) -> str:
-    """Mirror uavloc.py + settings.toml into kaggle/ (never edit those by hand)."""
-    atomic_write(KAGGLE_DIR / "uavloc.py", kernel_source(DEFAULT_SETTINGS.read_text()))
-    atomic_write(KAGGLE_DIR / "kernel-metadata.json", json.dumps(kernel_metadata(settings), indent=2) + "\n")
-    return f"synced {KAGGLE_DIR / 'uavloc.py'} and {KAGGLE_DIR / 'kernel-metadata.json'}"
-
-
-def build_kaggle_datasets(settings: dict, weights: Path, out: Path) -> str:
-    """<out>/kaggle-datasets/uavloc-weights/ and uavloc-wheels/, ready for `kaggle datasets create -p`."""
-    k = settings["kaggle"]
-    root = out / "kaggle-datasets"
-    w = root / "uavloc-weights"
-    w.mkdir(parents=True, exist_ok=True)
-    names = [n for b in ("aliked", "xfeat") for n in WEIGHT_FILES[b]]
-    missing = [n for n in names if not (weights / n).is_file()]
-    if missing:
-        raise WeightsError(f"{weights}: missing {', '.join(missing)} for the weights dataset")
-    for n in names + ["MANIFEST.md"]:
-        if (weights / n).is_file():
-            shutil.copy2(weights / n, w / n)
-    write_dataset_metadata(w, k["weights_dataset"], "uavloc weights (ALIKED, XFeat, LightGlue)")
-    h = root / "uavloc-wheels"
-    h.mkdir(parents=True, exist_ok=True)
-    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "-d", str(h),
-           "--python-version", k["python_version"], "--platform", "manylinux2014_x86_64",
-           "--platform", "manylinux_2_17_x86_64", *k["wheels"]]
-    r = subprocess.run(cmd, capture_output=True, text=True)
-    if r.returncode:
-        raise UsageError(f"pip download of {' '.join(k['wheels'])} failed (needs a package index): "
-                         f"{r.stderr.strip().splitlines()[-1] if r.stderr.strip() else r.returncode}")
-    write_dataset_metadata(h, k["wheels_dataset"], "uavloc offline wheels (kornia)")
-    return f"built {w} and {h}: upload each with `kaggle datasets create -p FOLDER`"
 
 
 def write_dataset_metadata(folder: Path, dataset_id: str, title: str) -> None:
@@ -2251,26 +2671,230 @@ def write_dataset_metadata(folder: Path, dataset_id: str, title: str) -> None:
         {"title": title, "id": dataset_id, "licenses": [{"name": "other"}]}, indent=2) + "\n")
 
 
+# ----------------------------------------------------------------------------- jobs
+# One function per mode, each a function of (settings, paths) that returns its result, usable from
+# Python as from the CLI (after hloc's `main(conf, paths) -> Path`).
+
+def submit(settings: Settings, data: Path, out: Path, log=print) -> Path:
+    """Localize the test frames of `data`; returns the path of the submission written under `out`."""
+    return run_pipeline(settings, Path(data), Path(out), validate=settings.run.validate, test=True, log=log).submission
+
+
+def validate(settings: Settings, data: Path, out: Path, log=print) -> Path:
+    """Score hidden blocks of train frames only; returns the path of val_predictions.csv."""
+    run_pipeline(settings, Path(data), Path(out), validate=True, test=False, log=log)
+    return Path(out) / "val_predictions.csv"
+
+
+def bench(settings: Settings, data: Path, out: Path, solution: Path | None = None, log=print) -> dict:
+    """Submit with no checkpoint replay, then one line per stage: mean and p95 seconds per test frame."""
+    import resource
+    t0 = time.perf_counter()
+    r = run_pipeline(settings, Path(data), Path(out), validate=settings.run.validate, test=True,
+                     checkpoints=False, log=log)
+    wall = time.perf_counter() - t0
+    stages = pd.DataFrame(list(r.test_stages)).fillna(0.0)
+    stages["total"] = stages.sum(axis=1)
+    backend = backend_class(settings.features.backend)
+    device = str(pick_device(settings.run.device)) if backend.needs_torch else "cpu"
+    log(f"bench: {len(stages)} test frames of {data}; backend {backend.name}, device {device}")
+    log(f"{'stage':<12}{'mean_s':>9}{'p95_s':>9}   per test frame")
+    for name in [c for c in ("decode", "preprocess", "extract", "match", "geometry") if c in stages] + ["total"]:
+        log(f"{name:<12}{stages[name].mean():9.3f}{stages[name].quantile(0.95):9.3f}")
+    for name, sec in r.setup_s.items():
+        log(f"setup: {name}: {sec:.1f} s")
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+    line = f"wall {wall:.1f} s; peak memory {peak:.2f} GiB (process RSS)"
+    if device.startswith("cuda"):
+        import torch
+        line += f", {torch.cuda.max_memory_allocated() / 2**30:.2f} GiB on the GPU"
+    log(line)
+    result = {"wall_s": wall, "frames": len(stages), "mean_s": float(stages["total"].mean()) if len(stages) else 0.0}
+    if solution:
+        m = metric(read_solution(r.submission), read_solution(Path(solution)))
+        log(f"score: {format_metric(m)}")
+        result["metric"] = m
+    return result
+
+
+def tune(settings: Settings, data: Path, out: Path, log=print) -> Path:
+    """Run (or continue) the Optuna study to tune.trials finished trials; returns best_params.toml."""
+    from optuna.trial import TrialState
+    dataset = load_dataset(Path(data))
+    out = Path(out)
+    space = search_space(settings)
+    tuner = Tuner(settings, dataset, out, log)
+    sp = tuner.split
+    log(f"tune: {len(sp.fit)} known train frames, {sum(map(len, sp.val_blocks))} validation frames in "
+        f"{len(sp.val_blocks)} blocks, {len(sp.holdout)} held-out frames the study never sees")
+    tables = settings.to_tables()
+    fingerprint = digest([data_fingerprint(dataset), thaw(space), {k: tables[k] for k in RESULT_SECTIONS},
+                          dataclasses.asdict(sp)])
+    study, storage = open_study(settings, out, fingerprint)
+    finished = lambda: len(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED)))  # noqa: E731
+    todo = max(0, settings.tune.trials - finished())
+    log(f"study '{study.study_name}' in {storage}: {finished()} finished trials, running {todo} more")
+    progress = Progress("trials", todo, log)
+
+    def on_trial(study, trial):
+        progress.step()
+        if progress.bar is not None and study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
+            progress.bar.set_postfix(best=f"{study.best_value:.2f}", last=trial.state.name.lower())
+
+    if todo:
+        study.optimize(lambda tr: tuner.objective(tr, space), n_trials=todo, callbacks=[on_trial])
+    progress.close()
+    return write_tune_outputs(study, settings, tuner, out, log)
+
+
+@dataclass(frozen=True)
+class LocateQuery:
+    """One frame to find near a prior (--mode locate)."""
+    map: Path
+    frame: Path
+    fx: float
+    fy: float
+    cx: float
+    cy: float
+    prior: tuple[float, float]
+    radius: float | None = None                      # default: localize.search_radius
+    ref_pixel: tuple[float, float] | None = None     # (u, v) in 0..1 of the image: the point to report
+
+
+def locate(settings: Settings, query: LocateQuery, out: Path, log=print) -> dict:
+    """One frame near a prior, through the same Search.locate as submit. The calibration of an earlier
+    run in `out` is reused; without one the footprint is taken as locate.footprint of the map."""
+    for path, what in ((query.frame, "frame image"), (query.map, "map image")):
+        if not Path(path).is_file():
+            raise DataError(f"{path}: {what} not found")
+    w, h = check_image_file(Path(query.frame))
+    frame = Frame(0, Path(query.frame), w, h, query.fx, query.fy, query.cx, query.cy, "test")
+    engine = build_engine(settings, Path(query.map), Path(out), log)
+    calib_path = Path(out) / "calibration.json"
+    if calib_path.is_file():
+        calib = Calibration.from_json(calib_path.read_text())
+    else:
+        loose = settings.locate
+        k = min(engine.map_gray.shape) * loose.footprint / w * frame.focal
+        calib = Calibration.seed(k)
+        settings = settings.with_values({"scale.clip_low": loose.clip_low, "scale.clip_high": loose.clip_high})
+    if query.ref_pixel is not None:
+        u, v = query.ref_pixel
+        calib = dataclasses.replace(calib, ref_offset=((u * w - frame.cx) / frame.fx, (v * h - frame.cy) / frame.fy),
+                                    pose=None)
+    radius = query.radius if query.radius is not None else settings.localize.search_radius
+    est, _ = Search(engine, settings, calib).locate(frame, query.prior, radius, None)
+    return {"x": round(est.x, 3), "y": round(est.y, 3), "inliers": est.inliers, "matches": est.matches,
+            "rotation": est.rotation, "source": est.source.value, "matched": est.H is not None,
+            "runtime_s": round(est.runtime, 3)}
+
+
+def report(settings: Settings, data: Path, out: Path, frame_id: int, log=print) -> Path:
+    """Re-run one frame's match near its truth (or the map centre) and draw it; returns the PNG's path."""
+    dataset = load_dataset(Path(data))
+    if frame_id not in dataset.frames:
+        raise UsageError(f"--id {frame_id} is not a frame of {dataset.root}")
+    engine = build_engine(settings, dataset.map_path, Path(out), log)
+    reg = register_train(engine, settings, dataset, open_checkpoint(settings, dataset, Path(out)), log)
+    train = dataset.train_ids
+    calib = fit_calibration(reg.matched(dataset, train), len(train), reg.k_ncc, settings.reference, log)
+    return report_frame(Search(engine, settings, calib), dataset, frame_id, Path(out))
+
+
+def demo(settings: Settings, out: Path, log=print) -> dict:
+    """Make the synthetic demo data set under <out>/demo (once), submit on it and score the result."""
+    folder = Path(out) / "demo"
+    if not (folder / "data" / "map.png").is_file():
+        make_demo(folder)
+    sub = submit(settings, folder / "data", folder / "run", log)
+    m = metric(read_solution(sub), read_solution(folder / "solution.csv"))
+    log(f"demo test score: {format_metric(m)}")
+    return m
+
+
+def kaggle_sync(settings: Settings, log=print) -> Path:
+    """Mirror uavloc.py + settings.toml into kaggle/ (never edit those by hand)."""
+    atomic_write(KAGGLE_DIR / "uavloc.py", kernel_source(DEFAULT_SETTINGS.read_text()))
+    atomic_write(KAGGLE_DIR / "kernel-metadata.json", json.dumps(kernel_metadata(settings.kaggle), indent=2) + "\n")
+    log(f"synced {KAGGLE_DIR / 'uavloc.py'} and {KAGGLE_DIR / 'kernel-metadata.json'}")
+    return KAGGLE_DIR
+
+
+def kaggle_datasets(settings: Settings, out: Path, log=print) -> Path:
+    """<out>/kaggle-datasets/uavloc-weights/ and uavloc-wheels/, ready for `kaggle datasets create -p`."""
+    k = settings.kaggle
+    weights = Path(settings.run.weights_dir)
+    root = Path(out) / "kaggle-datasets"
+    w = root / "uavloc-weights"
+    w.mkdir(parents=True, exist_ok=True)
+    names = [n for b in ("aliked", "xfeat") for n in BACKENDS[b].weight_files]
+    missing = [n for n in names if not (weights / n).is_file()]
+    if missing:
+        raise WeightsError(f"{weights}: missing {', '.join(missing)} for the weights dataset")
+    for n in names + ["MANIFEST.md"]:
+        if (weights / n).is_file():
+            shutil.copy2(weights / n, w / n)
+    write_dataset_metadata(w, k.weights_dataset, "uavloc weights (ALIKED, XFeat, LightGlue)")
+    h = root / "uavloc-wheels"
+    h.mkdir(parents=True, exist_ok=True)
+    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "-d", str(h),
+           "--python-version", k.python_version, "--platform", "manylinux2014_x86_64",
+           "--platform", "manylinux_2_17_x86_64", *k.wheels]
+    r = subprocess.run(cmd, capture_output=True, text=True)
+    if r.returncode:
+        raise UsageError(f"pip download of {' '.join(k.wheels)} failed (needs a package index): "
+                         f"{r.stderr.strip().splitlines()[-1] if r.stderr.strip() else r.returncode}")
+    write_dataset_metadata(h, k.wheels_dataset, "uavloc offline wheels (kornia)")
+    log(f"built {w} and {h}: upload each with `kaggle datasets create -p FOLDER`")
+    return root
+
+
 # ----------------------------------------------------------------------------- CLI
 
-MODES = ("submit", "validate", "bench", "tune", "locate", "demo", "report", "kaggle-sync", "kaggle-datasets")
+@dataclass(frozen=True)
+class Request:
+    """What a mode works on, beside the settings: paths and mode-specific inputs from the CLI."""
+    mode: str
+    data: Path
+    out: Path
+    solution: Path | None = None
+    frame_id: int | None = None
+    locate: LocateQuery | None = None
+
+
+def stderr_log(*parts) -> None:
+    print(*parts, file=sys.stderr)
+
+
+JOBS: dict[str, Callable[[Settings, Request], object]] = {
+    "submit": lambda s, r: submit(s, r.data, r.out),
+    "validate": lambda s, r: validate(s, r.data, r.out),
+    "bench": lambda s, r: bench(s, r.data, r.out, r.solution),
+    "tune": lambda s, r: tune(s, r.data, r.out),
+    # locate prints one JSON line on stdout: everything else goes to stderr
+    "locate": lambda s, r: print(json.dumps(locate(s, r.locate, r.out, stderr_log))),
+    "report": lambda s, r: print(report(s, r.data, r.out, r.frame_id)),
+    "demo": lambda s, r: demo(s, r.out),
+    "kaggle-sync": lambda s, r: kaggle_sync(s),
+    "kaggle-datasets": lambda s, r: kaggle_datasets(s, r.out),
+}
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(prog="uavloc", description=__doc__.splitlines()[0])
-    ap.add_argument("--mode", choices=MODES, default="submit")
-    ap.add_argument("--data", help="competition data folder (map.png, train_data/, test_data/)")
-    ap.add_argument("--out", help="output folder (default: run.out, build/)")
+    ap.add_argument("--mode", choices=list(JOBS), default="submit")
+    ap.add_argument("--data", help="competition data folder (map.png, train_data/, test_data/): run.data")
+    ap.add_argument("--out", help="output folder: run.out")
     ap.add_argument("--settings", help="TOML file overriding settings.toml")
     ap.add_argument("--preset", help="a [presets.NAME] table of settings.toml, e.g. reference")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override one setting")
     ap.add_argument("--weights", help="weights folder (overrides $UAVLOC_WEIGHTS and run.weights_dir)")
-    ap.add_argument("--fresh", action="store_true", help="ignore finished frames of an earlier run (see run.resume)")
-    ap.add_argument("--strict", action="store_true", help="stop at a frame that raises instead of recording it")
+    ap.add_argument("--fresh", action="store_true", help="ignore finished frames of an earlier run: run.fresh")
+    ap.add_argument("--strict", action="store_true", help="stop at a frame that raises: run.strict")
     ap.add_argument("--solution", help="solution.csv to score the submission against (--mode bench)")
     ap.add_argument("--trials", type=int, help="--mode tune: finished trials the study should reach (tune.trials)")
     ap.add_argument("--study", help="--mode tune: study name (tune.study)")
-    ap.add_argument("--storage", help="--mode tune: Optuna storage URL (default: sqlite under <out>/tune/)")
+    ap.add_argument("--storage", help="--mode tune: Optuna storage URL (tune.storage; default sqlite under <out>/tune/)")
     ap.add_argument("--apply", action="store_true", help="--mode tune: also write <out>/settings_tuned.toml")
     ap.add_argument("--id", type=int, help="frame id for --mode report")
     ap.add_argument("--map", help="map image for --mode locate")
@@ -2291,116 +2915,49 @@ def pair(text: str, name: str) -> tuple[float, float]:
         raise UsageError(f"{name} takes two numbers as X,Y, got {text!r}") from None
 
 
-def mode_locate(args, settings: dict, weights: Path, out: Path) -> None:
-    """One frame near a prior, through the same Localizer.locate as submit."""
-    missing = [n for n in ("map", "frame", "fx", "fy", "cx", "cy", "prior") if getattr(args, n) is None]
-    if missing:
-        raise UsageError(f"--mode locate needs --{', --'.join(missing)}")
-    frame_path = Path(args.frame)
-    if not frame_path.is_file():
-        raise DataError(f"{frame_path}: frame image not found")
-    if not Path(args.map).is_file():
-        raise DataError(f"{args.map}: map image not found")
-    prior = pair(args.prior, "--prior")
-    frame = Frame(0, frame_path, args.fx, args.fy, args.cx, args.cy, "test")
-    ds = Dataset(Path(args.map).parent, Path(args.map), {0: frame})
-    loc = build_localizer(settings, ds, weights, out, log=lambda *a: print(*a, file=sys.stderr))
-    calib_path = out / "calibration.json"
-    calib = json.loads(calib_path.read_text()) if calib_path.is_file() else None
-    k = calib["k"] if calib else None
-    ref = tuple(calib["ref_offset"]) if calib else (0.0, 0.0)
-    pose = PoseModel(**calib["pose"]) if calib and calib.get("pose") and not args.ref_pixel else None
-    w, h = image_size(frame_path)
-    if args.ref_pixel:
-        u, v = pair(args.ref_pixel, "--ref-pixel")
-        ref = ((u * w - frame.cx) / frame.fx, (v * h - frame.cy) / frame.fy)
-    if k is None:  # no calibration: the frame footprint is taken as 1/8 of the map's smaller side
-        k = min(loc.map_gray.shape) / 8 / w * np.sqrt(frame.fx * frame.fy)
-        loc.s["scale"]["clip_low"], loc.s["scale"]["clip_high"] = 0.25, 4.0
-    loc.calib = Calibration(k, k, 0.0, ref, (0.0, 0.0), 0, pose)
-    radius = args.radius if args.radius is not None else settings["localize"]["search_radius"]
-    est, _ = loc.locate(frame, prior, radius, None)
-    print(json.dumps({"x": round(est.x, 3), "y": round(est.y, 3), "inliers": est.inliers, "matches": est.matches,
-                      "rotation": est.rotation, "source": est.source, "matched": est.H is not None,
-                      "runtime_s": round(est.runtime, 3)}))
+def resolve_settings(args: argparse.Namespace) -> tuple[Settings, KaggleEnv | None]:
+    """settings.toml < --settings < --preset < --set < what a Kaggle kernel finds < CLI flags."""
+    base = load_settings(args.settings, args.preset, args.set)
+    root = Path(os.environ.get("UAVLOC_KAGGLE_ROOT", base.kaggle.root))   # moves /kaggle for a simulated run
+    kaggle = detect_kaggle(root, base.features.backend)
+    flags: dict = {}
+    if kaggle:
+        flags.update({"run.data": str(kaggle.data), "run.out": str(kaggle.working)})
+        if kaggle.wheels:
+            flags["run.wheels_dir"] = str(kaggle.wheels)
+        if kaggle.weights and not os.environ.get("UAVLOC_WEIGHTS"):
+            flags["run.weights_dir"] = str(kaggle.weights)
+    named = {"data": "run.data", "out": "run.out", "weights": "run.weights_dir", "trials": "tune.trials",
+             "study": "tune.study", "storage": "tune.storage"}
+    flags.update({key: getattr(args, a) for a, key in named.items() if getattr(args, a) is not None})
+    flags.update({key: True for a, key in (("strict", "run.strict"), ("fresh", "run.fresh"), ("apply", "tune.apply"))
+                  if getattr(args, a)})
+    return load_settings(args.settings, args.preset, args.set, flags), kaggle
 
 
-def mode_bench(args, settings: dict, weights: Path, out: Path) -> None:
-    """Submit with no checkpoint replay, then one line per stage: mean and p95 seconds per test frame."""
-    import resource
-    t0 = time.perf_counter()
-    r = run_data(args, settings, weights, out, "bench")
-    wall = time.perf_counter() - t0
-    stages = pd.DataFrame(r.test_stages).fillna(0.0)
-    stages["total"] = stages.sum(axis=1)
-    device = settings["run"]["device"]
-    if settings["features"]["backend"] != "sift":
-        device = str(pick_device(device))
-    print(f"bench: {len(stages)} test frames of {args.data or settings['run']['data']}; "
-          f"backend {settings['features']['backend']}, device {device}")
-    print(f"{'stage':<12}{'mean_s':>9}{'p95_s':>9}   per test frame")
-    for name in [c for c in ("decode", "preprocess", "extract", "match", "geometry") if c in stages] + ["total"]:
-        col = stages[name]
-        print(f"{name:<12}{col.mean():9.3f}{col.quantile(0.95):9.3f}")
-    for name, sec in r.setup_s.items():
-        print(f"setup: {name}: {sec:.1f} s")
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
-    line = f"wall {wall:.1f} s; peak memory {peak:.2f} GiB (process RSS)"
-    if device.startswith("cuda"):
-        import torch
-        line += f", {torch.cuda.max_memory_allocated() / 2**30:.2f} GiB on the GPU"
-    print(line)
-    if args.solution:
-        m = metric(pd.read_csv(out / "submission.csv"), read_table(Path(args.solution), ["id", "x_pixel", "y_pixel"]))
-        print(f"score: {format_metric(m)}")
+def parse_request(args: argparse.Namespace, settings: Settings) -> Request:
+    query = None
+    if args.mode == "locate":
+        missing = [n for n in ("map", "frame", "fx", "fy", "cx", "cy", "prior") if getattr(args, n) is None]
+        if missing:
+            raise UsageError(f"--mode locate needs --{', --'.join(missing)}")
+        query = LocateQuery(Path(args.map), Path(args.frame), args.fx, args.fy, args.cx, args.cy,
+                            pair(args.prior, "--prior"), args.radius,
+                            pair(args.ref_pixel, "--ref-pixel") if args.ref_pixel else None)
+    if args.mode == "report" and args.id is None:
+        raise UsageError("--mode report needs --id N")
+    return Request(args.mode, Path(settings.run.data), Path(settings.run.out),
+                   Path(args.solution) if args.solution else None, args.id, query)
 
 
 def main(argv=None) -> int:
     try:
         args = parse_args(argv)
-        settings = load_settings(args.settings, args.preset, args.set)
-        settings["run"]["strict"] = settings["run"]["strict"] or args.strict
-        kaggle = detect_kaggle(settings)
-        if kaggle:             # inputs and outputs found without flags; flags still win
-            args.data = args.data or str(kaggle.data)
-            args.out = args.out or str(kaggle.working)
-            args.weights = args.weights or os.environ.get("UAVLOC_WEIGHTS") or (kaggle.weights and str(kaggle.weights))
-            settings["run"]["wheels_dir"] = str(kaggle.wheels or settings["run"]["wheels_dir"])
+        settings, kaggle = resolve_settings(args)
+        if kaggle:
             print(f"kaggle: data {kaggle.data}, weights {kaggle.weights}, wheels {kaggle.wheels}, "
                   f"output {kaggle.working}")
-        out = Path(args.out or settings["run"]["out"])
-        weights = weights_dir(settings, args.weights)
-        if args.mode == "kaggle-sync":
-            print(kaggle_sync(settings))
-        elif args.mode == "kaggle-datasets":
-            print(build_kaggle_datasets(settings, weights, out))
-        elif args.mode == "locate":
-            mode_locate(args, settings, weights, out)
-        elif args.mode == "report":
-            if args.id is None:
-                raise UsageError("--mode report needs --id N")
-            dataset = load_dataset(Path(args.data or settings["run"]["data"]))
-            if args.id not in dataset.frames:
-                raise UsageError(f"--id {args.id} is not a frame of {dataset.root}")
-            loc = build_localizer(settings, dataset, weights, out)
-            registered = register_train(loc, dataset, open_checkpoint(settings, dataset, out, args.fresh))
-            fit_calibration(loc, dataset, registered, dataset.train_ids)
-            print(report_frame(loc, dataset, args.id, out))
-        elif args.mode == "demo":
-            demo = out / "demo"
-            if not (demo / "data" / "map.png").is_file():
-                make_demo(demo)
-            args.data = str(demo / "data")
-            run_data(args, settings, weights, demo / "run", "demo")
-            truth = pd.read_csv(demo / "solution.csv")
-            m = metric(pd.read_csv(demo / "run" / "submission.csv"), truth)
-            print(f"demo test score: {format_metric(m)}")
-        elif args.mode == "bench":
-            mode_bench(args, settings, weights, out)
-        elif args.mode == "tune":
-            mode_tune(args, settings, weights, out)
-        else:
-            run_data(args, settings, weights, out, args.mode)
+        JOBS[args.mode](settings, parse_request(args, settings))
         return 0
     except UavlocError as e:
         print(f"uavloc: error: {e}", file=sys.stderr)

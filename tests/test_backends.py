@@ -1,68 +1,78 @@
-"""Localization of synthetic frames through each learned backend (skipped only without weights)."""
+"""Localization of synthetic frames through each backend (learned ones skip themselves without weights)."""
+import dataclasses
+
 import cv2
 import numpy as np
-import pandas as pd
 import pytest
 
 import uavloc as U
-from conftest import weights_present
+from conftest import backends_param
 
 
-@pytest.fixture(scope="module", params=["aliked", "xfeat", "sift"])
+@pytest.fixture(scope="module", params=backends_param("aliked", "xfeat", "sift"))
 def calibrated(request, demo_data, tmp_path_factory):
-    """One localizer per backend, calibrated once on the fixture's train frames."""
-    backend = request.param
-    if backend != "sift" and not weights_present(backend):
-        pytest.skip(f"{backend} weights absent")
-    s = U.load_settings(None, None, [f"features.backend={backend}"])
+    """One search per backend, calibrated once on the fixture's train frames."""
+    s = U.load_settings(overrides=[f"features.backend={request.param}"])
     ds = U.load_dataset(demo_data)
-    loc = U.build_localizer(s, ds, U.weights_dir(s, None), tmp_path_factory.mktemp(backend), log=lambda *a: None)
-    registered = U.register_train(loc, ds, U.Checkpoint(None))
-    U.fit_calibration(loc, ds, registered, ds.train_ids, log=lambda *a: None)
-    return loc, ds
+    engine = U.build_engine(s, ds.map_path, tmp_path_factory.mktemp(request.param), log=U.quiet)
+    reg = U.register_train(engine, s, ds, U.Checkpoint(None), log=U.quiet)
+    calib = U.fit_calibration(reg.matched(ds, ds.train_ids), len(ds.train_ids), reg.k_ncc, s.reference, log=U.quiet)
+    return U.Search(engine, s, calib), ds
 
 
-@pytest.mark.weights
+def middle_test_frame(ds, solution):
+    fid = int(solution.index[len(solution) // 2])
+    return ds.frames[fid], solution.loc[fid, ["x_pixel", "y_pixel"]].to_numpy(float)
+
+
 @pytest.mark.parametrize("yaw_offset", [0, 90, 180, 270])
-def test_fixture_frame_localizes_within_5px(calibrated, demo_data, yaw_offset, tmp_path):
-    loc, ds = calibrated
-    sol = pd.read_csv(demo_data.parent / "solution.csv").set_index("id")
-    fid = int(sol.index[len(sol) // 2])
-    frame = ds.frames[fid]
-    truth = sol.loc[fid, ["x_pixel", "y_pixel"]].to_numpy(float)
+def test_fixture_frame_localizes_within_5px(calibrated, solution, yaw_offset, tmp_path):
+    search, ds = calibrated
+    frame, truth = middle_test_frame(ds, solution)
     # rotate the frame on disk by a multiple of 90 deg (intrinsics rotate with it)
     img = U.read_image(frame.path, 1)
     k = yaw_offset // 90
-    rot = np.ascontiguousarray(np.rot90(img, k))
     path = tmp_path / "rotated.JPG"
-    cv2.imwrite(str(path), rot, [cv2.IMWRITE_JPEG_QUALITY, 95])
-    h, w = img.shape[:2]
+    cv2.imwrite(str(path), np.ascontiguousarray(np.rot90(img, k)), [cv2.IMWRITE_JPEG_QUALITY, 95])
     _, m = U.rotate_image(img[..., 0], 90 * k)
-    cx, cy = U.project(m, [(frame.cx, frame.cy)])[0]
+    cx, cy = U.project(m, [frame.principal_point])[0]
     fx, fy = (frame.fx, frame.fy) if k % 2 == 0 else (frame.fy, frame.fx)
-    rotated = U.Frame(fid, path, fx, fy, cx, cy, "test")
+    w, h = (frame.width, frame.height) if k % 2 == 0 else (frame.height, frame.width)
+    rotated = U.Frame(frame.id, path, w, h, fx, fy, cx, cy, "test")
     # the lean is along image-up of the original frame: rotate the learned offset with the image
-    ox, oy = loc.calib.ref_offset
+    ox, oy = search.calib.ref_offset
     for _ in range(k):
         ox, oy = oy, -ox
-    calib = loc.calib
-    loc.calib = U.dataclasses.replace(calib, ref_offset=(ox, oy))
-    try:
-        est, _ = loc.locate(rotated, truth + [60, -40], 150, None)
-    finally:
-        loc.calib = calib
+    turned = U.Search(search.engine, search.s, dataclasses.replace(search.calib, ref_offset=(ox, oy)))
+    est, _ = turned.locate(rotated, truth + [60, -40], 150, None)
     assert est.H is not None, est.error
     assert np.hypot(est.x - truth[0], est.y - truth[1]) < 5
 
 
-@pytest.mark.weights
-def test_frame_far_from_its_prior_is_relocalized(calibrated, demo_data):
+def test_frame_far_from_its_prior_is_relocalized(calibrated, solution):
     """A prior 700 px off with a 50 px radius: the widening search (radii, then tiles) finds the frame."""
-    loc, ds = calibrated
-    sol = pd.read_csv(demo_data.parent / "solution.csv").set_index("id")
-    fid = int(sol.index[len(sol) // 2])
-    truth = sol.loc[fid, ["x_pixel", "y_pixel"]].to_numpy(float)
+    search, ds = calibrated
+    frame, truth = middle_test_frame(ds, solution)
     far = (truth[0] + 700 if truth[0] < 900 else truth[0] - 700, truth[1])
-    est, _ = loc.locate(ds.frames[fid], far, 50, None)
-    assert est.source == "relocalized", est.error
+    est, _ = search.locate(frame, far, 50, None)
+    assert est.source == U.Source.RELOCALIZED, est.error
     assert np.hypot(est.x - truth[0], est.y - truth[1]) < 5
+
+
+@pytest.mark.parametrize("backend", backends_param("aliked", "xfeat"))
+def test_learned_backends_load_without_touching_torch_hub(backend, weights_dir, monkeypatch, tmp_path):
+    """Weights load from our folder: torch's hub folder is neither read nor changed, nothing is fetched."""
+    import torch
+
+    def no_global_state(*_a, **_k):
+        raise AssertionError("torch.hub.set_dir changes process-wide state")
+
+    monkeypatch.setattr(torch.hub, "set_dir", no_global_state)
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "empty-torch-home"))     # a fetch would write here
+    s = U.load_settings(overrides=[f"features.backend={backend}"], flags={"run.weights_dir": str(weights_dir)})
+    b = U.build_backend(s)
+    img = U.synthetic_map(320, 240, 1)[..., 1]
+    f = b.extract(img)
+    i0, i1, _ = b.match(f, (320, 240), f, (320, 240), s.features)
+    assert len(f.keypoints) > 50 and len(i0) > 0.8 * len(f.keypoints) and np.mean(i0 == i1) > 0.95
+    assert not (tmp_path / "empty-torch-home").exists()

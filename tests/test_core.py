@@ -1,3 +1,5 @@
+import ast
+import dataclasses
 import json
 
 import numpy as np
@@ -5,7 +7,7 @@ import pandas as pd
 import pytest
 
 import uavloc as U
-from conftest import run_cli
+from conftest import ROOT, run_cli, sift
 
 
 def test_metric_hand_computed():
@@ -16,26 +18,90 @@ def test_metric_hand_computed():
     assert abs(m["score"] - 50.0) < 1e-9
 
 
-def test_settings_override_order(tmp_path):
+# ----------------------------------------------------------------------------- settings
+
+def test_settings_override_order(tmp_path, monkeypatch):
+    monkeypatch.delenv("UAVLOC_WEIGHTS", raising=False)
     user = tmp_path / "user.toml"
     user.write_text('[features]\nbackend = "xfeat"\nmax_keypoints = 500\n')
     s = U.load_settings(str(user), None, ["features.max_keypoints=700"])
-    assert s["features"]["backend"] == "xfeat" and s["features"]["max_keypoints"] == 700
+    assert s.features.backend == "xfeat" and s.features.max_keypoints == 700
     s = U.load_settings(str(user), "reference", [])
-    assert s["reference"]["mode"] == "centre" and s["features"]["backend"] == "xfeat"
-    with pytest.raises(U.UsageError, match="unknown setting"):
-        U.load_settings(None, None, ["features.nope=1"])
-    with pytest.raises(U.UsageError, match="number"):
-        U.load_settings(None, None, ["features.max_keypoints=abc"])
+    assert s.reference.mode == "centre" and s.features.backend == "xfeat"
+    # CLI flags beat --set; $UAVLOC_WEIGHTS beats --set but not the --weights flag
+    s = U.load_settings(None, None, ["run.out=a", "run.weights_dir=w1"], {"run.out": "b"})
+    assert s.run.out == "b" and s.run.weights_dir == "w1"
+    monkeypatch.setenv("UAVLOC_WEIGHTS", "w2")
+    assert U.load_settings(None, None, ["run.weights_dir=w1"]).run.weights_dir == "w2"
+    assert U.load_settings(None, None, [], {"run.weights_dir": "w3"}).run.weights_dir == "w3"
+
+
+@pytest.mark.parametrize("overrides, words", [
+    (["features.nope=1"], "unknown setting 'features.nope'"),
+    (["nosection.key=1"], "unknown setting 'nosection.key'"),
+    (["features.max_keypoints=abc"], "takes a number"),
+    (["run.strict=1"], "takes true or false"),
+])
+def test_bad_settings_are_usage_errors(overrides, words):
+    with pytest.raises(U.UsageError, match=words):
+        U.load_settings(None, None, overrides)
+
+
+def test_settings_are_frozen_records():
+    s = U.load_settings()
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        s.features.backend = "sift"
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        s.run = s.run
+    with pytest.raises(TypeError):
+        s.tune.space["geometry.min_inliers"] = {"low": 1, "high": 2}
+    assert isinstance(s.kaggle.wheels, tuple) and isinstance(s.features.map_level, float)
+    t = s.with_values({"geometry.min_inliers": 20})
+    assert t.geometry.min_inliers == 20 and s.geometry.min_inliers == 12 and t.features is not s.features
+
+
+def test_every_settings_toml_key_is_a_typed_field():
+    """settings.toml and the records agree key for key: a key missing from either side is an error."""
+    tables = U.tomllib.loads(U.DEFAULT_SETTINGS.read_text())
+    s = U.load_settings()
+    for f in dataclasses.fields(s):
+        if isinstance(getattr(s, f.name), U.Section):
+            assert set(tables[f.name]) == set(getattr(s, f.name).to_table()), f.name
+    bad = dict(tables, geometry={**tables["geometry"], "extra": 1})
+    with pytest.raises(U.UsageError, match="extra"):
+        U.Settings.from_tables(bad)
+    wrong = dict(tables, geometry={**tables["geometry"], "min_inliers": "many"})
+    with pytest.raises(U.UsageError, match="geometry.min_inliers"):
+        U.Settings.from_tables(wrong)
 
 
 def test_settings_round_trip_through_toml(tmp_path):
-    s = U.load_settings()
-    s["geometry"]["ransac_threshold"] = 2.5
+    s = U.load_settings().with_values({"geometry.ransac_threshold": 2.5})
     p = tmp_path / "s.toml"
-    p.write_text(U.dump_toml(s))
+    p.write_text(U.dump_toml(s.to_tables()))
     assert U.load_settings(str(p)) == s
 
+
+def test_code_reads_no_args_and_compares_no_backend_names():
+    """args is read only where the CLI is parsed and settings resolved; backends are chosen only
+    through their table; a search's calibration is set only by its constructor."""
+    tree = ast.parse(U.MODULE_FILE.read_text())
+    allowed = {"parse_args", "resolve_settings", "parse_request", "main"}
+    offenders = set()
+    for fn in (n for n in ast.walk(tree) if isinstance(n, ast.FunctionDef) and n.name not in allowed):
+        for node in ast.walk(fn):
+            if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and node.value.id == "args":
+                offenders.add(fn.name)
+            if isinstance(node, ast.Compare) and any(isinstance(c, ast.Constant) and c.value in U.BACKENDS
+                                                     for c in [node.left, *node.comparators]):
+                offenders.add(fn.name)
+            if isinstance(node, ast.Assign) and fn.name != "__init__" and any(
+                    isinstance(t, ast.Attribute) and t.attr == "calib" for t in node.targets):
+                offenders.add(fn.name)
+    assert not offenders
+
+
+# ----------------------------------------------------------------------------- small pieces
 
 def test_processing_order_below_first_train_goes_backwards():
     order = U.processing_order(list(range(1, 13)) + [20], list(range(13, 20)), both_ends=False)
@@ -47,76 +113,91 @@ def test_both_ends_order_alternates_from_the_two_known_ends():
     assert order[:2] == [11, 16] and set(order[2:4]) == {12, 15}
 
 
-def test_block_split_hides_runs_not_single_ids():
-    ids = list(range(100))
-    hidden = U.block_split(ids, 0.25, 3, 5, seed=1)
-    assert 20 <= len(hidden) <= 25 and 0 not in hidden and 99 not in hidden
-    runs = np.split(np.array(hidden), np.flatnonzero(np.diff(hidden) > 1) + 1)
-    assert all(len(r) >= 2 for r in runs[:-1])
-    assert hidden == U.block_split(ids, 0.25, 3, 5, seed=1)
+@pytest.mark.parametrize("n, fraction, bmin, bmax", [(100, 0.25, 3, 5), (60, 0.25, 2, 6), (30, 0.2, 2, 4)])
+def test_block_split_hides_separate_blocks_over_many_seeds(n, fraction, bmin, bmax):
+    ids = list(range(10, 10 + 2 * n, 2))             # ids with gaps, as train ids have
+    target = round(fraction * n)
+    for seed in range(200):
+        hidden = U.block_split(ids, fraction, bmin, bmax, seed)
+        assert target <= len(hidden) < target + bmin, seed
+        assert ids[0] not in hidden and ids[-1] not in hidden, seed
+        pos = np.array([ids.index(i) for i in hidden])
+        runs = np.split(pos, np.flatnonzero(np.diff(pos) > 1) + 1)   # gaps > 1: a known id between blocks
+        assert all(bmin <= len(r) <= max(bmax, bmin) for r in runs), (seed, [len(r) for r in runs])
+        assert hidden == U.block_split(ids, fraction, bmin, bmax, seed)
 
 
 def test_jump_is_rejected_and_interpolated():
-    known = {i: U.Estimate(i, 10.0 * i, 0.0, "truth") for i in (1, 5)}
-    H = np.eye(3)
-    done = {i: U.Estimate(i, 10.0 * i, 0.0, "map", H=H) for i in (2, 3, 4)}
-    done[3].x, done[3].y = 900.0, 700.0      # a wrong match far away
-    U.reject_jumps(done, known, bound=12.0, slack=5.0)
-    assert done[3].source == "interpolated" and done[2].source == "map"
-    U.fill_unmatched(done, known, (0, 0))
-    assert abs(done[3].x - 30.0) < 1e-9 and abs(done[3].y) < 1e-9
+    known = {i: U.Estimate(i, 10.0 * i, 0.0, U.Source.TRUTH) for i in (1, 5)}
+    done = {i: U.Estimate(i, 10.0 * i, 0.0, U.Source.MAP, H=np.eye(3)) for i in (2, 3, 4)}
+    done[3] = dataclasses.replace(done[3], x=900.0, y=700.0)      # a wrong match far away
+    checked = U.reject_jumps(done, known, bound=12.0, slack=5.0)
+    assert checked[3].source == U.Source.INTERPOLATED and checked[2].source == U.Source.MAP
+    assert done[3].source == U.Source.MAP                          # the input is left as it was
+    filled = U.fill_unmatched(checked, known, (0, 0))
+    assert abs(filled[3].x - 30.0) < 1e-9 and abs(filled[3].y) < 1e-9
 
 
-def test_atomic_write_leaves_no_partial_file(tmp_path):
+def test_unmatched_frames_are_extrapolated_at_the_ends():
+    known = {i: U.Estimate(i, 10.0 * i, 5.0 * i, U.Source.TRUTH) for i in (3, 4)}
+    done = {i: U.Estimate(i, 0.0, 0.0, U.Source.UNMATCHED) for i in (1, 6)}
+    filled = U.fill_unmatched(done, known, (0, 0))
+    assert (filled[1].x, filled[1].y) == (10.0, 5.0) and (filled[6].x, filled[6].y) == (60.0, 30.0)
+    assert all(e.source == U.Source.INTERPOLATED for e in filled.values())
+
+
+def test_only_matched_sources_and_truths_are_trusted():
+    assert {s for s in U.Source if s.trusted} == {U.Source.MAP, U.Source.NEIGHBOUR, U.Source.RELOCALIZED,
+                                                  U.Source.TRUTH}
+
+
+def test_atomic_write_replaces_whole_files_and_survives_a_failing_writer(tmp_path):
     p = tmp_path / "a.csv"
     U.atomic_write(p, "id\n1\n")
-    assert p.read_text() == "id\n1\n" and len(list(tmp_path.iterdir())) == 1
+    assert p.read_text() == "id\n1\n"
+
+    def half_then_fail(f):
+        f.write(b"id\n2\n")
+        raise OSError("disk full")
+
+    with pytest.raises(OSError, match="disk full"):
+        U.atomic_write(p, half_then_fail)
+    assert p.read_text() == "id\n1\n" and [q.name for q in tmp_path.iterdir()] == ["a.csv"]
 
 
-def test_superpoint_loads_magicleap_layout_and_gives_256d(tmp_path):
+def test_features_save_and_load_round_trip(tmp_path):
+    rng = np.random.default_rng(0)
+    f = U.Features(rng.random((5, 2), np.float32), rng.random((5, 8), np.float32), rng.random(5, np.float32))
+    f.save(tmp_path / "f.npz", size=np.array([40, 30]))
+    g, extra = U.Features.load(tmp_path / "f.npz")
+    assert np.array_equal(g.keypoints, f.keypoints) and np.array_equal(g.descriptors, f.descriptors)
+    assert extra["size"].tolist() == [40, 30]
+
+
+def magicleap_state_dict(torch):
+    """SuperPoint's published layout (MagicLeap superpoint_v1.pth), written out from its shapes."""
+    shapes = {"conv1a": (64, 1, 3), "conv1b": (64, 64, 3), "conv2a": (64, 64, 3), "conv2b": (64, 64, 3),
+              "conv3a": (128, 64, 3), "conv3b": (128, 128, 3), "conv4a": (128, 128, 3), "conv4b": (128, 128, 3),
+              "convPa": (256, 128, 3), "convPb": (65, 256, 1), "convDa": (256, 128, 3), "convDb": (256, 256, 1)}
+    g = torch.Generator().manual_seed(0)
+    state = {}
+    for name, (o, i, k) in shapes.items():
+        state[f"{name}.weight"] = torch.randn(o, i, k, k, generator=g) * 0.05
+        state[f"{name}.bias"] = torch.zeros(o)
+    return state
+
+
+def test_superpoint_loads_a_magicleap_file_and_gives_256d(tmp_path):
     torch = pytest.importorskip("torch")
-    net = U.superpoint_net()
-    keys = set(net.state_dict())
-    assert {"conv1a.weight", "convPb.weight", "convDb.weight"} <= keys
-    torch.save(net.state_dict(), tmp_path / "superpoint_v1.pth")
-    fresh = U.superpoint_net()
-    fresh.load_state_dict(torch.load(tmp_path / "superpoint_v1.pth", weights_only=True))
-    prob, desc = fresh(torch.rand(1, 1, 64, 96))
+    path = tmp_path / "superpoint_v1.pth"
+    torch.save(magicleap_state_dict(torch), path)
+    net = U.load_into(U.superpoint_net(), U.load_state(path, "superpoint"), path, "superpoint")
+    assert torch.equal(net.convDb.weight, torch.load(path)["convDb.weight"])
+    prob, desc = net(torch.rand(1, 1, 64, 96))
     assert prob.shape == (1, 64, 96) and desc.shape == (1, 256, 8, 12)
-
-
-def test_submit_sift_writes_valid_submission_and_locate_json(demo_data, tmp_path):
-    out = tmp_path / "o"
-    r = run_cli("--mode", "submit", "--data", str(demo_data), "--out", str(out), "--set", "features.backend=sift")
-    assert r.returncode == 0, r.stderr
-    sub = pd.read_csv(out / "submission.csv")
-    test_ids = pd.read_csv(demo_data / "test_data/test_cam.csv")["id"].tolist()
-    assert list(sub.columns) == ["id", "x_pixel", "y_pixel"] and sub["id"].tolist() == sorted(test_ids)
-    m = U.metric(sub, pd.read_csv(demo_data.parent / "solution.csv"))
-    assert m["acc@25"] == 1.0 and m["mean_px"] < 5
-    diag = pd.read_csv(out / "test_predictions.csv").set_index("id")
-    assert {"anchor_id", "inliers", "rotation", "source", "runtime_s", "stages"} <= set(diag.columns)
-    # the run 12..14 lies between train frames 11 and 15: it is anchored from both ends
-    assert diag.loc[12, "anchor_id"] == 11 and diag.loc[14, "anchor_id"] == 15
-    # the truth is the demo's leaning camera's nadir: 0.06 f below the image centre, about 20 map px
-    # from the centre's projection; the learned reference pixel puts predictions within 5 px of it
-    calib = json.loads((out / "calibration.json").read_text())
-    assert abs(calib["ref_offset"][1] - 0.06) < 0.005 and abs(calib["ref_offset"][0]) < 0.005
-    assert calib["ref_offset"][1] * calib["k"] > 15
-    err = np.hypot(*(sub.set_index("id")[["x_pixel", "y_pixel"]] -
-                     pd.read_csv(demo_data.parent / "solution.csv").set_index("id")).to_numpy().T)
-    assert err.max() < 5
-    assert (out / "report" / "map_overview.png").is_file()
-    cam = pd.read_csv(demo_data / "test_data/test_cam.csv").iloc[0]
-    sol = pd.read_csv(demo_data.parent / "solution.csv").set_index("id").loc[int(cam.id)]
-    frame = demo_data / f"test_data/test_images/{int(cam.id):04d}.JPG"
-    r = run_cli("--mode", "locate", "--map", str(demo_data / "map.png"), "--frame", str(frame),
-                "--fx", str(cam.fx), "--fy", str(cam.fy), "--cx", str(cam.cx), "--cy", str(cam.cy),
-                "--prior", f"{sol.x_pixel + 40},{sol.y_pixel - 30}", "--out", str(out),
-                "--set", "features.backend=sift")
-    assert r.returncode == 0, r.stderr
-    res = json.loads(r.stdout.strip().splitlines()[-1])
-    assert np.hypot(res["x"] - sol.x_pixel, res["y"] - sol.y_pixel) < 5   # calibrated reference pixel reused
+    torch.save({"conv1a.weight": torch.zeros(3, 3)}, path)
+    with pytest.raises(U.WeightsError, match="do not load"):
+        U.load_into(U.superpoint_net(), U.load_state(path, "superpoint"), path, "superpoint")
 
 
 def test_prefetched_decode_equals_direct_decode_and_keeps_errors(demo_data, tmp_path):
@@ -131,3 +212,64 @@ def test_prefetched_decode_equals_direct_decode_and_keeps_errors(demo_data, tmp_
     dec.prefetch(bad, 200)
     with pytest.raises(U.DataError, match="bad.JPG"):
         dec.get(bad, 200)
+
+
+# ----------------------------------------------------------------------------- a whole submit (SIFT)
+
+@pytest.fixture(scope="module")
+def sift_run(demo_data, tmp_path_factory):
+    """One submit from Python, as the README's "Use from Python" shows: settings record and paths in,
+    the submission's path out."""
+    out = tmp_path_factory.mktemp("sift-run")
+    path = U.submit(sift(), demo_data, out, log=U.quiet)
+    return out, path
+
+
+def test_submit_from_python_returns_the_submission_it_wrote(sift_run, demo_data):
+    out, path = sift_run
+    assert path == out / "submission.csv"
+    sub = pd.read_csv(path)
+    test_ids = pd.read_csv(demo_data / "test_data/test_cam.csv")["id"].tolist()
+    assert list(sub.columns) == ["id", "x_pixel", "y_pixel"] and sub["id"].tolist() == sorted(test_ids)
+
+
+def test_submit_places_every_test_frame_within_5px(sift_run, solution):
+    sub = U.read_solution(sift_run[1]).set_index("id")
+    err = np.hypot(*(sub[["x_pixel", "y_pixel"]] - solution[["x_pixel", "y_pixel"]]).to_numpy().T)
+    assert err.max() < 5
+
+
+def test_a_run_between_train_frames_is_anchored_from_both_ends(sift_run):
+    diag = pd.read_csv(sift_run[0] / "test_predictions.csv").set_index("id")
+    assert {"anchor_id", "inliers", "rotation", "source", "runtime_s", "stages", "raised"} <= set(diag.columns)
+    # the run 12..14 lies between train frames 11 and 15
+    assert diag.loc[12, "anchor_id"] == 11 and diag.loc[14, "anchor_id"] == 15
+
+
+def test_the_leaning_cameras_reference_pixel_is_learned(sift_run):
+    # the truth is the demo's leaning camera's nadir: 0.06 f below the image centre, about 20 map px
+    # from the centre's projection
+    calib = U.Calibration.from_json((sift_run[0] / "calibration.json").read_text())
+    assert abs(calib.ref_offset[1] - 0.06) < 0.005 and abs(calib.ref_offset[0]) < 0.005
+    assert calib.ref_offset[1] * calib.k > 15
+
+
+def test_submit_writes_the_reports_and_settings_used(sift_run):
+    out = sift_run[0]
+    assert (out / "report" / "map_overview.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert U.load_settings(str(out / "settings_used.toml")).features.backend == "sift"
+
+
+@pytest.mark.slow
+def test_locate_prints_json_and_reuses_the_calibration(sift_run, demo_data, solution):
+    out = sift_run[0]
+    cam = pd.read_csv(demo_data / "test_data/test_cam.csv").iloc[0]
+    sol = solution.loc[int(cam.id)]
+    frame = demo_data / f"test_data/test_images/{int(cam.id):04d}.JPG"
+    r = run_cli("--mode", "locate", "--map", str(demo_data / "map.png"), "--frame", str(frame),
+                "--fx", str(cam.fx), "--fy", str(cam.fy), "--cx", str(cam.cx), "--cy", str(cam.cy),
+                "--prior", f"{sol.x_pixel + 40},{sol.y_pixel - 30}", "--out", str(out),
+                "--set", "features.backend=sift")
+    assert r.returncode == 0, r.stderr
+    res = json.loads(r.stdout.strip())                      # stdout holds the JSON line alone
+    assert res["matched"] and np.hypot(res["x"] - sol.x_pixel, res["y"] - sol.y_pixel) < 5

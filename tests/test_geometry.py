@@ -42,7 +42,8 @@ def test_magsac_recovers_homography_with_noise_and_outliers():
     p0 = rng.uniform(0, 500, (300, 2))
     p1 = U.project(H, p0) + rng.normal(0, 0.5, (300, 2))
     p1[:90] = rng.uniform(0, 500, (90, 2))            # 30 % outliers
-    g = {"ransac_threshold": 3.0, "ransac_max_iters": 5000, "ransac_confidence": 0.999}
+    g = U.GeometrySettings(ransac_threshold=3.0, ransac_confidence=0.999, ransac_max_iters=5000,
+                           min_inliers=12, max_anisotropy=1.4)
     Hest, inl = U.estimate_homography(p0, p1, g)
     assert inl[90:].mean() > 0.95 and inl[:90].mean() < 0.1
     test = rng.uniform(0, 500, (50, 2))

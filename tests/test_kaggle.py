@@ -9,7 +9,7 @@ import pandas as pd
 import pytest
 
 import uavloc as U
-from conftest import ROOT, weights_present
+from conftest import ROOT, WEIGHTS, run_cli, weights_present
 
 KAGGLE = ROOT / "kaggle"
 
@@ -33,7 +33,7 @@ def test_kaggle_folder_is_in_sync_with_uavloc_and_settings():
     hint = "kaggle/ is out of sync: run `python uavloc.py --mode kaggle-sync`"
     assert (KAGGLE / "uavloc.py").read_text() == U.kernel_source(U.DEFAULT_SETTINGS.read_text()), hint
     meta = json.loads((KAGGLE / "kernel-metadata.json").read_text())
-    assert meta == U.kernel_metadata(U.load_settings()), hint
+    assert meta == U.kernel_metadata(U.load_settings().kaggle), hint
 
 
 def fake_kaggle(tmp_path, demo_data, with_weights):
@@ -46,8 +46,8 @@ def fake_kaggle(tmp_path, demo_data, with_weights):
     if with_weights:
         w = root / "input" / "uavloc-weights"
         w.mkdir(parents=True)
-        for name in U.WEIGHT_FILES["aliked"]:
-            os.symlink(os.path.join(os.environ.get("UAVLOC_WEIGHTS", ROOT / "weights"), name), w / name)
+        for name in U.BACKENDS["aliked"].weight_files:
+            os.symlink(WEIGHTS / name, w / name)
     (root / "working").mkdir(parents=True)
     return root
 
@@ -57,18 +57,18 @@ def run_kernel(root, cwd, *flags):
     # no network: any download attempt fails at once instead of reaching the internet
     env.update(UAVLOC_KAGGLE_ROOT=str(root), HTTP_PROXY="http://127.0.0.1:9", HTTPS_PROXY="http://127.0.0.1:9",
                TORCH_HOME=str(cwd / "torch-home"))
-    return subprocess.run([sys.executable, str(KAGGLE / "uavloc.py"), *flags], cwd=cwd, env=env,
-                          capture_output=True, text=True, timeout=900)
+    return run_cli(*flags, env=env, script=KAGGLE / "uavloc.py", cwd=cwd)
 
 
 def check_submission(root, demo_data):
     sub = pd.read_csv(root / "working" / "submission.csv")
     ids = sorted(pd.read_csv(demo_data / "test_data/test_cam.csv")["id"])
     assert sub["id"].tolist() == ids
-    m = U.metric(sub, pd.read_csv(demo_data.parent / "solution.csv"))
+    m = U.metric(sub, U.read_solution(demo_data.parent / "solution.csv"))
     assert m["acc@25"] == 1.0
 
 
+@pytest.mark.slow
 def test_kernel_dry_run_in_a_simulated_kaggle(demo_data, tmp_path):
     root = fake_kaggle(tmp_path, demo_data, with_weights=False)
     r = run_kernel(root, tmp_path, "--set", "features.backend=sift")     # no weights dataset: SIFT
@@ -77,6 +77,7 @@ def test_kernel_dry_run_in_a_simulated_kaggle(demo_data, tmp_path):
     check_submission(root, demo_data)
 
 
+@pytest.mark.slow
 @pytest.mark.weights
 @pytest.mark.skipif(not weights_present("aliked"), reason="ALIKED weights absent")
 def test_kernel_dry_run_without_flags_uses_the_weights_dataset(demo_data, tmp_path):

@@ -1,5 +1,4 @@
 """Tune mode: the search space from TOML, the block-wise split, best_params round trip, resumption."""
-import argparse
 import tomllib
 
 import optuna
@@ -15,14 +14,14 @@ def test_search_space_is_read_from_toml_with_types(tmp_path):
     s = U.load_settings(str(f))
     space = U.search_space(s)
     assert space["geometry.min_inliers"] == {"low": 10, "high": 30}
-    assert space["features.backend"]["choices"] == ["aliked", "xfeat"]
+    assert space["features.backend"]["choices"] == ("aliked", "xfeat")
     assert space["scale.virtual_zoom"] == {"low": 0.7, "high": 1.3}      # settings.toml's own entries stay
-    values = {k: s[k.split(".")[0]][k.split(".")[1]] for k in space}
+    values = {k: s.value(k) for k in space}
     trial = optuna.trial.FixedTrial({**values, "geometry.min_inliers": 17, "features.backend": "xfeat"})
     params = U.suggest(trial, space, s)
     assert params["geometry.min_inliers"] == 17 and isinstance(params["geometry.min_inliers"], int)
     assert params["features.backend"] == "xfeat"
-    assert U.with_params(s, params)["geometry"]["min_inliers"] == 17 and s["geometry"]["min_inliers"] == 12
+    assert s.with_values(params).geometry.min_inliers == 17 and s.geometry.min_inliers == 12
 
 
 @pytest.mark.parametrize("table, words", [
@@ -57,29 +56,28 @@ def test_best_params_round_trip_into_settings(tmp_path):
     path = tmp_path / "best_params.toml"
     path.write_text(U.params_toml(params, "test"))
     s = U.load_settings(str(path))
-    assert s["features"]["match_threshold"] == 0.2143 and s["geometry"]["min_inliers"] == 26
-    assert s["localize"]["search_radius"] == 204.5
+    assert s.features.match_threshold == 0.2143 and s.geometry.min_inliers == 26
+    assert s.localize.search_radius == 204.5
     tuned = tomllib.loads(U.apply_params(U.DEFAULT_SETTINGS.read_text(), params))
     assert tuned["geometry"]["min_inliers"] == 26 and tuned["features"]["match_threshold"] == 0.2143
-    assert tuned["features"]["backend"] == U.load_settings()["features"]["backend"]   # the rest untouched
+    assert tuned["features"]["backend"] == U.load_settings().features.backend   # the rest untouched
 
 
 def test_study_resumes_after_a_kill(tmp_path):
-    s = U.load_settings(None, None, ["tune.storage=sqlite:///" + str(tmp_path / "t.db")])
+    s = U.load_settings(None, None, ["tune.storage=sqlite:///" + str(tmp_path / "t.db"), "tune.study=t"])
     space = U.search_space(s)
-    args = argparse.Namespace(study="t", storage=None)
 
     def objective(trial):
         p = U.suggest(trial, space, s)
         return -abs(p["geometry.min_inliers"] - 20)
 
-    study, _ = U.open_study(s, args, tmp_path, "fp")
+    study, _ = U.open_study(s, tmp_path, "fp")
     study.optimize(objective, n_trials=3)
     study.ask()                              # a trial left RUNNING, as by a killed process
     first = [(t.number, t.params) for t in study.trials[:3]]
     assert first[0][1]["geometry.min_inliers"] == 12     # trial 0 is the base settings
 
-    study, _ = U.open_study(s, args, tmp_path, "fp")
+    study, _ = U.open_study(s, tmp_path, "fp")
     states = [t.state for t in study.trials]
     assert states[3] == optuna.trial.TrialState.FAIL
     study.optimize(objective, n_trials=2)
@@ -87,4 +85,4 @@ def test_study_resumes_after_a_kill(tmp_path):
     assert len(done) == 5 and [(t.number, t.params) for t in study.trials[:3]] == first
     assert len({tuple(sorted(t.params.items())) for t in done}) == 5     # no trial repeated
     with pytest.raises(U.UsageError, match="other data"):
-        U.open_study(s, args, tmp_path, "another fingerprint")
+        U.open_study(s, tmp_path, "another fingerprint")
