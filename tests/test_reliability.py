@@ -6,6 +6,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import cv2
 import numpy as np
@@ -74,6 +75,8 @@ CASES = {
         (0, "id"), int(pd.read_csv(d / CAM)["id"].iloc[0]))), 3, ["both a train and a test id"]),
     "map too small": (lambda d: cv2.imwrite(str(d / "map.png"), np.full((30, 40), 128, np.uint8)), 3,
                       ["map.png", "too small"]),
+    "train truth off the map": (set_cell(POS, "x_pixel", 999999.0, row=2), 3,
+                                ["train_pos.csv", "line 4", "off the", "map"]),
 }
 
 
@@ -234,3 +237,83 @@ def test_a_run_that_loses_a_test_frame_writes_nothing(demo_data, tmp_path, monke
                  "--set", "run.validate=false"])
     assert rc == 1 and "does not hold every test id" in capsys.readouterr().err
     assert (out / "submission.csv").read_text() == "earlier\n" and not (out / "test_predictions.csv").exists()
+
+
+# ----------------------------------------------------------------------------- what real data sets look like
+
+def spaced_csvs(data):
+    """Every CSV rewritten as `id, fx, fy` with a space after each comma and around headers."""
+    for rel in (CAM, POS, TEST):
+        df = pd.read_csv(data / rel)
+        lines = [", ".join(f" {c}" for c in df.columns)] + [", ".join(f"{v} " for v in row) for row in df.astype(str).values]
+        (data / rel).write_text("\n".join(lines) + "\n")
+
+
+def lower_case_jpg(data):
+    for p in (data / "test_data/test_images").iterdir():
+        p.rename(p.with_name(p.stem + ".jpg"))
+
+
+def extra_and_reordered_columns(data):
+    edit_csv(data / CAM, lambda df: df[["cy", "cx", "id", "fy", "fx"]].assign(model="FC8482"))
+
+
+def gray_map(data):
+    cv2.imwrite(str(data / "map.png"), cv2.imread(str(data / "map.png"), cv2.IMREAD_GRAYSCALE))
+
+
+def png_under_jpg_name(data):
+    p = first_image(data, "train")
+    cv2.imwrite(str(p.with_suffix(".png")), cv2.imread(str(p)))
+    p.with_suffix(".png").rename(p)
+
+
+DATA_CASES = {
+    # name: (mutation, None if accepted else the words of the error)
+    "spaces around headers and values": (spaced_csvs, None),
+    "lower-case .jpg": (lower_case_jpg, None),
+    "extra and reordered columns": (extra_and_reordered_columns, None),
+    "grayscale map.png": (gray_map, None),
+    "a PNG saved under a .JPG name": (png_under_jpg_name, None),
+    "a test id that is also a train id": (CASES["id in train and test"][0], ["both a train and a test id"]),
+    "an empty test set": (CASES["empty test set"][0], ["empty test set"]),
+    "a fractional id": (set_cell(TEST, "id", 3.5), ["test_cam.csv", "ids must be integers"]),
+    "a negative focal length": (CASES["negative focal length"][0], ["non-positive focal length"]),
+    "a train truth off the map": (CASES["train truth off the map"][0], ["train_pos.csv", "id", "off the"]),
+}
+
+
+@pytest.mark.parametrize("name", list(DATA_CASES))
+def test_load_dataset_accepts_or_refuses_clearly(name, demo_data, tmp_path):
+    mutate, words = DATA_CASES[name]
+    data = tmp_path / "data"
+    shutil.copytree(demo_data, data)
+    mutate(data)
+    if words is None:
+        ds = U.load_dataset(data)
+        ref = U.load_dataset(demo_data)
+        assert ds.train_ids == ref.train_ids and ds.test_ids == ref.test_ids
+        for i, f in ref.frames.items():
+            g = ds.frames[i]
+            assert (g.fx, g.fy, g.cx, g.cy, g.truth, g.size) == (f.fx, f.fy, f.cx, f.cy, f.truth, f.size)
+    else:
+        with pytest.raises(U.DataError) as e:
+            U.load_dataset(data)
+        assert all(w in str(e.value) for w in words), str(e.value)
+
+
+def test_a_truth_far_from_its_match_is_reported_and_left_out_of_the_fits():
+    """Eight train frames whose homographies put the reference pixel on their truth, but one truth
+    is 300 px off (a wrong GPS row): it is named in the log and the fit ignores it."""
+    matched = []
+    for i in range(8):
+        s = 0.5 + 0.01 * i
+        H = np.array([[s, 0, 100.0 + 50 * i], [0, s, 200.0], [0, 0, 1]])
+        truth = tuple(U.project(H, [(320, 240 + 0.06 * 600)])[0] + ([300, 0] if i == 5 else [0, 0]))
+        matched.append((U.Frame(i, Path(f"{i}.JPG"), 640, 480, 600.0, 600.0, 320.0, 240.0, "train", truth), H))
+    lines = []
+    rs = U.load_settings().reference
+    calib = U.fit_calibration(matched, 8, 300.0, rs, log=lines.append)
+    assert any("id 5 (" in line and "left out" in line for line in lines), lines
+    assert "7/8 train frames registered and used" in lines[-1]
+    assert abs(calib.ref_offset[1] - 0.06) < 1e-6 and abs(calib.ref_offset[0]) < 1e-6
