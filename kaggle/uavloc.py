@@ -729,14 +729,14 @@ class FrameDecoder:
         self.items: OrderedDict[tuple, np.ndarray | Future] = OrderedDict()
         self.keep = keep
 
-    def prefetch(self, path: Path, side: int) -> None:
+    def prefetch(self, path: Path, side: int, full_size: tuple[int, int] | None = None) -> None:
         if self.pool is not None and (path, side) not in self.items:
-            self._store((path, side), self.pool.submit(load_gray, path, side))
+            self._store((path, side), self.pool.submit(load_gray, path, side, full_size))
 
-    def get(self, path: Path, side: int) -> np.ndarray:
+    def get(self, path: Path, side: int, full_size: tuple[int, int] | None = None) -> np.ndarray:
         item = self.items.get((path, side))
         if item is None:
-            item = load_gray(path, side)
+            item = load_gray(path, side, full_size)
         elif isinstance(item, Future):
             item = item.result()          # an error in the thread (a corrupt image) is raised here
         self._store((path, side), item)
@@ -790,9 +790,9 @@ NO_MATCHES = (np.zeros(0, int), np.zeros(0, int), np.zeros(0, np.float32))
 
 def find_weight(weights_dir: Path, name: str, hub_name: str) -> Path:
     """A weight file in the weights folder (under its own name or kornia's), else torch's hub cache."""
+    import torch
     places = [weights_dir / name, weights_dir / hub_name]
-    torch_home = os.environ.get("TORCH_HOME", os.path.join(os.path.expanduser("~"), ".cache", "torch"))
-    hub = Path(torch_home) / "hub" / "checkpoints" / hub_name
+    hub = Path(torch.hub.get_dir()) / "checkpoints" / hub_name     # reads TORCH_HOME; changes nothing
     if hub not in places:
         places.append(hub)
     for p in places:
@@ -1371,13 +1371,13 @@ class QueryViews:
         return min(self.preprocess_cfg.max_side, max(8, int(round(max(frame.size) * scale))))
 
     def prefetch(self, frame: Frame, scale: float) -> None:
-        self.decoder.prefetch(frame.path, self.working_side(frame, scale))
+        self.decoder.prefetch(frame.path, self.working_side(frame, scale), frame.size)
 
     def image(self, frame: Frame, rotation: float, scale: float, clock: Stopwatch) -> tuple[np.ndarray, np.ndarray]:
         """The frame decoded near `scale` x its size (capped at preprocess.max_side), preprocessed and
         rotated by `rotation`; returns the image and the homography original px -> its px."""
         t0 = time.perf_counter()
-        gray = self.decoder.get(frame.path, self.working_side(frame, scale))
+        gray = self.decoder.get(frame.path, self.working_side(frame, scale), frame.size)
         t0 = clock.tick("decode", t0)
         img, rot = rotate_image(preprocess(gray, self.preprocess_cfg), rotation)
         clock.tick("preprocess", t0)
