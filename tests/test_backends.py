@@ -14,9 +14,8 @@ def calibrated(request, demo_data, tmp_path_factory):
     """One search per backend, calibrated once on the fixture's train frames."""
     s = U.load_settings(overrides=[f"features.backend={request.param}"])
     ds = U.load_dataset(demo_data)
-    engine = U.build_engine(s, ds.map_path, tmp_path_factory.mktemp(request.param), log=U.quiet)
-    reg = U.register_train(engine, s, ds, U.Checkpoint(None), log=U.quiet)
-    calib = U.fit_calibration(reg.matched(ds, ds.train_ids), len(ds.train_ids), reg.k_ncc, s.reference, log=U.quiet)
+    s, engine, reg = U.prepare(s, ds, tmp_path_factory.mktemp(request.param), U.Checkpoint(None), log=U.quiet)
+    calib = U.fit_calibration(reg.matched(ds, ds.train_ids), len(ds.train_ids), reg.height, s.reference, log=U.quiet)
     return U.Search(engine, s, calib), ds
 
 
@@ -76,3 +75,15 @@ def test_learned_backends_load_without_touching_torch_hub(backend, weights_dir, 
     i0, i1, _ = b.match(f, (320, 240), f, (320, 240), s.features)
     assert len(f.keypoints) > 50 and len(i0) > 0.8 * len(f.keypoints) and np.mean(i0 == i1) > 0.95
     assert not (tmp_path / "empty-torch-home").exists()
+
+
+def test_a_frame_that_matches_nowhere_gives_up_within_its_budget(calibrated):
+    """A blank frame matches no window: with a zero budget the widening search stops at once, says so,
+    and the frame is left unmatched (the sequence fills it)."""
+    search, ds = calibrated
+    frame = ds.frames[ds.test_ids[0]]
+    blank = frame.path.parent.parent / "blank.JPG"
+    cv2.imwrite(str(blank), np.full((frame.height, frame.width), 128, np.uint8))
+    f = dataclasses.replace(frame, path=blank)
+    est, _ = search.locate(f, search.engine.map_centre, 50.0, None, widen=True, budget_s=0.0)
+    assert est.H is None and "budget" in est.error and est.runtime < 5

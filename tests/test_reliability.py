@@ -313,7 +313,7 @@ def test_a_truth_far_from_its_match_is_reported_and_left_out_of_the_fits():
         matched.append((U.Frame(i, Path(f"{i}.JPG"), 640, 480, 600.0, 600.0, 320.0, 240.0, "train", truth), H))
     lines = []
     rs = U.load_settings().reference
-    calib = U.fit_calibration(matched, 8, 300.0, rs, log=lines.append)
+    calib = U.fit_calibration(matched, 8, U.HeightEvidence.given(300.0), rs, log=lines.append)
     assert any("id 5 (" in line and "left out" in line for line in lines), lines
     assert "7/8 train frames registered and used" in lines[-1]
     assert abs(calib.ref_offset[1] - 0.06) < 1e-6 and abs(calib.ref_offset[0]) < 1e-6
