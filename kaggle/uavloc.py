@@ -1720,6 +1720,11 @@ class HeightEvidence:
         w = f"sweep {self.sweep:.1f} ({self.sweep_frames} frames)" if self.sweep else "sweep found nothing"
         return f"{m}, {w}, {n}"
 
+    @classmethod
+    def given(cls, k: float) -> "HeightEvidence":
+        """A height known beforehand (a test, or a caller that measured it)."""
+        return cls(None, 0.0, 0, None, None, 0, float(k))
+
 
 def check_map_covers_frames(map_path: Path, map_size: tuple[int, int], frame: Frame, calib: Calibration) -> None:
     w, h = map_size
