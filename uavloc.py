@@ -18,6 +18,7 @@ import io
 import json
 import os
 import shutil
+import socket
 import subprocess
 import sys
 import tempfile
@@ -337,6 +338,7 @@ class TuneSettings(Section):
     trials: int
     study: str
     storage: str
+    heartbeat_s: int
     apply: bool
     sampler_seed: int
     holdout_fraction: float
@@ -2454,8 +2456,8 @@ class Progress:
     """A bar on a terminal; elsewhere (Kaggle, CI, nohup, where tqdm hides itself) a log line every
     PROGRESS_EVERY frames or PROGRESS_SECONDS seconds: done/total, frames per second and the ETA."""
 
-    def __init__(self, phase: str, total: int, log=print):
-        self.phase, self.total, self.log = phase, total, log
+    def __init__(self, phase: str, total: int, log=print, unit: str = "frames"):
+        self.phase, self.total, self.log, self.unit = phase, total, log, unit
         self.done, self.t0 = 0, time.perf_counter()
         self.last = self.t0
         self.bar = tqdm(total=total, desc=phase, leave=False) if sys.stderr.isatty() else None
@@ -2470,7 +2472,7 @@ class Progress:
             self.last = now
             rate = self.done / max(now - self.t0, 1e-9)
             eta = (self.total - self.done) / rate if rate > 0 else float("inf")
-            self.log(f"progress: {self.phase} {self.done}/{self.total} frames, {rate:.2f} frames/s, "
+            self.log(f"progress: {self.phase} {self.done}/{self.total} {self.unit}, {rate:.2f} {self.unit}/s, "
                      f"ETA {eta:.0f} s")
 
     def close(self) -> None:
@@ -2831,34 +2833,127 @@ class Tuner:
         return metric(pred, truth_table(self.dataset, list(est)))
 
 
-def study_storage(settings: Settings, out: Path) -> str:
+def study_storage(settings: Settings, out: Path):
+    """The study's storage and its URL: tune.storage, else SQLite under <out>/tune/."""
     t = settings.tune
-    return t.storage or f"sqlite:///{(out / 'tune' / f'{t.study}.db').resolve()}"
+    url = t.storage or f"sqlite:///{(out / 'tune' / f'{t.study}.db').resolve()}"
+    return open_storage(url, t.heartbeat_s), url
+
+
+def open_storage(url: str, heartbeat_s: int | None = None):
+    """An Optuna storage from a URL: any SQLAlchemy URL (sqlite:///..., postgresql://... for workers
+    on several machines), or `journal:PATH` for Optuna's journal file, which several processes on one
+    machine share without a server. RDB storages carry a heartbeat every `heartbeat_s`, so a trial
+    whose worker died is failed by the others after 3 beats missed."""
+    import optuna
+    warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)   # the heartbeat
+    if url.startswith("journal:"):
+        from optuna.storages.journal import JournalFileBackend
+        path = Path(url.removeprefix("journal:")).expanduser()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        return optuna.storages.JournalStorage(JournalFileBackend(str(path)))
+    if url.startswith(("postgresql://", "postgres://")):
+        # SQLAlchemy 2.1 reads a bare postgresql:// as psycopg 3; requirements.txt has psycopg2-binary
+        url = "postgresql+psycopg2://" + url.partition("://")[2]
+    beat = {"heartbeat_interval": heartbeat_s, "grace_period": 3 * heartbeat_s} if heartbeat_s else {}
+    try:
+        for attempt in range(5):
+            try:
+                return optuna.storages.RDBStorage(url, **beat)
+            except Exception as e:
+                # workers opening a new database at once race to create its tables: the loser's
+                # CREATE fails on a unique key, and the tables are there when it tries again
+                if "IntegrityError" not in type(e).__name__ or attempt == 4:
+                    raise
+                time.sleep(0.5 + attempt)
+    except ImportError as e:         # a database without its driver installed
+        raise UsageError(f"--storage {url}: its database driver is not installed ({e})") from e
+    except Exception as e:           # sqlalchemy's URL and connection errors
+        raise UsageError(f"--storage {url}: cannot open it ({type(e).__name__}: {str(e).splitlines()[0]})") from e
+
+
+WORKER = f"{socket.gethostname()}:{os.getpid()}"     # this process, as the trials it runs name it
+
+
+def orphaned(trial, grace_s: float) -> bool:
+    """A RUNNING trial whose worker is gone: it ran on this machine and its process has ended, or it
+    never named its worker (killed between ask and its first line) and started over `grace_s` ago.
+    A worker on another machine is left to the storage's heartbeat."""
+    host, _, pid = trial.user_attrs.get("worker", "").rpartition(":")
+    if not pid.isdigit():
+        started = trial.datetime_start.timestamp() if trial.datetime_start else 0.0
+        return time.time() - started > grace_s
+    if host != socket.gethostname():
+        return False
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:         # alive, under another user
+        return False
+    return False
+
+
+def fail_orphans(study, grace_s: float) -> int:
+    """Marks the orphaned RUNNING trials FAIL (so they are run again) and returns how many are left
+    running by live workers."""
+    import optuna
+    from optuna.trial import TrialState
+    live = 0
+    for tr in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        if not orphaned(tr, grace_s):
+            live += 1
+            continue
+        try:
+            study._storage.set_trial_state_values(tr._trial_id, TrialState.FAIL)
+        except optuna.exceptions.UpdateFinishedTrialError:
+            pass                     # it ended meanwhile
+    return live
 
 
 def open_study(settings: Settings, out: Path, fingerprint: str):
-    """An Optuna study in an RDB (SQLite under <out>/tune/ by default), created or continued."""
+    """The study, created or joined. Several workers may open it at once: the one whose create wins
+    enqueues the base settings as trial 0; the others join. RUNNING trials left by a dead worker on
+    this machine are failed here (others are failed by the heartbeat), never a live worker's."""
     import optuna
-    from optuna.trial import TrialState
     t = settings.tune
-    storage = study_storage(settings, out)
     (out / "tune").mkdir(parents=True, exist_ok=True)
+    storage, where = study_storage(settings, out)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
-    study = optuna.create_study(study_name=t.study, storage=storage, direction="maximize", load_if_exists=True,
-                                pruner=optuna.pruners.WilcoxonPruner(p_threshold=t.pruner_p))
+    pruner = optuna.pruners.WilcoxonPruner(p_threshold=t.pruner_p)
+    try:                      # creating a study name is atomic in every storage: exactly one worker wins
+        study = optuna.create_study(study_name=t.study, storage=storage, direction="maximize", pruner=pruner)
+        study.set_user_attr("fingerprint", fingerprint)
+        study.enqueue_trial({k: settings.value(k) for k in search_space(settings)})   # trial 0: the base
+    except optuna.exceptions.DuplicatedStudyError:
+        study = optuna.load_study(study_name=t.study, storage=storage, pruner=pruner)
+        for _ in range(100):          # a worker that joins in the creator's instant: trial 0 first
+            if study.get_trials(deepcopy=False):
+                break
+            time.sleep(0.1)
     if study.user_attrs.get("fingerprint", fingerprint) != fingerprint:
-        raise UsageError(f"study '{t.study}' in {storage} was run on other data, space or base settings; "
+        raise UsageError(f"study '{t.study}' in {where} was run on other data, space or base settings; "
                          f"pick another --study name")
-    study.set_user_attr("fingerprint", fingerprint)
-    if not study.trials:   # the base settings are trial 0: the study's best is never worse on validation
-        study.enqueue_trial({k: settings.value(k) for k in search_space(settings)})
-    for tr in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
-        # a killed run leaves its last trial RUNNING: close it so the study continues cleanly
-        study._storage.set_trial_state_values(tr._trial_id, TrialState.FAIL)
-    # a resumed study draws fresh parameters instead of replaying the first run's random start
-    study.sampler = optuna.samplers.TPESampler(multivariate=True, seed=t.sampler_seed + len(study.trials))
-    return study, storage
+    fail_orphans(study, 3 * t.heartbeat_s)
+    # A resumed study draws fresh parameters instead of replaying the first run's random start; a
+    # worker joining a shared study also takes its process id, so two workers never draw alike.
+    entropy = [t.sampler_seed, len(study.trials)] + ([os.getpid()] if t.storage else [])
+    seed = int(np.random.SeedSequence(entropy).generate_state(1)[0])    # mixed: no sum of two collides
+    study.sampler = optuna.samplers.TPESampler(multivariate=True, constant_liar=True, seed=seed)
+    return study, where
+
+
+def wait_for_workers(study, t: TuneSettings, log=print) -> None:
+    """The outputs describe the whole study: wait until the other workers' trials have ended (a
+    dead worker's are failed by its heartbeat running out, or at once when it ran on this machine)."""
+    import optuna
+    said = False
+    while running := fail_orphans(study, 3 * t.heartbeat_s):
+        if not said:
+            log(f"waiting for {running} trial(s) other workers are running")
+            said = True
+        time.sleep(1.0)
+        optuna.storages.fail_stale_trials(study)      # RDB storages: trials whose heartbeat stopped
 
 
 def write_tune_outputs(study, settings: Settings, tuner: Tuner, out: Path, log=print) -> Path:
@@ -3122,19 +3217,27 @@ def tune(settings: Settings, data: Path, out: Path, log=print) -> Path:
     fingerprint = digest([data_fingerprint(dataset), thaw(space), {k: tables[k] for k in RESULT_SECTIONS},
                           dataclasses.asdict(sp)])
     study, storage = open_study(settings, out, fingerprint)
-    finished = lambda: len(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED)))  # noqa: E731
-    todo = max(0, settings.tune.trials - finished())
-    log(f"study '{study.study_name}' in {storage}: {finished()} finished trials, running {todo} more")
-    progress = Progress("trials", todo, log)
+    counted = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.RUNNING)
+    left = lambda: settings.tune.trials - len(study.get_trials(deepcopy=False, states=counted))  # noqa: E731
+    log(f"study '{study.study_name}' in {storage}, worker {WORKER}: {max(left(), 0)} of "
+        f"{settings.tune.trials} trials to go")
+    progress = Progress("trials", max(left(), 0), log, unit="trials")
 
     def on_trial(study, trial):
         progress.step()
         if progress.bar is not None and study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
             progress.bar.set_postfix(best=f"{study.best_value:.2f}", last=trial.state.name.lower())
 
-    if todo:
-        study.optimize(lambda tr: tuner.objective(tr, space), n_trials=todo, callbacks=[on_trial])
+    def objective(trial):
+        trial.set_user_attr("worker", WORKER)          # names the process, for a stale-trial check
+        return tuner.objective(trial, space)
+
+    # One trial at a time, counting the other workers' trials before each: the study stops at
+    # tune.trials whoever runs them (two workers can overshoot by one, if they ask in the same instant).
+    while left() > 0:
+        study.optimize(objective, n_trials=1, callbacks=[on_trial])
     progress.close()
+    wait_for_workers(study, settings.tune, log)
     return write_tune_outputs(study, settings, tuner, out, log)
 
 

@@ -18,6 +18,7 @@ import io
 import json
 import os
 import shutil
+import socket
 import subprocess
 import sys
 import tempfile
@@ -42,7 +43,7 @@ ROOT = MODULE_FILE.parent
 DEFAULT_SETTINGS = ROOT / "settings.toml"
 # The Kaggle kernel is this file with settings.toml written into the next line by --mode kaggle-sync
 # (a script kernel uploads one file); None here, where settings.toml sits beside the module.
-EMBEDDED_SETTINGS = '# uavloc settings: every default lives here.\n# Override with `--settings FILE` (a TOML file with any subset of these keys),\n# `--preset NAME` (a [presets.NAME] table below) and `--set section.key=value` (repeatable).\n# Order: this file < --settings < --preset < --set.\n\n[run]\ndata = "build/demo/data"     # competition layout: map.png, train_data/, test_data/\nout = "build"                # every output goes under here\nweights_dir = "weights"      # overridden by $UAVLOC_WEIGHTS and by --weights\nfetch_backends = ["aliked", "xfeat"]   # --mode weights fetches these backends\' files and features.backend\'s\nwheels_dir = "wheels"        # kornia wheels installed offline (pip --no-index) when kornia is missing\ndevice = "auto"              # auto (CUDA when present) | cpu | cuda\nthreads = 0                  # torch CPU threads; 0 = all cores\nstrict = false               # stop at the first frame that raises, instead of recording it (--strict)\nfresh = false                # ignore the finished frames of an earlier run (--fresh)\nresume = true                # replay finished frames of an interrupted run with the same data and settings\nvalidate = true              # submit also scores a block validation split of the train frames\nfeature_cache = true         # keep query features on disk under <out>/cache/query/\nprefetch = true              # decode the next frame in a background thread while this one is matched\n\n[split]\n# Validation mimics the test layout: blocks of consecutive train ids are hidden.\nval_fraction = 0.25\nblock_min = 2\nblock_max = 6\nseed = 0\n\n[preprocess]\nmax_side = 1400              # working size of a frame before scaling to the map\nedge_blend = false           # seed\'s Canny blend; off: it destroys matches at the true scale\ncanny_low = 50\ncanny_high = 150\nedge_kernel = 3\ngray_weight = 0.70\nedge_weight = 0.30\nclahe_clip = 0.0             # CLAHE contrast normalisation of map and frames alike (0: off); tiles are\n                             # 1/8 of a frame\'s width, on the map 1/8 of its footprint\n\n[features]\nbackend = "aliked"           # aliked | xfeat | disk | superpoint | sift\nmax_keypoints = 1024         # per query image\nmap_level = 0.0              # resolution the map is matched at, as a fraction of map.png; 0: from the\n                             # data, so that a frame\'s working image meets the map at its own detail\n                             # (its px per map px at the calibrated height; never above 1, and a\n                             # frame is never upsampled). XFeat, on a 1/8-resolution grid, takes twice.\nmap_level_min = 0.25         # ... and never below this\nfallback = "real"            # when the backend registers fewer than fallback_below of the swept train\nfallback_below = 0.5         # frames (real autumn frames vs a summer map), this preset is tried on them\n                             # and the run goes on with it where it registers more ("" = never)\nmap_tile = 768               # map features are extracted once, in tiles of this side\nmap_tile_pad = 32            # context around each tile; only keypoints of its core are kept\nmap_keypoints_per_tile = 1536\nmax_map_keypoints = 2048     # map keypoints handed to the matcher for one search window\nmatch_threshold = 0.1        # LightGlue match confidence (SIFT: Lowe ratio is sift_ratio)\nsift_ratio = 0.85\nhalf_precision = true        # on CUDA only\nquery_scale_step = 1.044     # query scales snap to powers of this, so features are reused across runs\n\n[geometry]\nransac_threshold = 3.0       # MAGSAC threshold in match-level px\nransac_confidence = 0.999\nransac_max_iters = 5000\nmin_inliers = 12             # a homography with fewer inliers is rejected\nmax_anisotropy = 1.4         # ratio of the homography\'s singular values at the frame centre\n\n[scale]\n# The height model k (map px x fx / image px = altitude / map GSD) comes from evidence without a\n# season gap first: consecutive train frames matched to each other, their image displacement against\n# their known map displacement. A sweep of candidate k at a sample of train frames\' known positions\n# (map matching) confirms it; template NCC against the map is only the fallback seed.\nmotion_pairs = 12            # train frame pairs matched to each other (spread over the flights) ...\nmotion_side = 1024           # ... at this working size (px, longer side; never upsampled)\nmotion_max_gap = 4           # a pair is at most this many ids apart (a longer baseline is more precise) ...\nmotion_min_inliers = 30      # ... and keeps at least this many inliers\nmotion_max_yaw = 20.0        # degrees of relative yaw beyond which a pair is a turn, not a straight leg\nmotion_shift = 0.3           # stop lengthening a pair\'s baseline once it moved this fraction of the frame\nmotion_min_pairs = 2         # fewer good pairs: the NCC seed is used\nsweep_frames = 4             # train frames swept over scale candidates at their known positions\nsweep_steps = 3              # scale candidates per frame (log-spaced, nearest to the seed first) ...\nsweep_range = 1.4            # ... within seed / range .. seed x range\nsweep_steps_ncc = 7          # ... or these many within this range when the seed is NCC\'s (no motion\nsweep_range_ncc = 3.0        # evidence: NCC has been 3x off)\nncc_candidates = 40          # log-spaced scale candidates for the template-NCC calibration\nncc_frames = 20              # train frames sampled (evenly) for it\nncc_template = 96            # template width in px for NCC\nncc_min_footprint = 0.02     # candidate range: frame width covers this ... \nncc_max_footprint = 0.9      # ... to this fraction of the map\'s smaller side\nclip_low = 0.67              # a match\'s scale must lie in [low, high] x the frame\'s expected scale\nclip_high = 1.5\nvirtual_zoom = 1.0           # query scale relative to the map level (< 1 zooms out)\ncrop_factor = 1.5            # search window = frame footprint x crop_factor (+ search radius)\n\n[reference]\n# The GPS truth is the camera\'s nadir; the camera leans, so it is not the image centre.\n# calibrated: one image point learned from the registered train frames (robust median)\n# pose: per frame, the nadir from the homography and the intrinsics, kept near the train frames\' nadirs\n# auto: pose where it predicts the registered train truths better than the fixed point | centre\nmode = "auto"\nmin_frames = 3               # fewer registered frames than this: fall back to the centre\npose_clip = 1.0              # a frame\'s nadir offset is kept within this many spreads of the train frames\'\noutlier_px = 100.0           # a registered train frame whose truth is further than this from its match\'s\n                             # reference pixel is reported and left out of the fits (a wrong GPS row)\n\n[localize]\nrotation_search = "prior"    # prior: order hypotheses by the heading prior | all | none\nrotation_step = 90.0         # degrees between rotation hypotheses\nmax_hypotheses = 4\nstrong_inliers = 50          # stop trying hypotheses / sources once this many inliers\nsearch_radius = 80.0         # map px added to the window for an adjacent anchor ...\nradius_per_id = 60.0         # ... plus this per id of gap to it\nmax_radius = 1200.0\nboth_ends = true             # resolve test runs from both bracketing known frames\nneighbour_matching = true    # match to the registered neighbour frame, compose homographies\nneighbour_max_gap = 2        # ... when one within this many ids has a match\nneighbour_advantage = 2.0    # ... and keep it over a map match with this many times fewer inliers\nrelocalize = true            # widen the search when a frame fails\nrelocalize_growth = 2.5\nrelocalize_levels = 2        # widenings around the anchor before the known area, then the whole map\nsequence_check = true        # reject implausible jumps and fill by interpolation\nspeed_margin = 1.5           # speed bound = margin x 95th percentile of train speeds (px per id)\njump_slack = 60.0            # map px always allowed on top of the speed bound\nbudget_frames = 8.0          # a frame\'s widening search stops after this many times the median frame\'s\nbudget_min_s = 3.0           # time (the train frames\' registration), and never before this many seconds\n\n[locate]\n# --mode locate without the calibration of an earlier run in --out: a loose guess of the height\nfootprint = 0.125            # a frame is taken to span this fraction of the map\'s smaller side\nclip_low = 0.25              # and a match may lie within these factors of that scale\nclip_high = 4.0\n\n[report]\nworst_frames = 4             # matches_<id>.png for this many worst validation frames\nenabled = true\n\n[tune]\ntrials = 30\nstudy = "uavloc"\nstorage = ""                 # default: sqlite under <out>/tune/ (--storage)\napply = false                # also write <out>/settings_tuned.toml (--apply)\nsampler_seed = 0\nholdout_fraction = 0.2       # train frames the study never sees\npruner_p = 0.1               # WilcoxonPruner p-threshold: prune a trial clearly worse than the best\ntie_break = 0.01             # objective = score - this x mean error px: breaks ties, never outweighs a threshold\n\n# Search space: one table per parameter; `low`/`high` (log = true for log-uniform) or `choices`.\n[tune.space."features.match_threshold"]\nlow = 0.02\nhigh = 0.4\nlog = true\n[tune.space."geometry.ransac_threshold"]\nlow = 1.0\nhigh = 8.0\nlog = true\n[tune.space."geometry.min_inliers"]\nlow = 8\nhigh = 40\n[tune.space."scale.virtual_zoom"]\nlow = 0.7\nhigh = 1.3\n[tune.space."scale.crop_factor"]\nlow = 1.1\nhigh = 2.5\n[tune.space."scale.clip_low"]\nlow = 0.4\nhigh = 0.9\n[tune.space."scale.clip_high"]\nlow = 1.1\nhigh = 2.5\n[tune.space."localize.search_radius"]\nlow = 30.0\nhigh = 300.0\nlog = true\n[tune.space."localize.speed_margin"]\nlow = 1.1\nhigh = 3.0\n[tune.space."localize.strong_inliers"]\nlow = 20\nhigh = 150\nlog = true\n[tune.space."localize.rotation_search"]\nchoices = ["prior", "all"]\n[tune.space."localize.relocalize_growth"]\nlow = 1.5\nhigh = 4.0\n[tune.space."localize.jump_slack"]\nlow = 20.0\nhigh = 200.0\nlog = true\n# Backend and keypoint budget are tunable too; each distinct value extracts the map and the\n# queries again, so a study over them costs a full run per value. Uncomment to include them:\n# [tune.space."features.backend"]\n# choices = ["aliked", "xfeat"]\n# [tune.space."features.max_keypoints"]\n# choices = [512, 1024, 2048]\n\n[kaggle]\nroot = "/kaggle"             # a Kaggle kernel is detected by <root>/input ($UAVLOC_KAGGLE_ROOT overrides)\nkernel_id = "your-kaggle-username/uavloc-submit"\nkernel_title = "uavloc submit"\ncompetition = "gnss-denied-localization"\nweights_dataset = "your-kaggle-username/uavloc-weights"\nwheels_dataset = "your-kaggle-username/uavloc-wheels"\npython_version = "3.11"      # Kaggle\'s Python, for the wheels dataset\nwheels = ["kornia==0.9.0", "kornia_rs==0.2.0"]   # kornia and its dependency that Kaggle lacks\n\n# The seed notebook\'s logic: north-up frames, one anchor (the previous frame), the image\n# centre as the truth, no relocalization and no sequence consistency.\n[presets.reference]\n"reference.mode" = "centre"\n"localize.rotation_search" = "none"\n"localize.both_ends" = false\n"localize.neighbour_matching" = false\n"localize.relocalize" = false\n"localize.sequence_check" = false\n\n# Real autumn frames against a summer map (measured on bench/real5): DISK + LightGlue keeps several\n# times ALIKED\'s inliers there, and CLAHE evens out the seasons\' contrast. features.fallback tries it.\n[presets.real]\n"features.backend" = "disk"\n"preprocess.clahe_clip" = 2.0\n\n# XFeat + LighterGlue (matched against the map at twice features.map_level)\n[presets.fast]\n"features.backend" = "xfeat"\n'
+EMBEDDED_SETTINGS = '# uavloc settings: every default lives here.\n# Override with `--settings FILE` (a TOML file with any subset of these keys),\n# `--preset NAME` (a [presets.NAME] table below) and `--set section.key=value` (repeatable).\n# Order: this file < --settings < --preset < --set.\n\n[run]\ndata = "build/demo/data"     # competition layout: map.png, train_data/, test_data/\nout = "build"                # every output goes under here\nweights_dir = "weights"      # overridden by $UAVLOC_WEIGHTS and by --weights\nfetch_backends = ["aliked", "xfeat"]   # --mode weights fetches these backends\' files and features.backend\'s\nwheels_dir = "wheels"        # kornia wheels installed offline (pip --no-index) when kornia is missing\ndevice = "auto"              # auto (CUDA when present) | cpu | cuda\nthreads = 0                  # torch CPU threads; 0 = all cores\nstrict = false               # stop at the first frame that raises, instead of recording it (--strict)\nfresh = false                # ignore the finished frames of an earlier run (--fresh)\nresume = true                # replay finished frames of an interrupted run with the same data and settings\nvalidate = true              # submit also scores a block validation split of the train frames\nfeature_cache = true         # keep query features on disk under <out>/cache/query/\nprefetch = true              # decode the next frame in a background thread while this one is matched\n\n[split]\n# Validation mimics the test layout: blocks of consecutive train ids are hidden.\nval_fraction = 0.25\nblock_min = 2\nblock_max = 6\nseed = 0\n\n[preprocess]\nmax_side = 1400              # working size of a frame before scaling to the map\nedge_blend = false           # seed\'s Canny blend; off: it destroys matches at the true scale\ncanny_low = 50\ncanny_high = 150\nedge_kernel = 3\ngray_weight = 0.70\nedge_weight = 0.30\nclahe_clip = 0.0             # CLAHE contrast normalisation of map and frames alike (0: off); tiles are\n                             # 1/8 of a frame\'s width, on the map 1/8 of its footprint\n\n[features]\nbackend = "aliked"           # aliked | xfeat | disk | superpoint | sift\nmax_keypoints = 1024         # per query image\nmap_level = 0.0              # resolution the map is matched at, as a fraction of map.png; 0: from the\n                             # data, so that a frame\'s working image meets the map at its own detail\n                             # (its px per map px at the calibrated height; never above 1, and a\n                             # frame is never upsampled). XFeat, on a 1/8-resolution grid, takes twice.\nmap_level_min = 0.25         # ... and never below this\nfallback = "real"            # when the backend registers fewer than fallback_below of the swept train\nfallback_below = 0.5         # frames (real autumn frames vs a summer map), this preset is tried on them\n                             # and the run goes on with it where it registers more ("" = never)\nmap_tile = 768               # map features are extracted once, in tiles of this side\nmap_tile_pad = 32            # context around each tile; only keypoints of its core are kept\nmap_keypoints_per_tile = 1536\nmax_map_keypoints = 2048     # map keypoints handed to the matcher for one search window\nmatch_threshold = 0.1        # LightGlue match confidence (SIFT: Lowe ratio is sift_ratio)\nsift_ratio = 0.85\nhalf_precision = true        # on CUDA only\nquery_scale_step = 1.044     # query scales snap to powers of this, so features are reused across runs\n\n[geometry]\nransac_threshold = 3.0       # MAGSAC threshold in match-level px\nransac_confidence = 0.999\nransac_max_iters = 5000\nmin_inliers = 12             # a homography with fewer inliers is rejected\nmax_anisotropy = 1.4         # ratio of the homography\'s singular values at the frame centre\n\n[scale]\n# The height model k (map px x fx / image px = altitude / map GSD) comes from evidence without a\n# season gap first: consecutive train frames matched to each other, their image displacement against\n# their known map displacement. A sweep of candidate k at a sample of train frames\' known positions\n# (map matching) confirms it; template NCC against the map is only the fallback seed.\nmotion_pairs = 12            # train frame pairs matched to each other (spread over the flights) ...\nmotion_side = 1024           # ... at this working size (px, longer side; never upsampled)\nmotion_max_gap = 4           # a pair is at most this many ids apart (a longer baseline is more precise) ...\nmotion_min_inliers = 30      # ... and keeps at least this many inliers\nmotion_max_yaw = 20.0        # degrees of relative yaw beyond which a pair is a turn, not a straight leg\nmotion_shift = 0.3           # stop lengthening a pair\'s baseline once it moved this fraction of the frame\nmotion_min_pairs = 2         # fewer good pairs: the NCC seed is used\nsweep_frames = 4             # train frames swept over scale candidates at their known positions\nsweep_steps = 3              # scale candidates per frame (log-spaced, nearest to the seed first) ...\nsweep_range = 1.4            # ... within seed / range .. seed x range\nsweep_steps_ncc = 7          # ... or these many within this range when the seed is NCC\'s (no motion\nsweep_range_ncc = 3.0        # evidence: NCC has been 3x off)\nncc_candidates = 40          # log-spaced scale candidates for the template-NCC calibration\nncc_frames = 20              # train frames sampled (evenly) for it\nncc_template = 96            # template width in px for NCC\nncc_min_footprint = 0.02     # candidate range: frame width covers this ... \nncc_max_footprint = 0.9      # ... to this fraction of the map\'s smaller side\nclip_low = 0.67              # a match\'s scale must lie in [low, high] x the frame\'s expected scale\nclip_high = 1.5\nvirtual_zoom = 1.0           # query scale relative to the map level (< 1 zooms out)\ncrop_factor = 1.5            # search window = frame footprint x crop_factor (+ search radius)\n\n[reference]\n# The GPS truth is the camera\'s nadir; the camera leans, so it is not the image centre.\n# calibrated: one image point learned from the registered train frames (robust median)\n# pose: per frame, the nadir from the homography and the intrinsics, kept near the train frames\' nadirs\n# auto: pose where it predicts the registered train truths better than the fixed point | centre\nmode = "auto"\nmin_frames = 3               # fewer registered frames than this: fall back to the centre\npose_clip = 1.0              # a frame\'s nadir offset is kept within this many spreads of the train frames\'\noutlier_px = 100.0           # a registered train frame whose truth is further than this from its match\'s\n                             # reference pixel is reported and left out of the fits (a wrong GPS row)\n\n[localize]\nrotation_search = "prior"    # prior: order hypotheses by the heading prior | all | none\nrotation_step = 90.0         # degrees between rotation hypotheses\nmax_hypotheses = 4\nstrong_inliers = 50          # stop trying hypotheses / sources once this many inliers\nsearch_radius = 80.0         # map px added to the window for an adjacent anchor ...\nradius_per_id = 60.0         # ... plus this per id of gap to it\nmax_radius = 1200.0\nboth_ends = true             # resolve test runs from both bracketing known frames\nneighbour_matching = true    # match to the registered neighbour frame, compose homographies\nneighbour_max_gap = 2        # ... when one within this many ids has a match\nneighbour_advantage = 2.0    # ... and keep it over a map match with this many times fewer inliers\nrelocalize = true            # widen the search when a frame fails\nrelocalize_growth = 2.5\nrelocalize_levels = 2        # widenings around the anchor before the known area, then the whole map\nsequence_check = true        # reject implausible jumps and fill by interpolation\nspeed_margin = 1.5           # speed bound = margin x 95th percentile of train speeds (px per id)\njump_slack = 60.0            # map px always allowed on top of the speed bound\nbudget_frames = 8.0          # a frame\'s widening search stops after this many times the median frame\'s\nbudget_min_s = 3.0           # time (the train frames\' registration), and never before this many seconds\n\n[locate]\n# --mode locate without the calibration of an earlier run in --out: a loose guess of the height\nfootprint = 0.125            # a frame is taken to span this fraction of the map\'s smaller side\nclip_low = 0.25              # and a match may lie within these factors of that scale\nclip_high = 4.0\n\n[report]\nworst_frames = 4             # matches_<id>.png for this many worst validation frames\nenabled = true\n\n[tune]\ntrials = 30\nstudy = "uavloc"\nstorage = ""                 # default: sqlite under <out>/tune/; postgresql://..., journal:PATH (--storage)\nheartbeat_s = 60             # RDB storages: a trial without a heartbeat for 3x this is failed by other workers\napply = false                # also write <out>/settings_tuned.toml (--apply)\nsampler_seed = 0\nholdout_fraction = 0.2       # train frames the study never sees\npruner_p = 0.1               # WilcoxonPruner p-threshold: prune a trial clearly worse than the best\ntie_break = 0.01             # objective = score - this x mean error px: breaks ties, never outweighs a threshold\n\n# Search space: one table per parameter; `low`/`high` (log = true for log-uniform) or `choices`.\n[tune.space."features.match_threshold"]\nlow = 0.02\nhigh = 0.4\nlog = true\n[tune.space."geometry.ransac_threshold"]\nlow = 1.0\nhigh = 8.0\nlog = true\n[tune.space."geometry.min_inliers"]\nlow = 8\nhigh = 40\n[tune.space."scale.virtual_zoom"]\nlow = 0.7\nhigh = 1.3\n[tune.space."scale.crop_factor"]\nlow = 1.1\nhigh = 2.5\n[tune.space."scale.clip_low"]\nlow = 0.4\nhigh = 0.9\n[tune.space."scale.clip_high"]\nlow = 1.1\nhigh = 2.5\n[tune.space."localize.search_radius"]\nlow = 30.0\nhigh = 300.0\nlog = true\n[tune.space."localize.speed_margin"]\nlow = 1.1\nhigh = 3.0\n[tune.space."localize.strong_inliers"]\nlow = 20\nhigh = 150\nlog = true\n[tune.space."localize.rotation_search"]\nchoices = ["prior", "all"]\n[tune.space."localize.relocalize_growth"]\nlow = 1.5\nhigh = 4.0\n[tune.space."localize.jump_slack"]\nlow = 20.0\nhigh = 200.0\nlog = true\n# Backend and keypoint budget are tunable too; each distinct value extracts the map and the\n# queries again, so a study over them costs a full run per value. Uncomment to include them:\n# [tune.space."features.backend"]\n# choices = ["aliked", "xfeat"]\n# [tune.space."features.max_keypoints"]\n# choices = [512, 1024, 2048]\n\n[kaggle]\nroot = "/kaggle"             # a Kaggle kernel is detected by <root>/input ($UAVLOC_KAGGLE_ROOT overrides)\nkernel_id = "your-kaggle-username/uavloc-submit"\nkernel_title = "uavloc submit"\ncompetition = "gnss-denied-localization"\nweights_dataset = "your-kaggle-username/uavloc-weights"\nwheels_dataset = "your-kaggle-username/uavloc-wheels"\npython_version = "3.11"      # Kaggle\'s Python, for the wheels dataset\nwheels = ["kornia==0.9.0", "kornia_rs==0.2.0"]   # kornia and its dependency that Kaggle lacks\n\n# The seed notebook\'s logic: north-up frames, one anchor (the previous frame), the image\n# centre as the truth, no relocalization and no sequence consistency.\n[presets.reference]\n"reference.mode" = "centre"\n"localize.rotation_search" = "none"\n"localize.both_ends" = false\n"localize.neighbour_matching" = false\n"localize.relocalize" = false\n"localize.sequence_check" = false\n\n# Real autumn frames against a summer map (measured on bench/real5): DISK + LightGlue keeps several\n# times ALIKED\'s inliers there, and CLAHE evens out the seasons\' contrast. features.fallback tries it.\n[presets.real]\n"features.backend" = "disk"\n"preprocess.clahe_clip" = 2.0\n\n# XFeat + LighterGlue (matched against the map at twice features.map_level)\n[presets.fast]\n"features.backend" = "xfeat"\n'
 
 
 class UavlocError(Exception):
@@ -337,6 +338,7 @@ class TuneSettings(Section):
     trials: int
     study: str
     storage: str
+    heartbeat_s: int
     apply: bool
     sampler_seed: int
     holdout_fraction: float
@@ -2454,8 +2456,8 @@ class Progress:
     """A bar on a terminal; elsewhere (Kaggle, CI, nohup, where tqdm hides itself) a log line every
     PROGRESS_EVERY frames or PROGRESS_SECONDS seconds: done/total, frames per second and the ETA."""
 
-    def __init__(self, phase: str, total: int, log=print):
-        self.phase, self.total, self.log = phase, total, log
+    def __init__(self, phase: str, total: int, log=print, unit: str = "frames"):
+        self.phase, self.total, self.log, self.unit = phase, total, log, unit
         self.done, self.t0 = 0, time.perf_counter()
         self.last = self.t0
         self.bar = tqdm(total=total, desc=phase, leave=False) if sys.stderr.isatty() else None
@@ -2470,7 +2472,7 @@ class Progress:
             self.last = now
             rate = self.done / max(now - self.t0, 1e-9)
             eta = (self.total - self.done) / rate if rate > 0 else float("inf")
-            self.log(f"progress: {self.phase} {self.done}/{self.total} frames, {rate:.2f} frames/s, "
+            self.log(f"progress: {self.phase} {self.done}/{self.total} {self.unit}, {rate:.2f} {self.unit}/s, "
                      f"ETA {eta:.0f} s")
 
     def close(self) -> None:
@@ -2831,34 +2833,127 @@ class Tuner:
         return metric(pred, truth_table(self.dataset, list(est)))
 
 
-def study_storage(settings: Settings, out: Path) -> str:
+def study_storage(settings: Settings, out: Path):
+    """The study's storage and its URL: tune.storage, else SQLite under <out>/tune/."""
     t = settings.tune
-    return t.storage or f"sqlite:///{(out / 'tune' / f'{t.study}.db').resolve()}"
+    url = t.storage or f"sqlite:///{(out / 'tune' / f'{t.study}.db').resolve()}"
+    return open_storage(url, t.heartbeat_s), url
+
+
+def open_storage(url: str, heartbeat_s: int | None = None):
+    """An Optuna storage from a URL: any SQLAlchemy URL (sqlite:///..., postgresql://... for workers
+    on several machines), or `journal:PATH` for Optuna's journal file, which several processes on one
+    machine share without a server. RDB storages carry a heartbeat every `heartbeat_s`, so a trial
+    whose worker died is failed by the others after 3 beats missed."""
+    import optuna
+    warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)   # the heartbeat
+    if url.startswith("journal:"):
+        from optuna.storages.journal import JournalFileBackend
+        path = Path(url.removeprefix("journal:")).expanduser()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        return optuna.storages.JournalStorage(JournalFileBackend(str(path)))
+    if url.startswith(("postgresql://", "postgres://")):
+        # SQLAlchemy 2.1 reads a bare postgresql:// as psycopg 3; requirements.txt has psycopg2-binary
+        url = "postgresql+psycopg2://" + url.partition("://")[2]
+    beat = {"heartbeat_interval": heartbeat_s, "grace_period": 3 * heartbeat_s} if heartbeat_s else {}
+    try:
+        for attempt in range(5):
+            try:
+                return optuna.storages.RDBStorage(url, **beat)
+            except Exception as e:
+                # workers opening a new database at once race to create its tables: the loser's
+                # CREATE fails on a unique key, and the tables are there when it tries again
+                if "IntegrityError" not in type(e).__name__ or attempt == 4:
+                    raise
+                time.sleep(0.5 + attempt)
+    except ImportError as e:         # a database without its driver installed
+        raise UsageError(f"--storage {url}: its database driver is not installed ({e})") from e
+    except Exception as e:           # sqlalchemy's URL and connection errors
+        raise UsageError(f"--storage {url}: cannot open it ({type(e).__name__}: {str(e).splitlines()[0]})") from e
+
+
+WORKER = f"{socket.gethostname()}:{os.getpid()}"     # this process, as the trials it runs name it
+
+
+def orphaned(trial, grace_s: float) -> bool:
+    """A RUNNING trial whose worker is gone: it ran on this machine and its process has ended, or it
+    never named its worker (killed between ask and its first line) and started over `grace_s` ago.
+    A worker on another machine is left to the storage's heartbeat."""
+    host, _, pid = trial.user_attrs.get("worker", "").rpartition(":")
+    if not pid.isdigit():
+        started = trial.datetime_start.timestamp() if trial.datetime_start else 0.0
+        return time.time() - started > grace_s
+    if host != socket.gethostname():
+        return False
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:         # alive, under another user
+        return False
+    return False
+
+
+def fail_orphans(study, grace_s: float) -> int:
+    """Marks the orphaned RUNNING trials FAIL (so they are run again) and returns how many are left
+    running by live workers."""
+    import optuna
+    from optuna.trial import TrialState
+    live = 0
+    for tr in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        if not orphaned(tr, grace_s):
+            live += 1
+            continue
+        try:
+            study._storage.set_trial_state_values(tr._trial_id, TrialState.FAIL)
+        except optuna.exceptions.UpdateFinishedTrialError:
+            pass                     # it ended meanwhile
+    return live
 
 
 def open_study(settings: Settings, out: Path, fingerprint: str):
-    """An Optuna study in an RDB (SQLite under <out>/tune/ by default), created or continued."""
+    """The study, created or joined. Several workers may open it at once: the one whose create wins
+    enqueues the base settings as trial 0; the others join. RUNNING trials left by a dead worker on
+    this machine are failed here (others are failed by the heartbeat), never a live worker's."""
     import optuna
-    from optuna.trial import TrialState
     t = settings.tune
-    storage = study_storage(settings, out)
     (out / "tune").mkdir(parents=True, exist_ok=True)
+    storage, where = study_storage(settings, out)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
-    study = optuna.create_study(study_name=t.study, storage=storage, direction="maximize", load_if_exists=True,
-                                pruner=optuna.pruners.WilcoxonPruner(p_threshold=t.pruner_p))
+    pruner = optuna.pruners.WilcoxonPruner(p_threshold=t.pruner_p)
+    try:                      # creating a study name is atomic in every storage: exactly one worker wins
+        study = optuna.create_study(study_name=t.study, storage=storage, direction="maximize", pruner=pruner)
+        study.set_user_attr("fingerprint", fingerprint)
+        study.enqueue_trial({k: settings.value(k) for k in search_space(settings)})   # trial 0: the base
+    except optuna.exceptions.DuplicatedStudyError:
+        study = optuna.load_study(study_name=t.study, storage=storage, pruner=pruner)
+        for _ in range(100):          # a worker that joins in the creator's instant: trial 0 first
+            if study.get_trials(deepcopy=False):
+                break
+            time.sleep(0.1)
     if study.user_attrs.get("fingerprint", fingerprint) != fingerprint:
-        raise UsageError(f"study '{t.study}' in {storage} was run on other data, space or base settings; "
+        raise UsageError(f"study '{t.study}' in {where} was run on other data, space or base settings; "
                          f"pick another --study name")
-    study.set_user_attr("fingerprint", fingerprint)
-    if not study.trials:   # the base settings are trial 0: the study's best is never worse on validation
-        study.enqueue_trial({k: settings.value(k) for k in search_space(settings)})
-    for tr in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
-        # a killed run leaves its last trial RUNNING: close it so the study continues cleanly
-        study._storage.set_trial_state_values(tr._trial_id, TrialState.FAIL)
-    # a resumed study draws fresh parameters instead of replaying the first run's random start
-    study.sampler = optuna.samplers.TPESampler(multivariate=True, seed=t.sampler_seed + len(study.trials))
-    return study, storage
+    fail_orphans(study, 3 * t.heartbeat_s)
+    # A resumed study draws fresh parameters instead of replaying the first run's random start; a
+    # worker joining a shared study also takes its process id, so two workers never draw alike.
+    entropy = [t.sampler_seed, len(study.trials)] + ([os.getpid()] if t.storage else [])
+    seed = int(np.random.SeedSequence(entropy).generate_state(1)[0])    # mixed: no sum of two collides
+    study.sampler = optuna.samplers.TPESampler(multivariate=True, constant_liar=True, seed=seed)
+    return study, where
+
+
+def wait_for_workers(study, t: TuneSettings, log=print) -> None:
+    """The outputs describe the whole study: wait until the other workers' trials have ended (a
+    dead worker's are failed by its heartbeat running out, or at once when it ran on this machine)."""
+    import optuna
+    said = False
+    while running := fail_orphans(study, 3 * t.heartbeat_s):
+        if not said:
+            log(f"waiting for {running} trial(s) other workers are running")
+            said = True
+        time.sleep(1.0)
+        optuna.storages.fail_stale_trials(study)      # RDB storages: trials whose heartbeat stopped
 
 
 def write_tune_outputs(study, settings: Settings, tuner: Tuner, out: Path, log=print) -> Path:
@@ -3122,19 +3217,27 @@ def tune(settings: Settings, data: Path, out: Path, log=print) -> Path:
     fingerprint = digest([data_fingerprint(dataset), thaw(space), {k: tables[k] for k in RESULT_SECTIONS},
                           dataclasses.asdict(sp)])
     study, storage = open_study(settings, out, fingerprint)
-    finished = lambda: len(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED)))  # noqa: E731
-    todo = max(0, settings.tune.trials - finished())
-    log(f"study '{study.study_name}' in {storage}: {finished()} finished trials, running {todo} more")
-    progress = Progress("trials", todo, log)
+    counted = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.RUNNING)
+    left = lambda: settings.tune.trials - len(study.get_trials(deepcopy=False, states=counted))  # noqa: E731
+    log(f"study '{study.study_name}' in {storage}, worker {WORKER}: {max(left(), 0)} of "
+        f"{settings.tune.trials} trials to go")
+    progress = Progress("trials", max(left(), 0), log, unit="trials")
 
     def on_trial(study, trial):
         progress.step()
         if progress.bar is not None and study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
             progress.bar.set_postfix(best=f"{study.best_value:.2f}", last=trial.state.name.lower())
 
-    if todo:
-        study.optimize(lambda tr: tuner.objective(tr, space), n_trials=todo, callbacks=[on_trial])
+    def objective(trial):
+        trial.set_user_attr("worker", WORKER)          # names the process, for a stale-trial check
+        return tuner.objective(trial, space)
+
+    # One trial at a time, counting the other workers' trials before each: the study stops at
+    # tune.trials whoever runs them (two workers can overshoot by one, if they ask in the same instant).
+    while left() > 0:
+        study.optimize(objective, n_trials=1, callbacks=[on_trial])
     progress.close()
+    wait_for_workers(study, settings.tune, log)
     return write_tune_outputs(study, settings, tuner, out, log)
 
 
