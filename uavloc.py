@@ -321,6 +321,23 @@ class LocalizeSettings(Section):
 
 
 @dataclass(frozen=True)
+class SolveSettings(Section):
+    enabled: bool
+    link_ids: int
+    link_min_inliers: int
+    link_sigma_px: float
+    fix_sigma_px: float
+    fix_outlier_px: float
+    loss: str
+    rounds: int
+    rematch_radius: float
+    closures: int
+    closure_reach: float
+    drop_map_fixes: float
+    seed: int
+
+
+@dataclass(frozen=True)
 class LocateSettings(Section):
     footprint: float
     clip_low: float
@@ -370,6 +387,7 @@ class Settings:
     scale: ScaleSettings
     reference: ReferenceSettings
     localize: LocalizeSettings
+    solve: SolveSettings
     locate: LocateSettings
     report: ReportSettings
     tune: TuneSettings
@@ -405,7 +423,7 @@ class Settings:
 
 
 # settings sections that change a frame's result: a checkpoint is only replayed when they are unchanged
-RESULT_SECTIONS = ("split", "preprocess", "features", "geometry", "scale", "reference", "localize")
+RESULT_SECTIONS = ("split", "preprocess", "features", "geometry", "scale", "reference", "localize", "solve")
 
 
 def load_settings(settings_file: str | None = None, preset: str | None = None,
@@ -1808,12 +1826,13 @@ class Source(str, enum.Enum):
     NEIGHBOUR = "neighbour"          # matched to a localized neighbour frame, homographies composed
     RELOCALIZED = "relocalized"      # matched to the map by the widening search
     TRUTH = "truth"                  # a train frame's GPS position
+    SOLVED = "solved"                # no map fix of its own: carried by its links in the flight solve
     UNMATCHED = "unmatched"          # no match yet: the position is the prior
     INTERPOLATED = "interpolated"    # filled from trusted neighbours (unmatched, rejected or raised)
 
     @property
     def trusted(self) -> bool:
-        return self in (Source.MAP, Source.NEIGHBOUR, Source.RELOCALIZED, Source.TRUTH)
+        return self in (Source.MAP, Source.NEIGHBOUR, Source.RELOCALIZED, Source.TRUTH, Source.SOLVED)
 
 
 @dataclass(frozen=True)
@@ -1834,6 +1853,7 @@ class Estimate:
     stages: Mapping = field(default_factory=dict)   # seconds per pipeline stage (decode, extract, match, ...)
     error: str = ""                  # why the best match was not accepted, or why it was rejected
     raised: str = ""                 # the unexpected exception this frame raised, if any
+    solve: Mapping = field(default_factory=dict)    # the flight solve: fix state, linked ids, sigma, residual
 
     def row(self) -> dict:
         return {"id": self.id, "x_pixel": round(self.x, 3), "y_pixel": round(self.y, 3), "source": self.source.value,
@@ -1843,12 +1863,17 @@ class Estimate:
                 "crop_w": int(self.window[2] - self.window[0]) if self.window else 0,
                 "crop_h": int(self.window[3] - self.window[1]) if self.window else 0,
                 "runtime_s": round(self.runtime, 3), "error": self.error, "raised": self.raised,
-                "stages": json.dumps({k: round(v, 5) for k, v in self.stages.items()})}
+                "stages": json.dumps({k: round(v, 5) for k, v in self.stages.items()}),
+                "fix": self.solve.get("fix", ""), "sigma_px": self.solve.get("sigma_px"),
+                "fix_residual_px": self.solve.get("fix_residual_px"),
+                "fix_x": (self.solve.get("fix_xy") or (None, None))[0],
+                "fix_y": (self.solve.get("fix_xy") or (None, None))[1],
+                "linked": " ".join(map(str, self.solve.get("linked", ())))}
 
     def to_record(self) -> dict:
         d = dataclasses.asdict(self)
         d.update(source=self.source.value, H=None if self.H is None else self.H.tolist(),
-                 window=[float(v) for v in self.window], stages=dict(self.stages))
+                 window=[float(v) for v in self.window], stages=dict(self.stages), solve=dict(self.solve))
         return d
 
     @classmethod
@@ -1938,22 +1963,27 @@ class Search:
             return attempt
         return self.accept(attempt, np.linalg.inv(scale_h(lv, lv)) @ translate_h(x0, y0) @ Hv @ v.to_view, frame)
 
+    def match_frames(self, a: Frame, ra: float, b: Frame, rb: float, clock: Stopwatch):
+        """Frame a (viewed at rotation ra) matched to frame b (at rb): (a's px -> b's px or None,
+        inliers, matches). Their views are the ones map matching uses, so their features are cached."""
+        va, vb = self.view(a, ra, clock), self.view(b, rb, clock)
+        t0 = time.perf_counter()
+        i0, i1, _ = self.engine.backend.match(va.features, va.size, vb.features, vb.size, self.s.features)
+        t0 = clock.tick("match", t0)
+        Hv, inl = estimate_homography(va.features.keypoints[i0], vb.features.keypoints[i1], self.s.geometry)
+        clock.tick("geometry", t0)
+        H = None if Hv is None else np.linalg.inv(vb.to_view) @ Hv @ va.to_view
+        return H, int(inl.sum()), len(i0)
+
     def match_neighbour(self, frame: Frame, rotation: float, neighbour: Frame, n_est: Estimate,
                         clock: Stopwatch) -> Attempt:
         """Match to a localized neighbour frame (same season and light) and compose its homography."""
-        v = self.view(frame, rotation, clock)
-        nv = self.view(neighbour, n_est.rotation, clock)
-        t0 = time.perf_counter()
-        i0, i1, _ = self.engine.backend.match(v.features, v.size, nv.features, nv.size, self.s.features)
-        t0 = clock.tick("match", t0)
-        p0, p1 = v.features.keypoints[i0], nv.features.keypoints[i1]
-        Hv, inl = estimate_homography(p0, p1, self.s.geometry)
-        clock.tick("geometry", t0)
-        attempt = Attempt(None, int(inl.sum()), len(i0), rotation, ())
-        if Hv is None:
+        H, inliers, matches = self.match_frames(frame, rotation, neighbour, n_est.rotation, clock)
+        attempt = Attempt(None, inliers, matches, rotation, ())
+        if H is None:
             attempt.problem = "no homography"
             return attempt
-        return self.accept(attempt, n_est.H @ np.linalg.inv(nv.to_view) @ Hv @ v.to_view, frame)
+        return self.accept(attempt, n_est.H @ H, frame)
 
     def accept(self, attempt: Attempt, H: np.ndarray, frame: Frame) -> Attempt:
         """Keep H when it is a plausible nadir view at the expected scale with enough inliers."""
@@ -2128,8 +2158,11 @@ def prior_for(i: int, resolved: Mapping[int, Estimate], both_ends: bool, map_cen
 
 
 def localize_sequence(search: Search, dataset: Dataset, known: Mapping[int, Estimate], targets: list[int],
-                      checkpoint: "Checkpoint", phase: str, progress: "Progress | None" = None) -> dict[int, Estimate]:
-    """Localize `targets` from the `known` frames outward; then reject jumps and fill the unmatched."""
+                      checkpoint: "Checkpoint", phase: str, progress: "Progress | None" = None,
+                      log=None) -> dict[int, Estimate]:
+    """Localize `targets` from the `known` frames outward, each on its own; then solve the flight as a
+    whole (or, with solve.enabled off, reject jumps); then fill the frames still unmatched."""
+    log = log or quiet
     lz = search.s.localize
     resolved = dict(known)      # frames with a trusted position, used as anchors
     done: dict[int, Estimate] = {}
@@ -2163,7 +2196,9 @@ def localize_sequence(search: Search, dataset: Dataset, known: Mapping[int, Esti
             resolved[i] = est
     if progress is not None:
         progress.close()
-    if lz.sequence_check:
+    if search.s.solve.enabled:
+        done = solve_flight(search, dataset, known, done, checkpoint, phase, log)
+    elif lz.sequence_check:
         done = reject_jumps(done, known, speed_bound(dataset, list(known), lz.speed_margin), lz.jump_slack)
     done = fill_unmatched(done, known, map_centre)
     w, h = search.engine.map_size
@@ -2214,6 +2249,294 @@ def fill_unmatched(done: Mapping[int, Estimate], known: Mapping[int, Estimate], 
                 x += (trusted[j1].x - trusted[j0].x) / (j1 - j0) * (i - ref)
                 y += (trusted[j1].y - trusted[j0].y) / (j1 - j0) * (i - ref)
         out[i] = dataclasses.replace(out[i], x=float(x), y=float(y))
+    return out
+
+
+# ----------------------------------------------------------------------------- flight solve
+# The flight as a whole. Consecutive frames overlap by 50-90% and share season and sensor: matched to
+# each other they give relative links far more precise than an autumn frame against a summer map.
+# Every frame's truth position is solved at once, by robust least squares over the links, the
+# frames' own map matches (fixes) and the train truths (fixed). Fixes far from the solution are
+# rejected; frames left without a fix are re-matched to the map in a tight window at their solved
+# position, frames of adjacent legs that overlap are linked, and the flight is solved again.
+
+@dataclass(frozen=True)
+class Link:
+    """Frame a matched to frame b of the same flight."""
+    a: int
+    b: int
+    H: np.ndarray                    # a's px -> b's px
+    inliers: int
+
+    def to_record(self) -> dict:
+        return {"a": self.a, "b": self.b, "H": self.H.tolist(), "inliers": self.inliers}
+
+    @classmethod
+    def from_record(cls, d: dict) -> "Link":
+        return cls(d["a"], d["b"], np.array(d["H"]), d["inliers"])
+
+
+@dataclass(frozen=True)
+class Offset:
+    """A measured displacement: P[a] - P[b] = d, with its standard error in map px."""
+    a: int
+    b: int
+    d: tuple[float, float]
+    sigma: float
+
+
+@dataclass(frozen=True)
+class Fix:
+    """A measured position: P[i] = xy, with its standard error in map px."""
+    i: int
+    xy: tuple[float, float]
+    sigma: float
+
+
+@dataclass(frozen=True)
+class Solution:
+    """Solved positions of the free frames, their 1-sigma uncertainty (map px) and each fix's residual."""
+    xy: Mapping[int, tuple[float, float]]
+    sigma: Mapping[int, float]
+    fix_residual: Mapping[int, float]
+    seconds: float
+
+
+# the weight a robust loss gives a residual r (whitened), as a function of z = r^2: rho'(z) in scipy's terms
+ROBUST_WEIGHTS = {"linear": lambda z: np.ones_like(z), "soft_l1": lambda z: 1 / np.sqrt(1 + z),
+                  "huber": lambda z: np.where(z <= 1, 1.0, 1 / np.sqrt(np.maximum(z, 1))),
+                  "cauchy": lambda z: 1 / (1 + z), "arctan": lambda z: 1 / (1 + z ** 2)}
+
+
+def weighted_solve(A, b: np.ndarray, w: np.ndarray) -> np.ndarray:
+    """argmin sum w (A x - b)^2, by a sparse direct solve of the normal equations."""
+    import scipy.sparse
+    from scipy.sparse.linalg import spsolve
+    Aw = scipy.sparse.diags(w) @ A
+    return np.asarray(spsolve((A.T @ Aw).tocsc(), Aw.T @ b))
+
+
+def solve_positions(fixed: Mapping[int, tuple[float, float]], start: Mapping[int, tuple[float, float]],
+                    offsets: list[Offset], fixes: list[Fix], loss: str = "cauchy") -> Solution:
+    """Robust least squares over the positions of the frames in `start` (where a frame no measurement
+    reaches stays); `fixed` positions (train truths) are constants. Every residual is whitened by its
+    sigma, so the robust loss (scipy's names and scale) discounts a measurement from about one sigma."""
+    import scipy.sparse
+    t0 = time.perf_counter()
+    free = sorted(start)
+    col = {i: 2 * n for n, i in enumerate(free)}
+    rows, cols, vals, rhs = [], [], [], []
+
+    def add(terms: list[tuple[int, float]], value: tuple[float, float], sigma: float) -> None:
+        """One 2-vector residual: sum(coef * P[i]) - value, over the free frames; fixed ones go to the right side."""
+        v = np.array(value, float)
+        for i, c in terms:
+            if i in fixed:
+                v = v - c * np.asarray(fixed[i], float)
+        for axis in (0, 1):
+            r = len(rhs)
+            for i, c in terms:
+                if i in col:
+                    rows.append(r), cols.append(col[i] + axis), vals.append(c / sigma)
+            rhs.append(v[axis] / sigma)
+
+    for o in offsets:
+        if o.a in col or o.b in col:
+            add([(o.a, 1.0), (o.b, -1.0)], o.d, o.sigma)
+    for f in fixes:
+        add([(f.i, 1.0)], f.xy, f.sigma)
+    for i in free:       # a frame no measurement reaches stays where it started (1e6 px: no pull otherwise)
+        add([(i, 1.0)], start[i], 1e6)
+    A = scipy.sparse.csr_matrix((vals, (rows, cols)), shape=(len(rhs), 2 * len(free)))
+    b = np.array(rhs)
+    # The residuals are linear in the positions (each frame's yaw and scale come from homographies), so
+    # the robust loss is minimised by iteratively reweighted least squares, each step one sparse
+    # direct solve: exact, deterministic, milliseconds for thousands of frames. Graduated: plain least
+    # squares first (convex, so no start can trap it), then the loss's scale narrowed step by step down
+    # to one sigma: a fix hundreds of px off is discounted without first dragging the chain onto it.
+    weight = ROBUST_WEIGHTS[loss]
+    w = np.ones(len(b))
+    for f_scale in ([] if loss == "linear" else [16.0, 8.0, 4.0, 2.0] + [1.0] * 8):
+        x = weighted_solve(A, b, w)
+        w = weight((A @ x - b) ** 2 / f_scale ** 2)
+    x = weighted_solve(A, b, w)
+    normal = (A.T @ scipy.sparse.diags(w) @ A).toarray()
+    cov = np.diag(np.linalg.inv(normal))          # 1-sigma uncertainty at the final weights
+    x = x.reshape(-1, 2)
+    xy = {i: (float(x[n, 0]), float(x[n, 1])) for n, i in enumerate(free)}
+    all_xy = {**{i: tuple(map(float, p)) for i, p in fixed.items()}, **xy}
+    return Solution(xy, {i: float(np.sqrt(0.5 * (cov[2 * n] + cov[2 * n + 1]))) for n, i in enumerate(free)},
+                    {f.i: float(np.hypot(all_xy[f.i][0] - f.xy[0], all_xy[f.i][1] - f.xy[1])) for f in fixes},
+                    time.perf_counter() - t0)
+
+
+def temporal_pairs(ids: list[int], known: Mapping[int, Estimate], cfg: SolveSettings, reach: float) -> list[tuple]:
+    """Each frame with the frames up to cfg.link_ids ids on. No pair across a flight break: a larger
+    id jump, or two train truths further apart than a footprint (`reach`, map px)."""
+    have = set(ids)
+    pairs = []
+    for a in sorted(ids):
+        for b in range(a + 1, a + cfg.link_ids + 1):
+            if b not in have:
+                continue
+            if a in known and b in known and np.hypot(known[a].x - known[b].x, known[a].y - known[b].y) > reach:
+                continue
+            pairs.append((a, b))
+    return pairs
+
+
+def closure_pairs(xy: Mapping[int, tuple[float, float]], links: Mapping[tuple, "Link | None"], targets: set,
+                  cfg: SolveSettings, reach: float) -> list[tuple]:
+    """Frames of other legs whose solved positions lie within cfg.closure_reach of a footprint: for
+    each target frame, its cfg.closures nearest frames further than link_ids ids away."""
+    if cfg.closures < 1:
+        return []
+    ids = sorted(xy)
+    pts = np.array([xy[i] for i in ids])
+    pairs = set()
+    for n, a in enumerate(ids):
+        if a not in targets:
+            continue
+        d = np.hypot(*(pts - pts[n]).T)
+        near = [ids[m] for m in np.argsort(d, kind="stable") if abs(ids[m] - a) > cfg.link_ids
+                and d[m] <= cfg.closure_reach * reach][:cfg.closures]
+        pairs.update((min(a, b), max(a, b)) for b in near)
+    return sorted(p for p in pairs if p not in links)
+
+
+def match_links(search: Search, dataset: Dataset, pairs: list[tuple], rotation: Mapping[int, float],
+                checkpoint: "Checkpoint", phase: str) -> dict[tuple, "Link | None"]:
+    """Each pair matched frame to frame (None when it does not match well enough); cached in the
+    checkpoint like the estimates."""
+    cfg, g, sc = search.s.solve, search.s.geometry, search.s.scale
+    clock, out = Stopwatch(), {}
+    for a, b in pairs:
+        key = a * 1_000_000 + b
+        rec = checkpoint.get(f"{phase}:link", key)
+        if rec is None:
+            fa, fb = dataset.frames[a], dataset.frames[b]
+            H, inliers, _ = search.match_frames(fa, rotation[a], fb, rotation[b], clock)
+            ok = H is not None and inliers >= cfg.link_min_inliers and homography_problem(
+                H, fa.principal_point, fa.focal / fb.focal, g.max_anisotropy, (sc.clip_low, sc.clip_high)) is None
+            rec = checkpoint.put(f"{phase}:link", key, {"link": Link(a, b, H, inliers).to_record() if ok else None})
+        out[(a, b)] = None if rec["link"] is None else Link.from_record(rec["link"])
+    return out
+
+
+def frame_axes(links: list[Link], homographies: Mapping[int, np.ndarray], truth_px: Mapping[int, tuple]) -> dict:
+    """Each frame's image -> map linear map at its truth pixel: from its own map homography, else
+    carried along the strongest links from a frame that has one."""
+    axes = {i: jacobian(H, truth_px[i]) for i, H in homographies.items()}
+    for link in sorted(links, key=lambda k: -k.inliers) * 2:        # twice: reaches a chain's far end
+        if link.a in axes and link.b not in axes:
+            axes[link.b] = axes[link.a] @ jacobian(np.linalg.inv(link.H), truth_px[link.b])
+        elif link.b in axes and link.a not in axes:
+            axes[link.a] = axes[link.b] @ jacobian(link.H, truth_px[link.a])
+    return axes
+
+
+def link_offsets(links: list[Link], axes: Mapping[int, np.ndarray], truth_px: Mapping[int, tuple],
+                 cfg: SolveSettings) -> list[Offset]:
+    """P[a] - P[b] for each link, measured in b's image and carried to the map by b's axes (or the
+    reverse, when only a has axes); the error shrinks with the square root of the inliers."""
+    out = []
+    for link in links:
+        sigma = cfg.link_sigma_px * np.sqrt(100 / max(link.inliers, 1))
+        if link.b in axes:
+            d = axes[link.b] @ (project(link.H, [truth_px[link.a]])[0] - truth_px[link.b])
+            out.append(Offset(link.a, link.b, (float(d[0]), float(d[1])), sigma))
+        elif link.a in axes:
+            d = axes[link.a] @ (project(np.linalg.inv(link.H), [truth_px[link.b]])[0] - truth_px[link.a])
+            out.append(Offset(link.b, link.a, (float(d[0]), float(d[1])), sigma))
+    return out
+
+
+def reached(free: list[int], anchored: set, links: list[Link]) -> set:
+    """The free frames a chain of links connects to an anchored frame (a train truth or a fix)."""
+    import scipy.sparse
+    from scipy.sparse.csgraph import connected_components
+    ids = sorted(set(free) | anchored | {k.a for k in links} | {k.b for k in links})
+    pos = {i: n for n, i in enumerate(ids)}
+    graph = scipy.sparse.coo_matrix(([1] * len(links), ([pos[k.a] for k in links], [pos[k.b] for k in links])),
+                                    shape=(len(ids), len(ids)))
+    _, label = connected_components(graph, directed=False)
+    good = {label[pos[i]] for i in anchored}
+    return {i for i in free if label[pos[i]] in good}
+
+
+def dropped_fixes(targets: list[int], cfg: SolveSettings) -> set:
+    """solve.drop_map_fixes of the frames lose their map fixes (seeded): measures what the chain carries."""
+    if cfg.drop_map_fixes <= 0:
+        return set()
+    rng = np.random.default_rng(cfg.seed)
+    return {int(i) for i in rng.choice(sorted(targets), round(cfg.drop_map_fixes * len(targets)), replace=False)}
+
+
+def solve_flight(search: Search, dataset: Dataset, known: Mapping[int, Estimate], done: Mapping[int, Estimate],
+                 checkpoint: "Checkpoint", phase: str, log=print) -> dict[int, Estimate]:
+    """The greedy estimates of `done` (targets) re-solved with the flight's links, in solve.rounds
+    rounds. A frame no chain of links connects to a train truth or a fix comes back UNMATCHED."""
+    cfg, calib = search.s.solve, search.calib
+    targets = sorted(done)
+    reach = float(np.median([np.hypot(*f.size) * calib.expected_scale(f) for f in dataset.frames.values()]))
+    est = {**known, **done}
+    drop = dropped_fixes(targets, cfg)
+    rotation = {i: e.rotation for i, e in est.items()}
+    with_h = sorted(i for i, e in est.items() if e.H is not None)
+    for i in est:                 # a frame without a match is viewed like its nearest matched frame
+        if est[i].H is None and with_h:
+            rotation[i] = est[min(with_h, key=lambda j: (abs(j - i), j))].rotation
+    truth_px = {i: calib.ref_pixel(dataset.frames[i], e.H) for i, e in est.items()}
+    links = match_links(search, dataset, temporal_pairs(sorted(est), known, cfg, reach), rotation, checkpoint, phase)
+    fixed = {i: (e.x, e.y) for i, e in known.items()}
+    xy = {i: (e.x, e.y) for i, e in done.items()}
+    state = {i: ("dropped" if i in drop else "used" if e.H is not None else "") for i, e in done.items()}
+    fix_xy = {i: (e.x, e.y) for i, e in done.items() if e.H is not None}
+    for rnd in range(max(1, cfg.rounds)):
+        good = [k for k in links.values() if k is not None]
+        homographies = {i: e.H for i, e in est.items() if e.H is not None and state.get(i) not in ("dropped", "rejected")
+                        and (i not in fixed or np.hypot(*(project(e.H, [truth_px[i]])[0] - fixed[i])) <= cfg.fix_outlier_px)}
+        axes = frame_axes(good, homographies, truth_px)
+        fixes = [Fix(i, fix_xy[i], cfg.fix_sigma_px) for i in targets if state[i] in ("used", "added")]
+        sol = solve_positions(fixed, xy, link_offsets(good, axes, truth_px, cfg), fixes, cfg.loss)
+        xy = dict(sol.xy)
+        for i, r in sol.fix_residual.items():
+            state[i] = "rejected" if r > cfg.fix_outlier_px else state[i]
+        if rnd == max(1, cfg.rounds) - 1:
+            break
+        # frames without a fix: one more look at the map, tightly, where the flight puts them
+        for i in targets:
+            if state[i] in ("", "rejected"):
+                yaw = float(np.degrees(np.arctan2(axes[i][1, 0], axes[i][0, 0]))) if i in axes else None
+                e, _ = search.locate(dataset.frames[i], xy[i], cfg.rematch_radius, yaw, widen=False)
+                if e.H is not None and np.hypot(e.x - xy[i][0], e.y - xy[i][1]) <= cfg.fix_outlier_px:
+                    est[i], fix_xy[i], state[i] = dataclasses.replace(done[i], H=e.H, rotation=e.rotation), \
+                        (e.x, e.y), "added"
+                    truth_px[i] = calib.ref_pixel(dataset.frames[i], e.H)
+        links.update(match_links(search, dataset, closure_pairs({**fixed, **xy}, links, set(targets), cfg, reach),
+                                 rotation, checkpoint, phase))
+    good = [k for k in links.values() if k is not None]
+    anchored = set(known) | {i for i in targets if state[i] in ("used", "added")}
+    carried = reached(targets, anchored, good)
+    linked = {i: sorted({k.b if k.a == i else k.a for k in good if i in (k.a, k.b)}) for i in targets}
+    counts = {s: sum(v == s for v in state.values()) for s in ("used", "rejected", "added", "dropped")}
+    log(f"flight solve ({phase}): {len(good)} links ({len(links) - len(good)} pairs did not match), "
+        f"map fixes {counts}, {len(targets) - len(carried)} frames reached by no link; "
+        f"last solve {sol.seconds:.2f}s")
+    out = {}
+    for i in targets:
+        e = done[i]
+        note = {"fix": state[i], "linked": linked[i], "sigma_px": round(sol.sigma[i], 2),
+                "fix_xy": [round(v, 2) for v in fix_xy[i]] if i in fix_xy else None,
+                "fix_residual_px": round(sol.fix_residual[i], 2) if i in sol.fix_residual else None}
+        if i not in carried:          # no chain to anything anchored: the greedy path fills it
+            out[i] = dataclasses.replace(e, source=Source.UNMATCHED if e.H is None or state[i] != "used" else e.source,
+                                         solve=note)
+            continue
+        source = e.source if state[i] == "used" else Source.RELOCALIZED if state[i] == "added" else Source.SOLVED
+        out[i] = dataclasses.replace(e, x=xy[i][0], y=xy[i][1], source=source, solve=note,
+                                     error=e.error + (f"; map fix rejected ({sol.fix_residual[i]:.0f} px from the "
+                                                      f"solved flight)" if state[i] == "rejected" else ""))
     return out
 
 
@@ -2520,7 +2843,7 @@ def run_validation(engine: Engine, settings: Settings, dataset: Dataset, reg: Re
     fit_ids = [i for i in train if i not in val_ids]
     calib = fit_calibration(reg.matched(dataset, fit_ids), len(fit_ids), reg.height, settings.reference, log)
     est = localize_sequence(Search(engine, settings, calib), dataset, reg.known(fit_ids), val_ids, checkpoint,
-                            "validation", Progress("validation", len(val_ids), log))
+                            "validation", Progress("validation", len(val_ids), log), log)
     df = predictions_frame(est, dataset)
     m = metric(df[["id", "x_pixel", "y_pixel"]], truth_table(dataset, val_ids))
     write_csv(df, out / "val_predictions.csv")
@@ -2536,7 +2859,7 @@ def run_test(engine: Engine, settings: Settings, dataset: Dataset, reg: Registra
     calib = fit_calibration(reg.matched(dataset, train), len(train), reg.height, settings.reference, log)
     atomic_write(out / "calibration.json", calib.to_json())
     est = localize_sequence(Search(engine, settings, calib), dataset, reg.estimates, dataset.test_ids, checkpoint,
-                            "test", Progress("test", len(dataset.test_ids), log))
+                            "test", Progress("test", len(dataset.test_ids), log), log)
     df = predictions_frame(est, dataset)
     sub = df[["id", "x_pixel", "y_pixel"]].sort_values("id")
     validate_submission(sub, dataset, engine.map_size)    # before anything is written
@@ -2593,6 +2916,7 @@ def tick(times: dict, name: str, t0: float) -> float:
 
 SOURCE_COLOURS = {Source.MAP.value: "tab:green", Source.NEIGHBOUR.value: "tab:cyan",
                   Source.RELOCALIZED.value: "tab:orange", Source.INTERPOLATED.value: "tab:red",
+                  Source.SOLVED.value: "tab:blue",
                   Source.UNMATCHED.value: "tab:purple"}
 
 
@@ -2619,6 +2943,7 @@ def plot_overview(map_gray: np.ndarray, dataset: Dataset, val: pd.DataFrame | No
     for df, marker, name in ((val, "o", "validation"), (test, "^", "test")):
         if df is None or df.empty:
             continue
+        plot_flight_solve(ax, df, dataset)
         for src, g in df.groupby("source"):
             ax.scatter(g.x_pixel, g.y_pixel, s=18, marker=marker, c=SOURCE_COLOURS.get(src, "k"),
                        label=f"{name}: {src}")
@@ -2628,6 +2953,24 @@ def plot_overview(map_gray: np.ndarray, dataset: Dataset, val: pd.DataFrame | No
     ax.legend(fontsize=7, loc="best")
     ax.set_title("uavloc: train positions, validation (truth-prediction lines) and test predictions")
     save_figure(fig, path)
+
+
+def plot_flight_solve(ax, df: pd.DataFrame, dataset: Dataset) -> None:
+    """The solved trajectory's links between frames (blue) and the map fixes the solve rejected (red x,
+    joined to the solved position)."""
+    if "linked" not in df:
+        return
+    at = {i: dataset.frames[i].truth for i in dataset.train_ids}
+    at.update({int(r.id): (r.x_pixel, r.y_pixel) for r in df.itertuples()})
+    for r in df.itertuples():
+        for j in str(r.linked or "").split():
+            if int(j) in at:
+                ax.plot([r.x_pixel, at[int(j)][0]], [r.y_pixel, at[int(j)][1]], "-", c="tab:blue", lw=0.5, alpha=0.6)
+    rejected = df[df["fix"] == "rejected"]
+    if len(rejected):
+        ax.scatter(rejected.fix_x, rejected.fix_y, s=25, marker="x", c="tab:red", label="map fix rejected")
+        for r in rejected.itertuples():
+            ax.plot([r.fix_x, r.x_pixel], [r.fix_y, r.y_pixel], ":", c="tab:red", lw=0.8)
 
 
 def plot_matches(map_gray: np.ndarray, query: np.ndarray, attempt: Attempt, est: Estimate, level: float,
@@ -3513,4 +3856,6 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
+    # a log file (nohup, Kaggle, CI) gets each line as it is printed, not in 8 KB blocks at the end
+    sys.stdout.reconfigure(line_buffering=True)
     sys.exit(main())
