@@ -2371,15 +2371,18 @@ def solve_positions(fixed: Mapping[int, tuple[float, float]], start: Mapping[int
 
 
 def temporal_pairs(ids: list[int], known: Mapping[int, Estimate], cfg: SolveSettings, reach: float) -> list[tuple]:
-    """Each frame with the frames up to cfg.link_ids ids on. No pair across a flight break: a larger
-    id jump, or two train truths further apart than a footprint (`reach`, map px)."""
+    """Each frame with the frames up to cfg.link_ids ids on, unless both are train frames (fixed). No
+    pair across a flight break: a larger id jump, or train truths on either side further apart than a
+    footprint (`reach`, map px) between consecutive ids."""
     have = set(ids)
+    jumps = {a for a in have if a in known and a + 1 in known
+             and np.hypot(known[a].x - known[a + 1].x, known[a].y - known[a + 1].y) > reach}
     pairs = []
     for a in sorted(ids):
         for b in range(a + 1, a + cfg.link_ids + 1):
-            if b not in have:
+            if b not in have or any(j in jumps for j in range(a, b)):
                 continue
-            if a in known and b in known and np.hypot(known[a].x - known[b].x, known[a].y - known[b].y) > reach:
+            if a in known and b in known:       # two fixed truths: the link would measure nothing
                 continue
             pairs.append((a, b))
     return pairs
@@ -2510,8 +2513,9 @@ def solve_flight(search: Search, dataset: Dataset, known: Mapping[int, Estimate]
                 yaw = float(np.degrees(np.arctan2(axes[i][1, 0], axes[i][0, 0]))) if i in axes else None
                 e, _ = search.locate(dataset.frames[i], xy[i], cfg.rematch_radius, yaw, widen=False)
                 if e.H is not None and np.hypot(e.x - xy[i][0], e.y - xy[i][1]) <= cfg.fix_outlier_px:
-                    est[i], fix_xy[i], state[i] = dataclasses.replace(done[i], H=e.H, rotation=e.rotation), \
-                        (e.x, e.y), "added"
+                    est[i] = dataclasses.replace(done[i], H=e.H, rotation=e.rotation, inliers=e.inliers,
+                                                 matches=e.matches, scale=e.scale, window=e.window)
+                    fix_xy[i], state[i] = (e.x, e.y), "added"
                     truth_px[i] = calib.ref_pixel(dataset.frames[i], e.H)
         links.update(match_links(search, dataset, closure_pairs({**fixed, **xy}, links, set(targets), cfg, reach),
                                  rotation, checkpoint, phase))
@@ -2525,18 +2529,18 @@ def solve_flight(search: Search, dataset: Dataset, known: Mapping[int, Estimate]
         f"last solve {sol.seconds:.2f}s")
     out = {}
     for i in targets:
-        e = done[i]
+        e = est[i]
         note = {"fix": state[i], "linked": linked[i], "sigma_px": round(sol.sigma[i], 2),
                 "fix_xy": [round(v, 2) for v in fix_xy[i]] if i in fix_xy else None,
                 "fix_residual_px": round(sol.fix_residual[i], 2) if i in sol.fix_residual else None}
-        if i not in carried:          # no chain to anything anchored: the greedy path fills it
-            out[i] = dataclasses.replace(e, source=Source.UNMATCHED if e.H is None or state[i] != "used" else e.source,
-                                         solve=note)
+        if state[i] == "rejected":
+            e = dataclasses.replace(e, H=None, error=e.error + f"; map fix rejected ({sol.fix_residual[i]:.0f} px "
+                                                               f"from the solved flight)")
+        if i not in carried:          # no chain to anything anchored: filled like an unmatched frame
+            out[i] = dataclasses.replace(e, source=e.source if state[i] == "used" else Source.UNMATCHED, solve=note)
             continue
         source = e.source if state[i] == "used" else Source.RELOCALIZED if state[i] == "added" else Source.SOLVED
-        out[i] = dataclasses.replace(e, x=xy[i][0], y=xy[i][1], source=source, solve=note,
-                                     error=e.error + (f"; map fix rejected ({sol.fix_residual[i]:.0f} px from the "
-                                                      f"solved flight)" if state[i] == "rejected" else ""))
+        out[i] = dataclasses.replace(e, x=xy[i][0], y=xy[i][1], source=source, solve=note)
     return out
 
 
@@ -3641,11 +3645,26 @@ def locate(settings: Settings, query: LocateQuery, out: Path, log=print) -> dict
             engine = build_engine(settings, Path(query.map), Path(out), calib.k, [frame], log, map_gray=map_gray)
     if ref is not None:
         calib = dataclasses.replace(calib, ref_offset=ref, pose=None)
-    est, _ = Search(engine, settings, calib).locate(frame, query.prior, radius, None)
+    # the window at the prior first; where the backend finds nothing there (real autumn frames against
+    # a summer map), the fallback preset looks at the same window; the widening search comes last,
+    # with the settings that looked last
+    est, _ = Search(engine, settings, calib).locate(frame, query.prior, radius, None, widen=False)
+    fb = settings.features.fallback
+    if est.H is None and fb in settings.presets:
+        try:
+            alt = settings.with_values(dict(settings.presets[fb]))
+            alt_engine = build_engine(alt, Path(query.map), Path(out), calib.k, [frame], log, map_gray=map_gray)
+            settings, engine = alt, alt_engine
+            est, _ = Search(engine, settings, calib).locate(frame, query.prior, radius, None, widen=False)
+        except WeightsError as e:
+            log(f"locate: fallback preset {fb} unavailable ({e}); staying with {settings.features.backend}")
+    if est.H is None:
+        est, _ = Search(engine, settings, calib).locate(frame, query.prior, radius, None)
     return {"x": round(est.x, 3), "y": round(est.y, 3), "inliers": est.inliers, "matches": est.matches,
             "rotation": est.rotation, "source": est.source.value, "matched": est.H is not None,
             "height_k": round(calib.k, 1), "scale": round(calib.expected_scale(frame), 5), "height_from": source,
-            "map_level": engine.map_features.level, "runtime_s": round(time.perf_counter() - t_start, 3)}
+            "backend": settings.features.backend, "map_level": engine.map_features.level,
+            "runtime_s": round(time.perf_counter() - t_start, 3)}
 
 
 def report(settings: Settings, data: Path, out: Path, frame_id: int, log=print) -> Path:
