@@ -2197,7 +2197,7 @@ def localize_sequence(search: Search, dataset: Dataset, known: Mapping[int, Esti
     if progress is not None:
         progress.close()
     if search.s.solve.enabled:
-        done = solve_flight(search, dataset, known, done, checkpoint, phase, log)
+        done = solve_flight(search, dataset, known, done, phase, log)
     elif lz.sequence_check:
         done = reject_jumps(done, known, speed_bound(dataset, list(known), lz.speed_margin), lz.jump_slack)
     done = fill_unmatched(done, known, map_centre)
@@ -2407,22 +2407,29 @@ def closure_pairs(xy: Mapping[int, tuple[float, float]], links: Mapping[tuple, "
     return sorted(p for p in pairs if p not in links)
 
 
-def match_links(search: Search, dataset: Dataset, pairs: list[tuple], rotation: Mapping[int, float],
-                checkpoint: "Checkpoint", phase: str) -> dict[tuple, "Link | None"]:
-    """Each pair matched frame to frame (None when it does not match well enough); cached in the
-    checkpoint like the estimates."""
+def match_links(search: Search, dataset: Dataset, pairs: list[tuple], rotation: Mapping[int, float]) \
+        -> dict[tuple, "Link | None"]:
+    """Each pair matched frame to frame (None when it does not match well enough). Cached on disk
+    beside the query features, keyed by both views and the matching settings: a re-run, another
+    solve setting or a tuning trial never matches a pair twice."""
     cfg, g, sc = search.s.solve, search.s.geometry, search.s.scale
-    clock, out = Stopwatch(), {}
+    views, clock, out = search.engine.views, Stopwatch(), {}
+    settings_key = [search.s.features.to_table(), g.to_table(), cfg.link_min_inliers, sc.clip_low, sc.clip_high]
     for a, b in pairs:
-        key = a * 1_000_000 + b
-        rec = checkpoint.get(f"{phase}:link", key)
-        if rec is None:
-            fa, fb = dataset.frames[a], dataset.frames[b]
+        fa, fb = dataset.frames[a], dataset.frames[b]
+        key = digest([views.key(fa, rotation[a], search.view_scale(fa)),
+                      views.key(fb, rotation[b], search.view_scale(fb)), settings_key], 20)
+        path = views.folder / "links" / f"{key}.json" if views.folder is not None else None
+        if path is not None and path.is_file():
+            rec = json.loads(path.read_text())
+        else:
             H, inliers, _ = search.match_frames(fa, rotation[a], fb, rotation[b], clock)
             ok = H is not None and inliers >= cfg.link_min_inliers and homography_problem(
                 H, fa.principal_point, fa.focal / fb.focal, g.max_anisotropy, (sc.clip_low, sc.clip_high)) is None
-            rec = checkpoint.put(f"{phase}:link", key, {"link": Link(a, b, H, inliers).to_record() if ok else None})
-        out[(a, b)] = None if rec["link"] is None else Link.from_record(rec["link"])
+            rec = Link(a, b, H, inliers).to_record() if ok else None
+            if path is not None:
+                atomic_write(path, json.dumps(rec))
+        out[(a, b)] = None if rec is None else Link.from_record(rec)
     return out
 
 
@@ -2476,7 +2483,7 @@ def dropped_fixes(targets: list[int], cfg: SolveSettings) -> set:
 
 
 def solve_flight(search: Search, dataset: Dataset, known: Mapping[int, Estimate], done: Mapping[int, Estimate],
-                 checkpoint: "Checkpoint", phase: str, log=print) -> dict[int, Estimate]:
+                 phase: str, log=print) -> dict[int, Estimate]:
     """The greedy estimates of `done` (targets) re-solved with the flight's links, in solve.rounds
     rounds. A frame no chain of links connects to a train truth or a fix comes back UNMATCHED."""
     cfg, calib = search.s.solve, search.calib
@@ -2490,7 +2497,7 @@ def solve_flight(search: Search, dataset: Dataset, known: Mapping[int, Estimate]
         if est[i].H is None and with_h:
             rotation[i] = est[min(with_h, key=lambda j: (abs(j - i), j))].rotation
     truth_px = {i: calib.ref_pixel(dataset.frames[i], e.H) for i, e in est.items()}
-    links = match_links(search, dataset, temporal_pairs(sorted(est), known, cfg, reach), rotation, checkpoint, phase)
+    links = match_links(search, dataset, temporal_pairs(sorted(est), known, cfg, reach), rotation)
     fixed = {i: (e.x, e.y) for i, e in known.items()}
     xy = {i: (e.x, e.y) for i, e in done.items()}
     state = {i: ("dropped" if i in drop else "used" if e.H is not None else "") for i, e in done.items()}
@@ -2518,7 +2525,7 @@ def solve_flight(search: Search, dataset: Dataset, known: Mapping[int, Estimate]
                     fix_xy[i], state[i] = (e.x, e.y), "added"
                     truth_px[i] = calib.ref_pixel(dataset.frames[i], e.H)
         links.update(match_links(search, dataset, closure_pairs({**fixed, **xy}, links, set(targets), cfg, reach),
-                                 rotation, checkpoint, phase))
+                                 rotation))
     good = [k for k in links.values() if k is not None]
     anchored = set(known) | {i for i in targets if state[i] in ("used", "added")}
     carried = reached(targets, anchored, good)
