@@ -326,6 +326,7 @@ class SolveSettings(Section):
     link_ids: int
     link_min_inliers: int
     link_sigma_px: float
+    link_relative: float
     fix_sigma_px: float
     fix_outlier_px: float
     loss: str
@@ -2451,13 +2452,17 @@ def link_offsets(links: list[Link], axes: Mapping[int, np.ndarray], truth_px: Ma
     reverse, when only a has axes); the error shrinks with the square root of the inliers."""
     out = []
     for link in links:
-        sigma = cfg.link_sigma_px * np.sqrt(100 / max(link.inliers, 1))
         if link.b in axes:
-            d = axes[link.b] @ (project(link.H, [truth_px[link.a]])[0] - truth_px[link.b])
-            out.append(Offset(link.a, link.b, (float(d[0]), float(d[1])), sigma))
+            a, b, d = link.a, link.b, axes[link.b] @ (project(link.H, [truth_px[link.a]])[0] - truth_px[link.b])
         elif link.a in axes:
-            d = axes[link.a] @ (project(np.linalg.inv(link.H), [truth_px[link.b]])[0] - truth_px[link.a])
-            out.append(Offset(link.b, link.a, (float(d[0]), float(d[1])), sigma))
+            a, b, d = link.b, link.a, axes[link.a] @ (project(np.linalg.inv(link.H), [truth_px[link.b]])[0]
+                                                      - truth_px[link.a])
+        else:
+            continue
+        # matching noise shrinks with the inliers; an error in the axes (a degree of yaw, a percent of
+        # scale) grows with the displacement it carries
+        sigma = np.hypot(cfg.link_sigma_px * np.sqrt(100 / max(link.inliers, 1)), cfg.link_relative * np.hypot(*d))
+        out.append(Offset(a, b, (float(d[0]), float(d[1])), float(sigma)))
     return out
 
 
@@ -2487,6 +2492,7 @@ def solve_flight(search: Search, dataset: Dataset, known: Mapping[int, Estimate]
     """The greedy estimates of `done` (targets) re-solved with the flight's links, in solve.rounds
     rounds. A frame no chain of links connects to a train truth or a fix comes back UNMATCHED."""
     cfg, calib = search.s.solve, search.calib
+    tight = Search(search.engine, search.s.with_values({"localize.max_hypotheses": 1}), calib)
     targets = sorted(done)
     reach = float(np.median([np.hypot(*f.size) * calib.expected_scale(f) for f in dataset.frames.values()]))
     est = {**known, **done}
@@ -2514,11 +2520,12 @@ def solve_flight(search: Search, dataset: Dataset, known: Mapping[int, Estimate]
             state[i] = "rejected" if r > cfg.fix_outlier_px else state[i]
         if rnd == max(1, cfg.rounds) - 1:
             break
-        # frames without a fix: one more look at the map, tightly, where the flight puts them
+        # frames without a fix: one more look at the map, tightly, where the flight puts them, at the
+        # one rotation the chain gives them
         for i in targets:
-            if state[i] in ("", "rejected"):
-                yaw = float(np.degrees(np.arctan2(axes[i][1, 0], axes[i][0, 0]))) if i in axes else None
-                e, _ = search.locate(dataset.frames[i], xy[i], cfg.rematch_radius, yaw, widen=False)
+            if state[i] in ("", "rejected") and i in axes:
+                yaw = float(np.degrees(np.arctan2(axes[i][1, 0], axes[i][0, 0])))
+                e, _ = tight.locate(dataset.frames[i], xy[i], cfg.rematch_radius, yaw, widen=False)
                 if e.H is not None and np.hypot(e.x - xy[i][0], e.y - xy[i][1]) <= cfg.fix_outlier_px:
                     est[i] = dataclasses.replace(done[i], H=e.H, rotation=e.rotation, inliers=e.inliers,
                                                  matches=e.matches, scale=e.scale, window=e.window)
@@ -2640,8 +2647,10 @@ def open_checkpoint(settings: Settings, dataset: Dataset, out: Path, enabled: bo
     if not (enabled and settings.run.resume):
         return Checkpoint(None)
     tables = settings.to_tables()
-    # the code is part of the key too: an edited uavloc.py never replays results of the old one
-    key = digest([tables[k] for k in RESULT_SECTIONS] + [settings.run.device, digest(MODULE_FILE.read_text())])
+    # the code is part of the key too: an edited uavloc.py never replays results of the old one. The
+    # frames' own estimates are what is kept; the flight solve re-runs on them, so its settings are not.
+    key = digest([tables[k] for k in RESULT_SECTIONS if k != "solve"] + [settings.run.device,
+                                                                          digest(MODULE_FILE.read_text())])
     return Checkpoint(out / "checkpoints" / f"{key}_{data_fingerprint(dataset)}.jsonl", settings.run.fresh)
 
 

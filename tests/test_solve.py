@@ -29,7 +29,7 @@ def test_link_offsets_are_exact_on_synthetic_homographies():
     cfg = U.load_settings().solve
     for o in U.link_offsets(links, axes, pp, cfg):
         np.testing.assert_allclose(o.d, np.subtract(truth[o.a], truth[o.b]), atol=1e-6)
-        assert o.sigma == cfg.link_sigma_px * np.sqrt(100 / 200)
+        assert o.sigma == np.hypot(cfg.link_sigma_px * np.sqrt(100 / 200), cfg.link_relative * np.hypot(*o.d))
 
 
 def chain(n: int, noise: float, seed: int = 0):
