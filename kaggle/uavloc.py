@@ -3664,7 +3664,11 @@ def locate(settings: Settings, query: LocateQuery, out: Path, log=print) -> dict
     # the window at the prior first; where the backend finds nothing there (real autumn frames against
     # a summer map), the fallback preset looks at the same window; the widening search comes last,
     # with the settings that looked last
-    est, _ = Search(engine, settings, calib).locate(frame, query.prior, radius, None, widen=False)
+    search = Search(engine, settings, calib)
+    est, _ = search.locate(frame, query.prior, radius, None, widen=False)
+    # a frame of a flight has its heading from its neighbours and matches at one rotation: one
+    # window at one rotation is what a frame that matches costs
+    typical = est.runtime / len(search.hypotheses(None))
     fb = settings.features.fallback
     if est.H is None and fb in settings.presets:
         try:
@@ -3675,7 +3679,10 @@ def locate(settings: Settings, query: LocateQuery, out: Path, log=print) -> dict
         except WeightsError as e:
             log(f"locate: fallback preset {fb} unavailable ({e}); staying with {settings.features.backend}")
     if est.H is None:
-        est, _ = Search(engine, settings, calib).locate(frame, query.prior, radius, None)
+        # the whole frame may cost budget_frames x one window's search, what it has spent included
+        lz = settings.localize
+        budget = max(lz.budget_min_s, lz.budget_frames * typical - (time.perf_counter() - t_start))
+        est, _ = Search(engine, settings, calib).locate(frame, query.prior, radius, None, budget_s=budget)
     return {"x": round(est.x, 3), "y": round(est.y, 3), "inliers": est.inliers, "matches": est.matches,
             "rotation": est.rotation, "source": est.source.value, "matched": est.H is not None,
             "height_k": round(calib.k, 1), "scale": round(calib.expected_scale(frame), 5), "height_from": source,
