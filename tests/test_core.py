@@ -146,9 +146,9 @@ def test_unmatched_frames_are_extrapolated_at_the_ends():
     assert all(e.source == U.Source.INTERPOLATED for e in filled.values())
 
 
-def test_only_matched_sources_and_truths_are_trusted():
+def test_only_matched_sources_truths_and_solved_frames_are_trusted():
     assert {s for s in U.Source if s.trusted} == {U.Source.MAP, U.Source.NEIGHBOUR, U.Source.RELOCALIZED,
-                                                  U.Source.TRUTH}
+                                                  U.Source.TRUTH, U.Source.SOLVED}
 
 
 def test_atomic_write_replaces_whole_files_and_survives_a_failing_writer(tmp_path):

@@ -225,8 +225,8 @@ def test_a_run_that_loses_a_test_frame_writes_nothing(demo_data, tmp_path, monke
     the submission of an earlier run stays as it was."""
     real = U.localize_sequence
 
-    def lossy(search, dataset, known, targets, checkpoint, phase, progress=None):
-        est = real(search, dataset, known, targets, checkpoint, phase, progress)
+    def lossy(search, dataset, known, targets, checkpoint, phase, progress=None, log=None):
+        est = real(search, dataset, known, targets, checkpoint, phase, progress, log)
         return {i: e for i, e in est.items() if phase != "test" or i != targets[0]}
 
     monkeypatch.setattr(U, "localize_sequence", lossy)
