@@ -1495,6 +1495,18 @@ class QueryViews:
         return v
 
 
+def match_views(backend: "Backend", settings: Settings, va: QueryView, vb: QueryView, clock: Stopwatch):
+    """Two frames' views matched to each other: (frame a's px -> frame b's px, or None; inliers;
+    matches). Frame to frame, for the height's frame pairs and the flight solve's links."""
+    t0 = time.perf_counter()
+    i0, i1, _ = backend.match(va.features, va.size, vb.features, vb.size, settings.features)
+    t0 = clock.tick("match", t0)
+    Hv, inl = estimate_homography(va.features.keypoints[i0], vb.features.keypoints[i1], settings.geometry)
+    clock.tick("geometry", t0)
+    H = None if Hv is None else np.linalg.inv(vb.to_view) @ Hv @ va.to_view
+    return H, int(inl.sum()), len(i0)
+
+
 # ----------------------------------------------------------------------------- calibration
 # What the train frames teach: the height model (k: map px per image px x focal length, i.e. the
 # altitude in map px) and the image point of the GPS truth. A Calibration is a value: fitted here,
@@ -1626,11 +1638,9 @@ def match_pair(views: "QueryViews", settings: Settings, a: Frame, b: Frame, cloc
     distance between their truths gives k."""
     side = settings.scale.motion_side
     va, vb = (views.view(f, 0.0, min(1.0, side / max(f.size)), clock) for f in (a, b))
-    i0, i1, _ = views.backend.match(va.features, va.size, vb.features, vb.size, settings.features)
-    Hv, inl = estimate_homography(va.features.keypoints[i0], vb.features.keypoints[i1], settings.geometry)
-    if Hv is None:
+    H, inliers, _ = match_views(views.backend, settings, va, vb, clock)     # a's px -> b's px
+    if H is None:
         return None
-    H = np.linalg.inv(vb.to_view) @ Hv @ va.to_view          # a's px -> b's px
     fwd = np.hypot(*(project(H, [a.principal_point])[0] - b.principal_point))
     bwd = np.hypot(*(project(np.linalg.inv(H), [b.principal_point])[0] - a.principal_point))
     moved = np.sqrt(fwd * bwd)
@@ -1641,7 +1651,7 @@ def match_pair(views: "QueryViews", settings: Settings, a: Frame, b: Frame, cloc
     img = np.subtract(b.principal_point, project(H, [a.principal_point])[0])
     mp = np.subtract(b.truth, a.truth)
     heading = float(np.degrees(np.arctan2(mp[1], mp[0]) - np.arctan2(img[1], img[0])))
-    return FramePair(a.id, b.id, int(inl.sum()), float(moved / max(a.size)), homography_yaw(H, a.principal_point),
+    return FramePair(a.id, b.id, inliers, float(moved / max(a.size)), homography_yaw(H, a.principal_point),
                      float(k), (heading + 180) % 360 - 180)
 
 
@@ -1967,14 +1977,7 @@ class Search:
     def match_frames(self, a: Frame, ra: float, b: Frame, rb: float, clock: Stopwatch):
         """Frame a (viewed at rotation ra) matched to frame b (at rb): (a's px -> b's px or None,
         inliers, matches). Their views are the ones map matching uses, so their features are cached."""
-        va, vb = self.view(a, ra, clock), self.view(b, rb, clock)
-        t0 = time.perf_counter()
-        i0, i1, _ = self.engine.backend.match(va.features, va.size, vb.features, vb.size, self.s.features)
-        t0 = clock.tick("match", t0)
-        Hv, inl = estimate_homography(va.features.keypoints[i0], vb.features.keypoints[i1], self.s.geometry)
-        clock.tick("geometry", t0)
-        H = None if Hv is None else np.linalg.inv(vb.to_view) @ Hv @ va.to_view
-        return H, int(inl.sum()), len(i0)
+        return match_views(self.engine.backend, self.s, self.view(a, ra, clock), self.view(b, rb, clock), clock)
 
     def match_neighbour(self, frame: Frame, rotation: float, neighbour: Frame, n_est: Estimate,
                         clock: Stopwatch) -> Attempt:
@@ -2438,11 +2441,17 @@ def frame_axes(links: list[Link], homographies: Mapping[int, np.ndarray], truth_
     """Each frame's image -> map linear map at its truth pixel: from its own map homography, else
     carried along the strongest links from a frame that has one."""
     axes = {i: jacobian(H, truth_px[i]) for i, H in homographies.items()}
-    for link in sorted(links, key=lambda k: -k.inliers) * 2:        # twice: reaches a chain's far end
-        if link.a in axes and link.b not in axes:
-            axes[link.b] = axes[link.a] @ jacobian(np.linalg.inv(link.H), truth_px[link.b])
-        elif link.b in axes and link.a not in axes:
-            axes[link.a] = axes[link.b] @ jacobian(link.H, truth_px[link.a])
+    strongest_first = sorted(links, key=lambda k: -k.inliers)
+    grew = True
+    while grew:                     # one pass per step along a chain, until its far end is reached
+        grew = False
+        for link in strongest_first:
+            if link.a in axes and link.b not in axes:
+                axes[link.b] = axes[link.a] @ jacobian(np.linalg.inv(link.H), truth_px[link.b])
+                grew = True
+            elif link.b in axes and link.a not in axes:
+                axes[link.a] = axes[link.b] @ jacobian(link.H, truth_px[link.a])
+                grew = True
     return axes
 
 
@@ -2685,6 +2694,14 @@ def build_engine(settings: Settings, map_path: Path, out: Path, k: float, frames
     return Engine(map_path, map_gray, mf, backend, views)
 
 
+def fallback_settings(settings: Settings) -> Settings:
+    """The settings with features.fallback's preset applied (real frames: DISK + CLAHE)."""
+    fb = settings.features.fallback
+    if fb not in settings.presets:
+        raise UsageError(f"features.fallback = '{fb}' is not a preset; settings.toml has {sorted(settings.presets)}")
+    return settings.with_values(dict(settings.presets[fb]))
+
+
 def estimate_height(settings: Settings, dataset: Dataset, out: Path, backend: Backend, views: QueryViews,
                     map_gray: np.ndarray, log=print) -> HeightEvidence:
     """Motion evidence first (train frame pairs); NCC only without it; then the sweep at train
@@ -2710,9 +2727,7 @@ def estimate_height(settings: Settings, dataset: Dataset, out: Path, backend: Ba
     fb, chosen = settings.features.fallback, ""
     if fb and len(found) < settings.features.fallback_below * n_sample:
         # real autumn frames against a summer map: the fallback preset wins where it registers more
-        if fb not in settings.presets:
-            raise UsageError(f"features.fallback = '{fb}' is not a preset; settings.toml has {sorted(settings.presets)}")
-        alt_settings = settings.with_values(dict(settings.presets[fb]))
+        alt_settings = fallback_settings(settings)
         try:
             alt = build_backend(alt_settings)
         except WeightsError as e:
@@ -3670,9 +3685,9 @@ def locate(settings: Settings, query: LocateQuery, out: Path, log=print) -> dict
     # window at one rotation is what a frame that matches costs
     typical = est.runtime / len(search.hypotheses(None))
     fb = settings.features.fallback
-    if est.H is None and fb in settings.presets:
+    if est.H is None and fb:
         try:
-            alt = settings.with_values(dict(settings.presets[fb]))
+            alt = fallback_settings(settings)
             alt_engine = build_engine(alt, Path(query.map), Path(out), calib.k, [frame], log, map_gray=map_gray)
             settings, engine = alt, alt_engine
             est, _ = Search(engine, settings, calib).locate(frame, query.prior, radius, None, widen=False)
