@@ -2501,6 +2501,7 @@ def solve_flight(search: Search, dataset: Dataset, known: Mapping[int, Estimate]
     """The greedy estimates of `done` (targets) re-solved with the flight's links, in solve.rounds
     rounds. A frame no chain of links connects to a train truth or a fix comes back UNMATCHED."""
     cfg, calib = search.s.solve, search.calib
+    t_phase, t_solves = time.perf_counter(), 0.0
     tight = Search(search.engine, search.s.with_values({"localize.max_hypotheses": 1}), calib)
     targets = sorted(done)
     reach = float(np.median([np.hypot(*f.size) * calib.expected_scale(f) for f in dataset.frames.values()]))
@@ -2524,7 +2525,7 @@ def solve_flight(search: Search, dataset: Dataset, known: Mapping[int, Estimate]
         axes = frame_axes(good, homographies, truth_px)
         fixes = [Fix(i, fix_xy[i], cfg.fix_sigma_px) for i in targets if state[i] in ("used", "added")]
         sol = solve_positions(fixed, xy, link_offsets(good, axes, truth_px, cfg), fixes, cfg.loss)
-        xy = dict(sol.xy)
+        xy, t_solves = dict(sol.xy), t_solves + sol.seconds
         for i, r in sol.fix_residual.items():
             state[i] = "rejected" if r > cfg.fix_outlier_px else state[i]
         if rnd == max(1, cfg.rounds) - 1:
@@ -2549,7 +2550,8 @@ def solve_flight(search: Search, dataset: Dataset, known: Mapping[int, Estimate]
     counts = {s: sum(v == s for v in state.values()) for s in ("used", "rejected", "added", "dropped")}
     log(f"flight solve ({phase}): {len(good)} links ({len(links) - len(good)} pairs did not match), "
         f"map fixes {counts}, {len(targets) - len(carried)} frames reached by no link; "
-        f"last solve {sol.seconds:.2f}s")
+        f"{max(1, cfg.rounds)} solves over {len(est)} frames ({len(targets)} free) {t_solves:.2f}s, "
+        f"phase with link matching and re-matches {time.perf_counter() - t_phase:.1f}s")
     out = {}
     for i in targets:
         e = est[i]
