@@ -1705,15 +1705,14 @@ def sweep_sample(frames: list[Frame], cfg: ScaleSettings, headings: Mapping[int,
     return pool[:: max(1, len(pool) // max(1, cfg.sweep_frames))][:cfg.sweep_frames]
 
 
-def sweep_height(engine: "Engine", settings: Settings, frames: list[Frame], seed: float, span: float,
+def sweep_height(engine: "Engine", settings: Settings, sample: list[Frame], seed: float, span: float,
                  steps: int, headings: Mapping[int, float]) -> list[float]:
-    """Each sampled train frame matched at its known position over log-spaced candidate heights
-    (nearest the seed first) and every rotation. Its estimate is the candidate x the scale of its best
+    """Each sampled train frame (`sweep_sample`) matched at its known position over log-spaced
+    candidate heights (nearest the seed first) and every rotation. Its estimate is the candidate x the scale of its best
     homography, never the candidate itself: a larger window wins more inliers, so the winning
     candidate is biased high, while candidate x homography scale stays within about 1% over the basin."""
-    cfg, strong = settings.scale, settings.localize.strong_inliers
+    strong = settings.localize.strong_inliers
     candidates = sorted(seed * np.geomspace(1 / span, span, steps), key=lambda c: abs(np.log(c / seed)))
-    sample = sweep_sample(frames, cfg, headings)
     found = []
     # a frame with a heading from its pair tries the one rotation nearest to it
     one = settings.with_values({"localize.max_hypotheses": 1, "localize.rotation_search": "prior"})
@@ -2721,9 +2720,10 @@ def estimate_height(settings: Settings, dataset: Dataset, out: Path, backend: Ba
     engine = build_engine(settings, dataset.map_path, out, seed, frames, log, backend, views, map_gray)
     span, steps = (cfg.sweep_range, cfg.sweep_steps) if motion else (cfg.sweep_range_ncc, cfg.sweep_steps_ncc)
     headings = {i: y for p in pairs for i, y in ((p.first, p.heading), (p.second, p.heading + p.yaw))}
-    n_sample = len(sweep_sample(frames, cfg, headings))
+    sample = sweep_sample(frames, cfg, headings)
+    n_sample = len(sample)
     t0 = time.perf_counter()
-    found, backend_name = sweep_height(engine, settings, frames, seed, span, steps, headings), settings.features.backend
+    found, backend_name = sweep_height(engine, settings, sample, seed, span, steps, headings), settings.features.backend
     log(f"height sweep: {backend_name} registered {len(found)}/{n_sample} sampled train frames "
         f"({time.perf_counter() - t0:.1f}s)")
     fb, chosen = settings.features.fallback, ""
@@ -2737,7 +2737,7 @@ def estimate_height(settings: Settings, dataset: Dataset, out: Path, backend: Ba
         else:
             alt_engine = build_engine(alt_settings, dataset.map_path, out, seed, frames, log, alt,
                                       build_views(alt_settings, alt, out), map_gray)
-            alt_found = sweep_height(alt_engine, alt_settings, frames, seed, span, steps, headings)
+            alt_found = sweep_height(alt_engine, alt_settings, sample, seed, span, steps, headings)
             better = len(alt_found) > len(found)
             log(f"height sweep: fallback preset {fb} ({alt.name}) registered {len(alt_found)}/{n_sample} "
                 f"({time.perf_counter() - t0:.1f}s): the run goes on with "
