@@ -423,8 +423,10 @@ class Settings:
         return Settings.from_tables(overlay(self.to_tables(), values))
 
 
-# settings sections that change a frame's result: a checkpoint is only replayed when they are unchanged
-RESULT_SECTIONS = ("split", "preprocess", "features", "geometry", "scale", "reference", "localize", "solve")
+# settings sections that change a frame's own estimate: a checkpoint is only replayed when they are unchanged
+FRAME_SECTIONS = ("split", "preprocess", "features", "geometry", "scale", "reference", "localize")
+# ... and those that change the results: the flight solve re-runs on the frames' estimates in seconds
+RESULT_SECTIONS = FRAME_SECTIONS + ("solve",)
 
 
 def load_settings(settings_file: str | None = None, preset: str | None = None,
@@ -1876,8 +1878,7 @@ class Estimate:
                 "stages": json.dumps({k: round(v, 5) for k, v in self.stages.items()}),
                 "fix": self.solve.get("fix", ""), "sigma_px": self.solve.get("sigma_px"),
                 "fix_residual_px": self.solve.get("fix_residual_px"),
-                "fix_x": (self.solve.get("fix_xy") or (None, None))[0],
-                "fix_y": (self.solve.get("fix_xy") or (None, None))[1],
+                **dict(zip(("fix_x", "fix_y"), self.solve.get("fix_xy") or (None, None))),
                 "linked": " ".join(map(str, self.solve.get("linked", ())))}
 
     def to_record(self) -> dict:
@@ -2311,12 +2312,14 @@ ROBUST_WEIGHTS = {"linear": lambda z: np.ones_like(z), "soft_l1": lambda z: 1 / 
                   "cauchy": lambda z: 1 / (1 + z), "arctan": lambda z: 1 / (1 + z ** 2)}
 
 
-def weighted_solve(A, b: np.ndarray, w: np.ndarray) -> np.ndarray:
-    """argmin sum w (A x - b)^2, by a sparse direct solve of the normal equations."""
+def weighted_solve(A, b: np.ndarray, w: np.ndarray):
+    """argmin sum w (A x - b)^2, by a sparse direct solve of the normal equations; returns x and
+    the normal matrix (its inverse is x's covariance)."""
     import scipy.sparse
     from scipy.sparse.linalg import spsolve
     Aw = scipy.sparse.diags(w) @ A
-    return np.asarray(spsolve((A.T @ Aw).tocsc(), Aw.T @ b))
+    normal = (A.T @ Aw).tocsc()
+    return np.asarray(spsolve(normal, Aw.T @ b)), normal
 
 
 def solve_positions(fixed: Mapping[int, tuple[float, float]], start: Mapping[int, tuple[float, float]],
@@ -2360,11 +2363,10 @@ def solve_positions(fixed: Mapping[int, tuple[float, float]], start: Mapping[int
     weight = ROBUST_WEIGHTS[loss]
     w = np.ones(len(b))
     for f_scale in ([] if loss == "linear" else [16.0, 8.0, 4.0, 2.0] + [1.0] * 8):
-        x = weighted_solve(A, b, w)
+        x, _ = weighted_solve(A, b, w)
         w = weight((A @ x - b) ** 2 / f_scale ** 2)
-    x = weighted_solve(A, b, w)
-    normal = (A.T @ scipy.sparse.diags(w) @ A).toarray()
-    cov = np.diag(np.linalg.inv(normal))          # 1-sigma uncertainty at the final weights
+    x, normal = weighted_solve(A, b, w)
+    cov = np.diag(np.linalg.inv(normal.toarray()))          # 1-sigma uncertainty at the final weights
     x = x.reshape(-1, 2)
     xy = {i: (float(x[n, 0]), float(x[n, 1])) for n, i in enumerate(free)}
     all_xy = {**{i: tuple(map(float, p)) for i, p in fixed.items()}, **xy}
@@ -2517,17 +2519,21 @@ def solve_flight(search: Search, dataset: Dataset, known: Mapping[int, Estimate]
     xy = {i: (e.x, e.y) for i, e in done.items()}
     state = {i: ("dropped" if i in drop else "used" if e.H is not None else "") for i, e in done.items()}
     fix_xy = {i: (e.x, e.y) for i, e in done.items() if e.H is not None}
-    for rnd in range(max(1, cfg.rounds)):
+    # train frames lend their map homographies to the axes where they agree with their truths
+    train_h = {i: e.H for i, e in known.items() if e.H is not None
+               and np.hypot(*(project(e.H, [truth_px[i]])[0] - fixed[i])) <= cfg.fix_outlier_px}
+    rounds = max(1, cfg.rounds)
+    for rnd in range(rounds):
         good = [k for k in links.values() if k is not None]
-        homographies = {i: e.H for i, e in est.items() if e.H is not None and state.get(i) not in ("dropped", "rejected")
-                        and (i not in fixed or np.hypot(*(project(e.H, [truth_px[i]])[0] - fixed[i])) <= cfg.fix_outlier_px)}
+        homographies = {**train_h, **{i: est[i].H for i in targets
+                                      if est[i].H is not None and state[i] not in ("dropped", "rejected")}}
         axes = frame_axes(good, homographies, truth_px)
         fixes = [Fix(i, fix_xy[i], cfg.fix_sigma_px) for i in targets if state[i] in ("used", "added")]
         sol = solve_positions(fixed, xy, link_offsets(good, axes, truth_px, cfg), fixes, cfg.loss)
         xy, t_solves = dict(sol.xy), t_solves + sol.seconds
         for i, r in sol.fix_residual.items():
             state[i] = "rejected" if r > cfg.fix_outlier_px else state[i]
-        if rnd == max(1, cfg.rounds) - 1:
+        if rnd == rounds - 1:
             break
         # frames without a fix: one more look at the map, tightly, where the flight puts them, at the
         # one rotation the chain gives them
@@ -2549,7 +2555,7 @@ def solve_flight(search: Search, dataset: Dataset, known: Mapping[int, Estimate]
     counts = {s: sum(v == s for v in state.values()) for s in ("used", "rejected", "added", "dropped")}
     log(f"flight solve ({phase}): {len(good)} links ({len(links) - len(good)} pairs did not match), "
         f"map fixes {counts}, {len(targets) - len(carried)} frames reached by no link; "
-        f"{max(1, cfg.rounds)} solves over {len(est)} frames ({len(targets)} free) {t_solves:.2f}s, "
+        f"{rounds} solves over {len(est)} frames ({len(targets)} free) {t_solves:.2f}s, "
         f"phase with link matching and re-matches {time.perf_counter() - t_phase:.1f}s")
     out = {}
     for i in targets:
@@ -2657,10 +2663,8 @@ def open_checkpoint(settings: Settings, dataset: Dataset, out: Path, enabled: bo
     if not (enabled and settings.run.resume):
         return Checkpoint(None)
     tables = settings.to_tables()
-    # the code is part of the key too: an edited uavloc.py never replays results of the old one. The
-    # frames' own estimates are what is kept; the flight solve re-runs on them, so its settings are not.
-    key = digest([tables[k] for k in RESULT_SECTIONS if k != "solve"] + [settings.run.device,
-                                                                          digest(MODULE_FILE.read_text())])
+    # the code is part of the key too: an edited uavloc.py never replays results of the old one
+    key = digest([tables[k] for k in FRAME_SECTIONS] + [settings.run.device, digest(MODULE_FILE.read_text())])
     return Checkpoint(out / "checkpoints" / f"{key}_{data_fingerprint(dataset)}.jsonl", settings.run.fresh)
 
 
@@ -2776,7 +2780,7 @@ def prepare(settings: Settings, dataset: Dataset, out: Path, checkpoint: Checkpo
             estimate_height(settings, dataset, out, backend, views, map_gray, log)))
     height = HeightEvidence(**{**h, "headings": tuple((int(i), float(y)) for i, y in h["headings"])})
     if height.fallback:
-        settings = settings.with_values(dict(settings.presets[height.fallback]))
+        settings = fallback_settings(settings)
         backend = build_backend(settings)
         views = build_views(settings, backend, out)
     frames = [dataset.frames[i] for i in dataset.train_ids]
@@ -3266,11 +3270,11 @@ def orphaned(trial, grace_s: float) -> bool:
     if host != socket.gethostname():
         return False
     try:
-        os.kill(int(pid), 0)
+        os.kill(int(pid), 0)        # PermissionError: alive, under another user
     except ProcessLookupError:
         return True
-    except PermissionError:         # alive, under another user
-        return False
+    except PermissionError:
+        pass
     return False
 
 
