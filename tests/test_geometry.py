@@ -43,7 +43,7 @@ def test_magsac_recovers_homography_with_noise_and_outliers():
     p1 = U.project(H, p0) + rng.normal(0, 0.5, (300, 2))
     p1[:90] = rng.uniform(0, 500, (90, 2))            # 30 % outliers
     g = U.GeometrySettings(ransac_threshold=3.0, ransac_confidence=0.999, ransac_max_iters=5000,
-                           min_inliers=12, max_anisotropy=1.4)
+                           min_inliers=12, max_anisotropy=1.4, scale_low=0.67, scale_high=1.5)
     Hest, inl = U.estimate_homography(p0, p1, g)
     assert inl[90:].mean() > 0.95 and inl[:90].mean() < 0.1
     test = rng.uniform(0, 500, (50, 2))
@@ -78,3 +78,46 @@ def test_camera_nadir_of_a_tilted_camera_is_exact(tilt_deg, yaw_deg):
     assert np.allclose(U.camera_nadir(H, K), C[:2], atol=1e-6)
     centre = U.project(H, [K[:2, 2]])[0]
     assert abs(np.hypot(*(centre - C[:2])) - 500 * np.tan(b)) < 1e-6
+
+
+@pytest.mark.parametrize("lean", [(0.0, 0.06), (0.02, -0.05)])
+def test_leveling_turns_a_leaning_camera_to_look_straight_down(lean):
+    """A camera tilted so its nadir lies `lean` x f from the principal point: levelled, its view of the
+    ground is a similarity (no perspective) and the nadir lands on the principal point."""
+    f = U.Frame(1, None, 800, 600, 660.0, 660.0, 401.0, 299.0, "test")
+    tilt = np.arctan(np.hypot(*lean))
+    axis = np.array([-lean[1], lean[0], 0.0]) / np.hypot(*lean)          # the camera turned about this
+    R = cv2.Rodrigues(axis * tilt)[0]
+    C = np.array([500.0, 300.0, -400.0])
+    P = f.K @ np.c_[R[:, 0], R[:, 1], -R @ C]                            # ground (z = 0) -> image, R world->camera
+    H = np.linalg.inv(P)                                                 # image -> ground
+    nadir = U.project(P, [C[:2]])[0]
+    assert np.allclose(nadir, (f.cx + f.fx * lean[0], f.cy + f.fy * lean[1]), atol=1e-6)
+    L = U.leveling(f, lean)
+    assert np.allclose(U.project(L, [nadir])[0], f.principal_point, atol=1e-6)
+    G = H @ np.linalg.inv(L)                                             # levelled px -> ground
+    G /= G[2, 2]
+    assert np.abs(G[2, :2]).max() < 1e-12 and abs(G[0, 0] - G[1, 1]) < 1e-9 and abs(G[0, 1] + G[1, 0]) < 1e-9
+
+
+def leaning_camera(f, lean, heading_deg, centre):
+    """Ground (z = 0, z down) -> image homography of a camera at `centre` whose nadir lies `lean` x f from
+    its principal point, turned by `heading_deg` about the vertical."""
+    tilt = np.arctan(np.hypot(*lean))
+    axis = np.array([-lean[1], lean[0], 0.0]) / max(np.hypot(*lean), 1e-12)
+    R = cv2.Rodrigues(axis * tilt)[0] @ cv2.Rodrigues(np.array([0, 0, np.radians(heading_deg)]))[0]
+    C = np.asarray(centre, float)
+    return f.K @ np.c_[R[:, 0], R[:, 1], -R @ C]
+
+
+@pytest.mark.parametrize("lean_a, lean_b, heading_b", [((0.0, 0.06), (0.01, 0.045), 3.0),
+                                                       ((0.02, 0.05), (-0.015, 0.07), 178.0)])
+def test_a_link_carries_the_cameras_tilt_from_one_frame_to_the_next(lean_a, lean_b, heading_b):
+    """Two leaning cameras over flat ground 300 units apart: from a's lean and the homography between the
+    frames, b's lean comes back exactly (however the translation and the heading differ)."""
+    f = U.Frame(1, None, 800, 600, 660.0, 660.0, 401.0, 299.0, "test")
+    Pa = leaning_camera(f, lean_a, 0.0, (500.0, 300.0, -400.0))
+    Pb = leaning_camera(f, lean_b, heading_b, (560.0, 40.0, -380.0))
+    H = Pb @ np.linalg.inv(Pa)                                           # image a -> ground -> image b
+    assert np.allclose(U.carried_lean(H, f, lean_a, f), lean_b, atol=1e-9)
+    assert np.allclose(U.carried_lean(np.linalg.inv(H), f, lean_b, f), lean_a, atol=1e-9)

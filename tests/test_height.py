@@ -1,4 +1,5 @@
-"""Issue 12: the height from frame pairs, the map level from the data, bounded failure, locate's scale flags."""
+"""The height from frame pairs (one pair is evidence), links along a leg and across its end, the map
+level from the data, locate's flags."""
 from pathlib import Path
 
 import cv2
@@ -8,45 +9,97 @@ import pytest
 import uavloc as U
 
 
-def crop_frame(map_gray, centre, scale, size, path):
-    """A north-up nadir frame of `size` px cut from the map around `centre`, `scale` map px per image px."""
+def crop_frame(map_gray, centre, scale, size, path, heading=0.0):
+    """A nadir frame of `size` px cut from the map around `centre` at `scale` map px per image px, its
+    image x-axis pointing `heading` degrees on the map."""
     w, h = size
-    H = U.translate_h(centre[0] - scale * w / 2, centre[1] - scale * h / 2) @ U.scale_h(scale, scale)  # image -> map
+    c, s = np.cos(np.radians(heading)), np.sin(np.radians(heading))
+    H = U.translate_h(*centre) @ np.array([[scale * c, -scale * s, 0], [scale * s, scale * c, 0], [0, 0, 1]]) @ \
+        U.translate_h(-w / 2, -h / 2)                                     # image -> map
     img = cv2.warpPerspective(map_gray, np.linalg.inv(H), (w, h), flags=cv2.INTER_AREA)
     cv2.imwrite(str(path), img, [cv2.IMWRITE_JPEG_QUALITY, 95])
     return path
 
 
-def test_a_frame_pair_gives_the_height_and_the_heading(tmp_path):
-    """Two north-up frames 1.25 map px per image px apart by 160 map px, focal 600: k = 1.25 x 600 = 750,
-    heading 0 (image x is map x)."""
-    map_gray = U.synthetic_map(1600, 1200, seed=3)
-    s = U.load_settings(overrides=["features.backend=sift"])
-    frames = []
-    for n, x in enumerate((700.0, 860.0)):
-        path = crop_frame(map_gray, (x, 600.0), 1.25, (640, 480), tmp_path / f"{n}.JPG")
-        frames.append(U.Frame(n, path, 640, 480, 600.0, 600.0, 320.0, 240.0, "train", (x, 600.0)))
-    views = U.build_views(s, U.build_backend(s), tmp_path)
-    pair = U.match_pair(views, s, frames[0], frames[1], U.Stopwatch())
-    assert pair is not None and pair.inliers >= 30
-    assert abs(pair.k - 750) < 0.02 * 750, pair
-    assert abs(pair.heading) < 2 and abs(pair.yaw) < 1 and abs(pair.shift - 128 / 640) < 0.01
-    assert U.usable(pair, s.scale)
-    assert U.motion_height([pair, pair], s.scale)[0] == pytest.approx(pair.k)
-    assert U.motion_height([pair], s.scale) == (None, 0.0)           # fewer than scale.motion_min_pairs
+@pytest.fixture(scope="module")
+def leg(tmp_path_factory):
+    """Seven frames 1.25 map px per image px, focal 600 (k = 750): five along a leg heading 0 (110 map
+    px apart, image x along the motion), then the leg's end: two frames flown back, turned by 180."""
+    folder = tmp_path_factory.mktemp("leg")
+    map_gray = U.synthetic_map(1800, 1200, seed=3)[..., 1]
+    frames = {}
+    spots = [((500.0 + 110 * n, 600.0), 0.0) for n in range(5)] + [((1000.0, 640.0), 180.0), ((890.0, 640.0), 180.0)]
+    for n, (xy, heading) in enumerate(spots, start=1):
+        path = crop_frame(map_gray, xy, 1.25, (640, 480), folder / f"{n:04d}.JPG", heading)
+        frames[n] = U.Frame(n, path, 640, 480, 600.0, 600.0, 320.0, 240.0, "train", xy)
+    s = U.load_settings(overrides=["features.backend=sift", "links.max_shift=0.5"])
+    views = U.build_views(s, U.build_backend(s), folder, U.Stopwatch())
+    ds = U.Dataset(folder, folder / "map.png", frames)
+    return ds, U.Linker(views, s), s
+
+
+def test_links_follow_the_leg_while_frames_overlap_and_turn_at_its_end(leg):
+    ds, linker, s = leg
+    links = {(k.a, k.b): k for k in U.temporal_links(linker, ds, sorted(ds.frames), log=U.quiet)}
+    # 110 map px = 88 image px = 0.18 of the 480-px side a step: +1 and +2 (0.37) within links.max_shift
+    # 0.5, +3 (0.55) beyond it; across the leg's end the next frame matches turned by 180 (SIFT needs no
+    # turn of the view to find it)
+    assert {(1, 2), (1, 3), (2, 3), (2, 4), (3, 4), (3, 5), (4, 5), (5, 6), (6, 7)} <= set(links)
+    assert (1, 4) not in links and (4, 6) not in links and (5, 7) not in links    # nothing across the turn
+    yaw = {p: U.homography_yaw(k.H, ds.frames[p[0]].principal_point) for p, k in links.items()}
+    assert abs(abs(yaw[(5, 6)]) - 180) < 1 and all(abs(y) < 1 for p, y in yaw.items() if p != (5, 6))
+    assert not links[(5, 6)].straight(ds.frames[5]) and links[(4, 5)].straight(ds.frames[4])
+
+
+def test_one_pair_gives_the_height_and_the_heading(leg):
+    """k = 1.25 x 600 = 750 from a single pair; its heading 0 (image x is map x)."""
+    ds, linker, s = leg
+    link = linker.match(ds.frames[1], ds.frames[2])
+    k, heading = U.pair_motion(link, ds.frames[1], ds.frames[2])
+    assert abs(k - 750) < 0.01 * 750 and abs(heading) < 1
+    height = U.height_from_links([link], ds, s.height)
+    assert height.source is U.HeightSource.PAIRS and len(height.pairs) == 1 and abs(height.k - 750) < 7.5
+    assert U.height_from_links([], ds, s.height) is None
+
+
+def test_pairs_are_weighted_by_inliers(leg):
+    """A weak pair whose truths claim twice the height is outweighed by a strong one."""
+    import dataclasses
+    ds, linker, s = leg
+    strong = dataclasses.replace(linker.match(ds.frames[1], ds.frames[2]), inliers=300)
+    weak = dataclasses.replace(linker.match(ds.frames[3], ds.frames[4]), inliers=45)
+    far = dataclasses.replace(ds.frames[4], truth=(ds.frames[3].truth[0] + 220.0, 600.0))
+    ds2 = U.Dataset(ds.root, ds.map_path, {**ds.frames, 4: far})
+    assert abs(U.pair_motion(weak, ds2.frames[3], far)[0] - 1500) < 15
+    assert abs(U.height_from_links([strong, weak], ds2, s.height).k - 750) < 7.5
 
 
 def test_map_level_follows_the_frames_detail():
     cfg = U.load_settings().features                       # map_level 0: from the data
-    assert U.AlikedBackend.map_level(cfg, 0.70) == pytest.approx(2 ** -0.5)   # real5: 512-px frames at k 600
-    assert U.AlikedBackend.map_level(cfg, 1.9) == 1.0       # finer than the map: full resolution, never above
-    assert U.AlikedBackend.map_level(cfg, 0.05) == cfg.map_level_min
-    assert U.XFeatBackend.map_level(cfg, 0.35) == pytest.approx(2 * 2 ** -1.5)
+    assert U.Backend.map_level(cfg, 0.70) == pytest.approx(2 ** -0.5)   # real5: 512-px frames at k 600
+    assert U.Backend.map_level(cfg, 1.9) == 1.0            # finer than the map: full resolution, never above
+    assert U.Backend.map_level(cfg, 0.05) == cfg.map_level_min
+    assert U.Backend.map_level(cfg, 0.88) == pytest.approx(2 ** -0.125)   # twoflights: 640 of 800 px at k 600
     fixed = U.load_settings(overrides=["features.map_level=0.5"]).features
-    assert U.AlikedBackend.map_level(fixed, 1.9) == 0.5
-    frames = [U.Frame(1, Path("a.JPG"), 8000, 6000, 6592.0, 6592.0, 4000.0, 3000.0, "train", (0.0, 0.0))]
-    detail, footprint = U.frame_detail(frames, 600.0, 1400)
-    assert detail == pytest.approx(1400 / 8000 * 6592 / 600) and footprint == pytest.approx(8000 * 600 / 6592)
+    assert U.Backend.map_level(fixed, 1.9) == 0.5
+
+
+def test_the_working_scale_is_the_frames_own_and_xfeat_sees_twice_the_pixels(tmp_path):
+    s = U.load_settings(overrides=["features.backend=sift"])
+    views = U.build_views(s, U.build_backend(s), tmp_path, U.Stopwatch())
+    big = U.Frame(1, Path("a.JPG"), 8000, 6000, 6592.0, 6592.0, 4000.0, 3000.0, "train", (0.0, 0.0))
+    small = U.Frame(2, Path("b.JPG"), 512, 383, 422.0, 422.0, 256.0, 191.5, "train", (0.0, 0.0))
+    assert views.working_scale(big) == pytest.approx(640 / 8000, rel=0.025)       # snapped to the scale grid
+    assert views.working_scale(small) == 1.0                                       # never upsampled
+    detail, footprint = U.frame_detail([big], views, 600.0)
+    assert detail == pytest.approx(views.working_scale(big) * 6592 / 600) and footprint == pytest.approx(8000 * 600 / 6592)
+
+    class Coarse(U.SiftBackend):
+        detail_factor = 2.0
+
+    coarse = U.QueryViews(Coarse(s.features, Path("w"), "cpu", Path("w")), s.preprocess, s.features.query_scale_step,
+                          None, U.FrameDecoder(False), U.Stopwatch())
+    assert coarse.working_scale(big) == pytest.approx(2 * 640 / 8000, rel=0.05)
 
 
 @pytest.mark.parametrize("args, message", [

@@ -99,3 +99,43 @@ def test_missing_kornia_is_installed_offline_from_the_wheels(tmp_path, monkeypat
     with pytest.raises(U.WeightsError, match="offline install of kornia"):
         U.import_kornia_feature(tmp_path)
     assert calls and "--no-index" in calls[0] and calls[0][calls[0].index("--find-links") + 1] == str(tmp_path)
+
+
+def test_the_weights_dataset_holds_every_file_the_settings_may_load(tmp_path):
+    """The backend's files, the fallback preset's (DISK: real imagery) and run.fetch_backends'; a missing
+    one is a WeightsError naming it."""
+    weights = tmp_path / "w"
+    weights.mkdir()
+    s = U.load_settings(flags={"run.weights_dir": str(weights)})
+    expected = {n for b in ("aliked", "disk", "xfeat") for n in U.BACKENDS[b].weight_files}
+    assert set(U.backends_in_use(s)) == {"aliked", "disk", "xfeat"}
+    for n in expected - {"disk_lightglue.pth"}:
+        (weights / n).write_bytes(b"w")
+    with pytest.raises(U.WeightsError, match="disk_lightglue.pth"):
+        U.weights_dataset(s, tmp_path / "ds")
+    (weights / "disk_lightglue.pth").write_bytes(b"w")
+    names = U.weights_dataset(s, tmp_path / "ds")
+    assert set(names) == expected and all((tmp_path / "ds" / n).is_file() for n in expected)
+    meta = json.loads((tmp_path / "ds" / "dataset-metadata.json").read_text())
+    assert meta["id"] == s.kaggle.weights_dataset
+
+
+@pytest.mark.slow
+@pytest.mark.weights
+@pytest.mark.skipif(not (weights_present("aliked") and weights_present("disk")), reason="ALIKED or DISK weights absent")
+def test_the_kernel_loads_disk_from_the_weights_dataset_the_command_built(demo_data, solution, tmp_path):
+    """The weights dataset as --mode kaggle-datasets builds it, in a simulated Kaggle: the kernel finds it
+    and locates a frame with DISK from it (torch's hub folder empty, no network)."""
+    root = fake_kaggle(tmp_path, demo_data, with_weights=False)
+    U.weights_dataset(U.load_settings(flags={"run.weights_dir": str(WEIGHTS)}), root / "input" / "uavloc-weights")
+    comp = root / "input" / "gnss-denied-localization"
+    cam = pd.read_csv(comp / "test_data/test_cam.csv").iloc[0]
+    truth = solution.loc[int(cam.id)]
+    r = run_kernel(root, tmp_path, "--mode", "locate", "--set", "features.backend=disk", "--map",
+                   str(comp / "data" / "map.png"), "--frame", str(comp / f"test_data/test_images/{int(cam.id):04d}.JPG"),
+                   "--fx", str(cam.fx), "--fy", str(cam.fy), "--cx", str(cam.cx), "--cy", str(cam.cy),
+                   "--prior", f"{truth.x_pixel + 40},{truth.y_pixel - 30}", "--altitude", "330", "--map-gsd", "1")
+    assert r.returncode == 0, r.stderr
+    res = json.loads(r.stdout.strip().splitlines()[-1])
+    assert res["backend"] == "disk" and res["matched"], res
+    assert "uavloc-weights" in r.stdout or "uavloc-weights" in r.stderr

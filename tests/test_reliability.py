@@ -166,7 +166,7 @@ def test_killed_run_resumes_and_equals_an_uninterrupted_run(demo_data, tmp_path)
     while time.time() < deadline and proc.poll() is None:
         files = list(ckpt_dir.glob("*.jsonl")) if ckpt_dir.is_dir() else []
         lines = len(files[0].read_text().splitlines()) if files else 0
-        if lines >= 25:            # the NCC record, all train registrations and some validation frames
+        if lines >= 25:            # the backend choice, the height, the train registrations, some frames after
             proc.send_signal(signal.SIGKILL)
             break
         time.sleep(0.02)
@@ -220,16 +220,13 @@ def test_invalid_submission_is_never_written(demo_data, tmp_path):
             U.validate_submission(bad, ds, (100, 100))
 
 
-def test_a_run_that_loses_a_test_frame_writes_nothing(demo_data, tmp_path, monkeypatch, capsys):
-    """A bug that drops a test frame stops the run before any file of the test phase is written, and
-    the submission of an earlier run stays as it was."""
-    real = U.localize_sequence
+def test_a_submission_that_fails_its_check_writes_nothing(demo_data, tmp_path, monkeypatch, capsys):
+    """The submission is checked before any file of the test phase is written: when the check fails,
+    the run exits with the error and the submission of an earlier run stays as it was."""
+    def refuse(sub, dataset, map_size):
+        raise U.UavlocError("internal error: the submission does not hold every test id exactly once")
 
-    def lossy(search, dataset, known, targets, checkpoint, phase, progress=None, log=None):
-        est = real(search, dataset, known, targets, checkpoint, phase, progress, log)
-        return {i: e for i, e in est.items() if phase != "test" or i != targets[0]}
-
-    monkeypatch.setattr(U, "localize_sequence", lossy)
+    monkeypatch.setattr(U, "validate_submission", refuse)
     out = tmp_path / "o"
     out.mkdir()
     (out / "submission.csv").write_text("earlier\n")
@@ -303,8 +300,8 @@ def test_load_dataset_accepts_or_refuses_clearly(name, demo_data, tmp_path):
 
 
 def test_a_truth_far_from_its_match_is_reported_and_left_out_of_the_fits():
-    """Eight train frames whose homographies put the reference pixel on their truth, but one truth
-    is 300 px off (a wrong GPS row): it is named in the log and the fit ignores it."""
+    """Eight train frames whose homographies put the truth point on their truth, but one truth is 300
+    px off (a wrong GPS row): it is named in the log and the fit ignores it."""
     matched = []
     for i in range(8):
         s = 0.5 + 0.01 * i
@@ -312,8 +309,9 @@ def test_a_truth_far_from_its_match_is_reported_and_left_out_of_the_fits():
         truth = tuple(U.project(H, [(320, 240 + 0.06 * 600)])[0] + ([300, 0] if i == 5 else [0, 0]))
         matched.append((U.Frame(i, Path(f"{i}.JPG"), 640, 480, 600.0, 600.0, 320.0, 240.0, "train", truth), H))
     lines = []
-    rs = U.load_settings().reference
-    calib = U.fit_calibration(matched, 8, U.HeightEvidence.given(300.0), rs, log=lines.append)
+    cfg = U.load_settings().truth
+    calib = U.fit_calibration(matched, 8, U.Height(300.0, 0.0, U.HeightSource.GIVEN), cfg,
+                              ((0.0, 0.0), U.LeanSource.DEFAULT), log=lines.append)
     assert any("id 5 (" in line and "left out" in line for line in lines), lines
     assert "7/8 train frames registered and used" in lines[-1]
-    assert abs(calib.ref_offset[1] - 0.06) < 1e-6 and abs(calib.ref_offset[0]) < 1e-6
+    assert abs(calib.lean[1] - 0.06) < 1e-6 and abs(calib.lean[0]) < 1e-6

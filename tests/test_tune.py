@@ -63,12 +63,12 @@ def test_tune_split_hides_blocks_and_keeps_a_holdout_apart():
 
 
 def test_best_params_round_trip_into_settings(tmp_path):
-    params = {"features.match_threshold": 0.2143, "geometry.min_inliers": 26, "localize.search_radius": 204.5}
+    params = {"features.match_threshold": 0.2143, "geometry.min_inliers": 26, "search.search_radius": 204.5}
     path = tmp_path / "best_params.toml"
     path.write_text(U.params_toml(params, "test"))
     s = U.load_settings(str(path))
     assert s.features.match_threshold == 0.2143 and s.geometry.min_inliers == 26
-    assert s.localize.search_radius == 204.5
+    assert s.search.search_radius == 204.5
     tuned = tomllib.loads(U.apply_params(U.DEFAULT_SETTINGS.read_text(), params))
     assert tuned["geometry"]["min_inliers"] == 26 and tuned["features"]["match_threshold"] == 0.2143
     assert tuned["features"]["backend"] == U.load_settings().features.backend   # the rest untouched
@@ -138,7 +138,7 @@ def test_two_workers_share_a_journal_file_study(demo_data, tmp_path):
     run_workers(2, f"journal:{journal}", demo_data, tmp_path / "out", trials=8)
     check_shared_study(U.open_storage(f"journal:{journal}"), trials=8, workers=2)
     best = tomllib.loads((tmp_path / "out" / "best_params.toml").read_text())
-    assert set(best) <= {"features", "geometry", "scale", "localize"} and best
+    assert set(best) <= {"features", "geometry", "search", "graph", "preprocess"} and best
 
 
 def pg_bin() -> Path | None:
@@ -180,4 +180,4 @@ def test_two_workers_share_a_postgresql_study(postgres_url, demo_data, tmp_path)
     run_workers(2, postgres_url, demo_data, tmp_path / "out", trials=8)
     check_shared_study(U.open_storage(postgres_url), trials=8, workers=2)
     best = tomllib.loads((tmp_path / "out" / "best_params.toml").read_text())
-    assert set(best) <= {"features", "geometry", "scale", "localize"} and best
+    assert set(best) <= {"features", "geometry", "search", "graph", "preprocess"} and best
