@@ -3492,11 +3492,12 @@ def plot_matches(map_gray: np.ndarray, query: np.ndarray, attempt: Attempt, est:
     save_figure(fig, path)
 
 
-def report_frame(search: Search, dataset: Dataset, fid: int, out: Path, prior=None) -> Path:
-    """Re-run one frame's map match near its prior (its truth for a train frame) and draw it."""
+def report_frame(search: Search, dataset: Dataset, fid: int, out: Path, prior=None, heading: float | None = None) -> Path:
+    """Re-run one frame's map match near its prior (its truth for a train frame), at the orientations
+    its heading calls for (all four without one), and draw it."""
     f = dataset.frames[fid]
     centre = prior or f.truth or search.engine.map_centre
-    est, attempt = search.find(f, centre, search.s.search.search_radius, None, widen=False)
+    est, attempt = search.find(f, centre, search.s.search.search_radius, heading, widen=False)
     path = out / "report" / f"matches_{fid}.png"
     if attempt.pairs and len(attempt.pairs[0]):
         query, _ = search.engine.views.image(f, search.scale(f), 0, Stopwatch())
@@ -3505,13 +3506,17 @@ def report_frame(search: Search, dataset: Dataset, fid: int, out: Path, prior=No
 
 
 def write_reports(search: Search, dataset: Dataset, out: Path, val: pd.DataFrame | None,
-                  test: pd.DataFrame | None) -> None:
-    """The map overview, and match plots of the worst validation frames."""
+                  test: pd.DataFrame | None, map_matches: bool) -> None:
+    """The map overview, and match plots of the worst validation frames at their solved heading (none
+    when the map matched nothing: there is no match to draw)."""
     plot_overview(search.engine.map_gray, dataset, val, test, out / "report" / "map_overview.png")
-    if val is None or "error_px" not in val:
+    if val is None or "error_px" not in val or not map_matches:
         return
-    for fid in val.sort_values("error_px", ascending=False)["id"].head(search.s.report.worst_frames):
-        report_frame(search, dataset, int(fid), out)
+    for r in val.sort_values("error_px", ascending=False).head(search.s.report.worst_frames).itertuples():
+        heading = None if pd.isna(r.heading) else float(r.heading)
+        report_frame(search, dataset, int(r.id), out, heading=heading)
+
+
 # ----------------------------------------------------------------------------- tuning
 # An Optuna study over [tune.space]: block validation on the train frames (as the test set hides
 # them), Wilcoxon pruning on per-frame values, and a holdout the study never sees.
@@ -3881,10 +3886,24 @@ def synthetic_map(width: int, height: int, seed: int) -> np.ndarray:
     return img
 
 
+def demo_camera(K: np.ndarray, centre, heading_deg: float, lean) -> np.ndarray:
+    """Map px (level ground) -> image px of a camera `centre[2]` map px above (x, y), its image x-axis
+    pointing `heading_deg` on the map, tilted so that its nadir lies `lean` x f from the principal point."""
+    a = np.radians(heading_deg)
+    to_camera = np.array([[np.cos(a), np.sin(a), 0], [-np.sin(a), np.cos(a), 0], [0, 0, 1.0]])   # nadir-looking
+    n = np.array([lean[0], lean[1], 1.0])
+    n /= np.linalg.norm(n)
+    axis = np.cross([0.0, 0.0, 1.0], n)                 # the tilt that turns straight down into n
+    tilt = cv2.Rodrigues(axis / max(np.linalg.norm(axis), 1e-12) * np.arccos(n[2]))[0]
+    R = tilt @ to_camera
+    C = np.array([centre[0], centre[1], -centre[2]], float)
+    return K @ np.c_[R[:, 0], R[:, 1], -R @ C]
+
+
 def make_demo(root: Path, seed: int = 7, n_frames: int = 40) -> Path:
-    """A small data set in the competition layout whose truth is known exactly: frames are the map
-    warped by known homographies, with per-frame intrinsics, mixed yaw, a forward lean and a
-    photometric change. Returns the data folder; the solution is written beside it."""
+    """A small data set in the competition layout whose truth is known exactly: frames are the map seen
+    by a leaning camera (per-frame intrinsics, tilt jitter, mixed headings) and a photometric change;
+    the truth is the nadir. Returns the data folder; the solution is written beside it."""
     rng = np.random.default_rng(seed)
     W, H, fw, fh = 1800, 1400, 640, 480
     world = synthetic_map(W, H, seed)
@@ -3892,8 +3911,8 @@ def make_demo(root: Path, seed: int = 7, n_frames: int = 40) -> Path:
     for sub in ("train_data/train_images", "test_data/test_images"):
         (data / sub).mkdir(parents=True, exist_ok=True)
     cv2.imwrite(str(data / "map.png"), world)
-    k, lean = 330.0, 0.06                    # altitude in map px x focal; lean (tan) towards image-up
-    legs, per_leg = 4, n_frames // 4
+    k, lean = 330.0, 0.06                    # altitude in map px; the camera leans 3.4 degrees forward
+    per_leg = n_frames // 4
     test = set(range(1, 4)) | set(range(12, 15)) | set(range(21, 28)) | {35}
     rows = {"train": [], "test": []}
     pos, sol = [], []
@@ -3902,28 +3921,21 @@ def make_demo(root: Path, seed: int = 7, n_frames: int = 40) -> Path:
         t = j / max(1, per_leg - 1)
         x = 350 + t * (W - 700) if leg % 2 == 0 else W - 350 - t * (W - 700)
         y = 300 + leg * 260
-        yaw = (0.0 if leg % 2 == 0 else 180.0) + (90.0 if leg == 3 else 0.0) + rng.normal(0, 4)
+        heading = (0.0 if leg % 2 == 0 else 180.0) + (90.0 if leg == 3 else 0.0) + rng.normal(0, 4)
         fx = 600 * (1 + rng.normal(0, 0.02))
         fy, cx, cy = fx * (1 + rng.normal(0, 0.002)), fw / 2 + rng.normal(0, 3), fh / 2 + rng.normal(0, 3)
-        s = k / fx
-        a = np.deg2rad(yaw)
-        R = np.array([[np.cos(a), -np.sin(a)], [np.sin(a), np.cos(a)]]) * s
-        ref = np.array([cx, cy + lean * fy])     # the GPS truth's image point (camera leans forward)
-        Hm = np.eye(3)
-        Hm[:2, :2] = R
-        Hm[:2, 2] = np.array([x, y]) - R @ ref
-        Hm[2, :2] = rng.normal(0, 2e-6, 2)       # mild perspective
-        frame = cv2.warpPerspective(world, np.linalg.inv(Hm), (fw, fh), flags=cv2.INTER_LINEAR)
+        K = np.array([[fx, 0, cx], [0, fy, cy], [0, 0, 1.0]])
+        P = demo_camera(K, (x, y, k), heading, (rng.normal(0, 0.004), lean + rng.normal(0, 0.004)))
+        frame = cv2.warpPerspective(world, P, (fw, fh), flags=cv2.INTER_LINEAR)
         hsv = cv2.cvtColor(frame, cv2.COLOR_BGR2HSV).astype(np.float32)
         hsv[..., 0] = (hsv[..., 0] + 8) % 180    # autumn hue shift, darker, noisier
         frame = cv2.cvtColor(np.clip(hsv, 0, 255).astype(np.uint8), cv2.COLOR_HSV2BGR)
         frame = np.clip(0.85 * frame + rng.normal(0, 4, frame.shape) + 10, 0, 255).astype(np.uint8)
-        truth = project(Hm, [ref])[0]
         split = "test" if i in test else "train"
         cv2.imwrite(str(data / f"{split}_data/{split}_images/{i:04d}.JPG"), frame,
                     [cv2.IMWRITE_JPEG_QUALITY, 92])
         rows[split].append((i, fx, fy, cx, cy))
-        (sol if split == "test" else pos).append((i, *truth))
+        (sol if split == "test" else pos).append((i, x, y))
     cam_cols = ["id", "fx", "fy", "cx", "cy"]
     for split in ("train", "test"):
         pd.DataFrame(rows[split], columns=cam_cols).round(4).to_csv(data / f"{split}_data/{split}_cam.csv",
@@ -4009,7 +4021,8 @@ def run_and_report(settings: Settings, data: Path, out: Path, validate: bool, ch
     if prep.settings.report.enabled:
         with r.stopwatch.phase("reports"):
             calib = prep.calibration(r.dataset, r.dataset.train_ids, log=quiet)
-            write_reports(Search(prep.engine, prep.settings, calib), r.dataset, Path(out), r.validation, r.test)
+            write_reports(Search(prep.engine, prep.settings, calib), r.dataset, Path(out), r.validation, r.test,
+                          prep.map_matches)
     return r
 
 

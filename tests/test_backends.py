@@ -26,7 +26,7 @@ def middle_test_frame(ds, solution):
 
 
 @pytest.mark.parametrize("turn", [0, 90, 180, 270])
-def test_a_frame_is_found_at_every_orientation_within_5px(calibrated, solution, turn, tmp_path):
+def test_a_frame_is_found_at_every_orientation_within_8px(calibrated, solution, turn, tmp_path):
     """The frame turned on disk by a multiple of 90 degrees (intrinsics and lean turned with it), no
     heading known: the map turned to each orientation finds it."""
     search, ds = calibrated
@@ -46,7 +46,9 @@ def test_a_frame_is_found_at_every_orientation_within_5px(calibrated, solution, 
     lean = U.Search(search.engine, search.s, dataclasses.replace(search.calib, lean=(ox, oy), pose=None))
     est, _ = lean.find(turned, truth + [60, -40], 150, None)
     assert est.H is not None, est.error
-    assert np.hypot(est.x - truth[0], est.y - truth[1]) < 5
+    # the demo camera's tilt jitters by 0.004 f per axis around the one lean the search uses: at k = 330
+    # that moves a frame's nadir by 1.3 px (1-sigma) per axis, up to 5.6 px at 3 sigma, plus the match's own
+    assert np.hypot(est.x - truth[0], est.y - truth[1]) < 8
 
 
 def test_frame_far_from_its_prior_is_relocalized(calibrated, solution):

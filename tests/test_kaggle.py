@@ -90,14 +90,15 @@ def test_kernel_dry_run_without_flags_uses_the_weights_dataset(demo_data, tmp_pa
 
 def test_missing_kornia_is_installed_offline_from_the_wheels(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "kornia", None)           # import kornia -> ImportError
-    with pytest.raises(U.WeightsError, match="no kornia wheel"):
-        U.import_kornia_feature(tmp_path / "empty")
+    monkeypatch.setitem(sys.modules, "kornia.feature", None)
+    with pytest.raises(U.WeightsError, match="no kornia-\\*.whl wheel"):
+        U.import_offline("kornia.feature", "kornia-*.whl", tmp_path / "empty")
     (tmp_path / "kornia-0.9.0-py3-none-any.whl").write_bytes(b"")
     calls = []
     monkeypatch.setattr(U.subprocess, "run", lambda cmd, **k: calls.append(cmd) or
                         subprocess.CompletedProcess(cmd, 1, "", "ERROR: no matching distribution"))
     with pytest.raises(U.WeightsError, match="offline install of kornia"):
-        U.import_kornia_feature(tmp_path)
+        U.import_offline("kornia.feature", "kornia-*.whl", tmp_path)
     assert calls and "--no-index" in calls[0] and calls[0][calls[0].index("--find-links") + 1] == str(tmp_path)
 
 

@@ -26,7 +26,7 @@ def test_search_space_is_read_from_toml_with_types(tmp_path):
     space = U.search_space(s)
     assert space["geometry.min_inliers"] == {"low": 10, "high": 30}
     assert space["features.backend"]["choices"] == ("aliked", "xfeat")
-    assert space["scale.virtual_zoom"] == {"low": 0.7, "high": 1.3}      # settings.toml's own entries stay
+    assert space["search.virtual_zoom"] == {"low": 0.8, "high": 1.25}      # settings.toml's own entries stay
     values = {k: s.value(k) for k in space}
     trial = optuna.trial.FixedTrial({**values, "geometry.min_inliers": 17, "features.backend": "xfeat"})
     params = U.suggest(trial, space, s)
