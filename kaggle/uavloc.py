@@ -1392,7 +1392,9 @@ class LightGlueBackend(Backend):
 
     def build_lightglue(self, KF, state: dict, path: Path):
         conf = {k: v for k, v in KF.LightGlue.features[self.lightglue_kind].items() if k != "weights"}
-        model = KF.LightGlue(None, **{**conf, "filter_threshold": self.cfg.match_threshold})
+        # built to return every mutual match: a call's own threshold filters them (the mutual check does
+        # not depend on it, so this is LightGlue's own filter, with the threshold an argument)
+        model = KF.LightGlue(None, **{**conf, "filter_threshold": 0.0})
         # released files use older key names: an XFeat file nests them under "matcher.", and
         # LightGlue v0.1 files name attention layers self_attn.N / cross_attn.N
         state = {k.removeprefix("matcher."): v for k, v in state.items()}
@@ -1425,11 +1427,10 @@ class LightGlueBackend(Backend):
                     "image_size": torch.tensor([size], dtype=torch.float32, device=dev)}
 
         with torch.inference_mode(), torch.autocast("cuda", torch.float16, enabled=self.half):
-            # kornia's LightGlue reads its threshold from its configuration: the caller's value, per call
-            self.lightglue.conf.filter_threshold = threshold
             out = self.lightglue({"image0": side(f0, size0), "image1": side(f1, size1)})
-        m = out["matches"][0].cpu().numpy()
-        return m[:, 0], m[:, 1], out["scores"][0].float().cpu().numpy()
+        m, score = out["matches"][0].cpu().numpy(), out["scores"][0].float().cpu().numpy()
+        keep = score > threshold
+        return m[keep, 0], m[keep, 1], score[keep]
 
 
 class AlikedBackend(LightGlueBackend):

@@ -109,3 +109,20 @@ def test_matches_recover_a_known_homography(backend, weights_dir):
     pts = np.array([(x, y) for x in range(120, 560, 40) for y in range(100, 400, 40)], float)
     err = np.hypot(*(U.project(found, pts) - U.project(H, pts)).T)
     assert err.max() < 1.0, err.max()
+
+
+@pytest.mark.parametrize("backend", backends_param("aliked", "disk"))
+def test_the_match_threshold_is_an_argument_of_the_call(backend, weights_dir):
+    """One network, two thresholds: the stricter call keeps exactly the looser call's matches whose
+    confidence lies above it (the threshold is not state of the shared network)."""
+    s = U.load_settings(overrides=[f"features.backend={backend}"], flags={"run.weights_dir": str(weights_dir)})
+    b = U.build_backend(s)
+    img = U.synthetic_map(640, 480, 5)[..., 1]
+    warped = cv2.warpAffine(img, cv2.getRotationMatrix2D((320, 240), 10, 1.0), (640, 480))
+    f0, f1 = b.extract(img), b.extract(warped)
+    loose = b.match(f0, (640, 480), f1, (640, 480), 0.05)
+    strict = b.match(f0, (640, 480), f1, (640, 480), 0.6)
+    assert 0 < len(strict[0]) < len(loose[0])
+    keep = loose[2] > 0.6
+    assert np.array_equal(strict[0], loose[0][keep]) and np.array_equal(strict[1], loose[1][keep])
+    assert b.match(f0, (640, 480), f1, (640, 480), 0.05)[0].tolist() == loose[0].tolist()   # no state left behind
