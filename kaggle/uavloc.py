@@ -3006,6 +3006,10 @@ def localize_flight(search: Search, linker: Linker, dataset: Dataset, known: Map
         nonlocal t_solve, solves
         anchors = {i: tuple(normalized_offset(project(np.linalg.inv(fixed[i].H), [truths[i]])[0], frames[i]))
                    for i in truths if i in fixed}
+        # a placed frame whose own map fix pins its nadir down (the pose model) is its own anchor, as its
+        # map position was found with it: a lean carried over many links drifts
+        anchors.update({i: own for i, e in fixed.items() if i not in truths
+                        and (own := calib.own_lean(frames[i], e.H, e.inliers)) is not None})
         leans = flight_leans({i: frames[i] for i in ids}, used, anchors, (calib.lean, calib.spread_sigma),
                              s.truth.carry_sigma)
         level = {i: leveling(frames[i], leans[i][0]) for i in ids}

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 import uavloc as U
+from conftest import weights_present
 
 
 def crop_frame(map_gray, centre, scale, size, path, heading=0.0):
@@ -112,3 +113,25 @@ def test_locate_scale_flags_are_checked(args, message, capsys):
             "--cy", "1", "--prior", "1,1"]
     assert U.main(base + args) == U.UsageError.exit_code
     assert message in capsys.readouterr().err
+
+
+@pytest.mark.weights
+@pytest.mark.skipif(not weights_present("disk"), reason="disk weights absent")
+@pytest.mark.parametrize("ratio, chosen", [(0.85, ""), (0.01, "real")])
+def test_the_backend_choice_falls_back_only_when_the_backend_registers_too_few(demo_data, tmp_path, ratio, chosen):
+    """SIFT at its usual ratio registers the demo's probes and is kept; at a ratio no match passes it
+    registers none, and the `real` preset (DISK), which registers them, is chosen instead."""
+    s = U.load_settings(overrides=["features.backend=sift", f"features.sift_ratio={ratio}", "height.probes=2"])
+    ds = U.load_dataset(demo_data)
+    views = U.build_views(s, U.build_backend(s), tmp_path, U.Stopwatch())
+    probes = U.train_probes(U.Linker(views, s), ds, s)
+    map_gray = U.read_image(ds.map_path)
+    guess = U.footprint_guess((map_gray.shape[1], map_gray.shape[0]), ds.frames[ds.train_ids[0]], s.height)
+    choice, chosen_views = U.choose_backend(s, probes, views, ds.map_path, map_gray, tmp_path, guess, log=U.quiet)
+    assert choice.preset == chosen
+    assert chosen_views.backend.name == ("disk" if chosen else "sift")
+    tried = {t[1]: t[2] for t in choice.tried}
+    if chosen:
+        assert tried["sift"] == 0 and tried["disk"] > 0
+    else:
+        assert tried["sift"] >= len(probes) / 2 and "disk" not in tried       # the fallback not even tried
