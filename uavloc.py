@@ -14,7 +14,8 @@ Glossary (one name per concept):
   frame        one photo, train (its truth known) or test; `id` is its number in the flight
   map px       a pixel of map.png; image px: a pixel of the original frame file
   view         a frame decoded at its working size (preprocess.max_side), maybe turned by 90-degree
-               steps, with its features; views are cached in memory and on disk
+               steps, with its features; views are cached in memory and on disk; a frame's upright
+               view is turned so that its heading lies nearest north (links across legs meet there)
   orientation  the map turned by 0, 90, 180 or 270 degrees so a frame is matched as it was shot
   height k     map px x focal length / image px (= altitude / map GSD); scale: map px per image px = k / f
   heading      the direction (degrees) a frame's image x-axis points to on the map
@@ -1146,6 +1147,12 @@ def angle_diff(a: float, b: float) -> float:
     return float((a - b + 180) % 360 - 180)
 
 
+def upright_turn(heading: float) -> int:
+    """The quarter turn (rotation_h's sense) that brings a view of a frame of this heading nearest
+    north-up: a frame whose x-axis points +90 degrees (south, the map's y down) is turned by 270."""
+    return int(-round(heading / 90)) % 4 * 90
+
+
 def orientations_for(heading: float | None) -> list[int]:
     """The map orientations to try for a frame of this heading (the map turned by the heading makes
     the frame's x-axis its x-axis): the nearest, and the next one too when the heading lies within 15
@@ -1795,7 +1802,8 @@ class Link:
     b: int
     H: np.ndarray                    # a's image px -> b's image px
     inliers: int
-    turn: int                        # b's view was turned by this to meet a's (180 across a leg's end)
+    turn: int                        # b's view was turned by this relative to a's to meet it (180 across a
+                                     # leg's end)
 
     def straight(self, fa: Frame) -> bool:
         """The frames head the same way (within 30 degrees): a leg, not a turn."""
@@ -1828,19 +1836,20 @@ class Linker:
         self.threshold = views.backend.threshold(settings.features)
         self.matched = 0
 
-    def attempt(self, fa: Frame, fb: Frame, turn: int) -> Link | None:
-        """Frame a against frame b's view turned by `turn`; None unless a plausible, well supported match.
-        The match itself is cached (so a change of what is accepted needs no new match)."""
+    def attempt(self, fa: Frame, fb: Frame, turn: int, turn_a: int = 0) -> Link | None:
+        """Frame a's view turned by `turn_a` against frame b's turned by `turn`; None unless a plausible,
+        well supported match. The match itself is cached (so a change of what is accepted needs no new
+        match)."""
         views = self.views
         sa, sb = views.working_scale(fa), views.working_scale(fb)
-        key = digest([views.key(fa, 0, sa), views.key(fb, turn, sb), self.cfg.keypoints, self.g.to_table(),
+        key = digest([views.key(fa, turn_a, sa), views.key(fb, turn, sb), self.cfg.keypoints, self.g.to_table(),
                       self.threshold], 20)
         path = views.folder / "pairs" / f"{key}.json" if views.folder is not None else None
         if path is not None and path.is_file():
             rec = json.loads(path.read_text())
         else:
             clock = Stopwatch()
-            va, vb = views.view(fa, sa, 0, clock), views.view(fb, sb, turn, clock)
+            va, vb = views.view(fa, sa, turn_a, clock), views.view(fb, sb, turn, clock)
             H, inliers, _ = match_views(views.backend, self.threshold, self.g, va, vb, self.cfg.keypoints, clock)
             views.stopwatch.count("match")
             self.matched += 1
@@ -1851,7 +1860,7 @@ class Linker:
         ok = H is not None and rec["inliers"] >= self.cfg.min_inliers \
             and homography_problem(H, fa.principal_point, fa.focal / fb.focal, self.g.max_anisotropy,
                                    (self.g.scale_low, self.g.scale_high)) is None
-        return Link(fa.id, fb.id, H, rec["inliers"], turn) if ok else None
+        return Link(fa.id, fb.id, H, rec["inliers"], (turn - turn_a) % 360) if ok else None
 
     def match(self, fa: Frame, fb: Frame, turns=TURNS) -> Link | None:
         """The first turn at which the frames match."""
@@ -1876,11 +1885,21 @@ def match_views(backend: Backend, threshold: float, g: GeometrySettings, va: Que
     return H, int(inl.sum()), len(i0)
 
 
+def bridge(linker: Linker, frames: Mapping[int, Frame], before: list[int], after: list[int]) -> list[Link]:
+    """The strongest link between a frame `before` a break in the chain and one `after` it, at any turn
+    (the pair at the break itself was tried already): a weak link at a sharp turn bends the chain, and
+    the candidates are few."""
+    links = [link for p in before for q in after if (p, q) != (before[-1], after[0])
+             and (link := linker.match(frames[p], frames[q])) is not None]
+    return [max(links, key=lambda k: k.inliers)] if links else []
+
+
 def temporal_links(linker: Linker, dataset: Dataset, ids: list[int], log=print) -> list[Link]:
     """Each frame linked to the next ones of its flight while they overlap: the next id always (at the
     first turn of its view that matches: a leg's end flips the heading), then further ids along a
-    straight leg while the shift the next id showed, times the id gap, stays within links.max_shift. No
-    link across an id jump."""
+    straight leg while the shift the next id showed, times the id gap, stays within links.max_shift.
+    Where the next id does not link (a sharp turn), the chain is bridged by the strongest link across
+    the break (up to two frames before it, two after). No link across an id jump."""
     frames, cfg = dataset.frames, linker.cfg
     out: list[Link] = []
     progress = Progress("links", len(ids), log)
@@ -1891,6 +1910,13 @@ def temporal_links(linker: Linker, dataset: Dataset, ids: list[int], log=print) 
                 linker.views.prefetch(frames[run[n + 2]], linker.views.working_scale(frames[run[n + 2]]))
             step[a] = linker.match(frames[a], frames[b])
             progress.step()
+        bridged: set[tuple[int, int]] = set()
+        for n, a in enumerate(run[:-1]):
+            if step[a] is None:
+                for link in bridge(linker, frames, run[max(0, n - 2):n + 1], run[n + 1:n + 3]):
+                    if (link.a, link.b) not in bridged:
+                        bridged.add((link.a, link.b))
+                        out.append(link)
         for a in run:
             first = step.get(a)
             if first is None:
@@ -2824,16 +2850,16 @@ def legs(ids: list[int], poses: Mapping[int, Pose]) -> dict[int, int]:
     return out
 
 
-def cross_pairs(poses: Mapping[int, Pose], frames: Mapping[int, Frame], sources: list[int], pool: list[int],
-                linked: set, cfg: LinkSettings, reach: float) -> list[tuple[int, int, int]]:
+def cross_pairs(poses: Mapping[int, Pose], sources: list[int], pool: list[int], linked: set, cfg: LinkSettings,
+                reach: float) -> list[tuple[int, int]]:
     """Frames of other legs of the same flight whose solved positions lie within links.cross_reach of a
-    footprint's diagonal (`reach`): for each source frame its links.cross nearest, one per leg, with
-    the turn their headings call for. (a, b, turn), each pair once."""
+    footprint's diagonal (`reach`): for each source frame its links.cross nearest, one per leg. (a, b)
+    with a < b, each pair once."""
     ids = sorted(set(sources) | set(pool))
     leg = legs(ids, poses)
     flight = {i: n for n, run in enumerate(id_runs(ids)) for i in run}
     pts = {i: np.array([poses[i].x, poses[i].y]) for i in ids}
-    out: dict[tuple[int, int], int] = {}
+    out: set[tuple[int, int]] = set()
     for a in sources:
         near = sorted((np.hypot(*(pts[b] - pts[a])), b) for b in pool
                       if flight[b] == flight[a] and leg[b] != leg[a] and (min(a, b), max(a, b)) not in linked)
@@ -2844,15 +2870,16 @@ def cross_pairs(poses: Mapping[int, Pose], frames: Mapping[int, Frame], sources:
             if leg[b] in taken:
                 continue
             taken.add(leg[b])
-            pair = (min(a, b), max(a, b))
-            if pair not in out:
-                lo, hi = pair
-                out[pair] = int(round(angle_diff(poses[hi].heading, poses[lo].heading) / 90)) % 4 * 90
-    return [(a, b, t) for (a, b), t in sorted(out.items())]
+            out.add((min(a, b), max(a, b)))
+    return sorted(out)
 
 
-def match_cross(linker: Linker, frames: Mapping[int, Frame], pairs: list[tuple[int, int, int]]) -> list[Link]:
-    return [link for a, b, t in pairs if (link := linker.match(frames[a], frames[b], (t,))) is not None]
+def match_cross(linker: Linker, frames: Mapping[int, Frame], poses: Mapping[int, Pose],
+                pairs: list[tuple[int, int]]) -> list[Link]:
+    """Frames of other legs matched at their upright views (turned by the quarter turns their headings
+    call for): one turned view per frame serves every leg it is linked to."""
+    return [link for a, b in pairs if (link := linker.attempt(frames[a], frames[b], upright_turn(poses[b].heading),
+                                                              upright_turn(poses[a].heading))) is not None]
 
 
 def footprint_reach(frames, k: float) -> float:
@@ -3025,8 +3052,8 @@ def localize_flight(search: Search, linker: Linker, dataset: Dataset, known: Map
     sol = solve()
     linked = {(min(k.a, k.b), max(k.a, k.b)) for k in used}
     with views.stopwatch.phase("links"):
-        cross = match_cross(linker, frames, cross_pairs(sol.poses, frames, targets, ids, linked, s.links,
-                                                        footprint_reach([frames[i] for i in ids], calib.k)))
+        cross = match_cross(linker, frames, sol.poses, cross_pairs(
+            sol.poses, targets, ids, linked, s.links, footprint_reach([frames[i] for i in ids], calib.k)))
     if cross:
         used += cross
         sol = solve()
@@ -3234,9 +3261,8 @@ def links_of_train_legs(linker: Linker, dataset: Dataset, flight: FlightSolution
     train, frames = dataset.train_ids, dataset.frames
     poses = {i: dataclasses.replace(flight.poses[i], x=frames[i].truth[0], y=frames[i].truth[1]) for i in train}
     linked = {(min(x.a, x.b), max(x.a, x.b)) for x in temporal}
-    pairs = cross_pairs(poses, frames, train, train, linked, settings.links,
-                        footprint_reach([frames[i] for i in train], k))
-    return match_cross(linker, frames, pairs)
+    pairs = cross_pairs(poses, train, train, linked, settings.links, footprint_reach([frames[i] for i in train], k))
+    return match_cross(linker, frames, poses, pairs)
 
 
 def plausible(link: Link, dataset: Dataset, reach: float) -> bool:

@@ -29,6 +29,18 @@ def test_rotation_round_trip_and_pixel_placement(angle):
     assert corners.min() > -0.5 and corners[:, 0].max() < rot.shape[1] - 0.5 + 1e-6
 
 
+@pytest.mark.parametrize("heading", [0.0, 30.0, 44.0, 90.0, 100.0, 180.0, -170.0, 260.0, -90.0, 315.5])
+def test_a_view_turned_upright_points_its_x_axis_nearest_map_x(heading):
+    """A frame whose image x-axis points `heading` on the map, its view turned by upright_turn: the
+    view's x-axis points within 45 degrees of the map's (the sense of rotation_h's turns, which the
+    links across legs rely on)."""
+    c, s = np.cos(np.radians(heading)), np.sin(np.radians(heading))
+    to_map = np.array([[c, -s, 500.0], [s, c, 300.0], [0, 0, 1]])
+    m, _ = U.rotation_h(U.upright_turn(heading), 640, 480)
+    yaw = U.homography_yaw(to_map @ np.linalg.inv(m), (100.0, 200.0))
+    assert abs(yaw) <= 45 + 1e-9 and U.upright_turn(heading) in (0, 90, 180, 270)
+
+
 def test_jacobian_yaw_scale_of_known_similarity():
     a, s = np.deg2rad(35), 0.4
     H = np.array([[s * np.cos(a), -s * np.sin(a), 100], [s * np.sin(a), s * np.cos(a), 50], [0, 0, 1]])

@@ -80,7 +80,7 @@ def test_map_level_follows_the_frames_detail():
     assert U.Backend.map_level(cfg, 0.70) == pytest.approx(2 ** -0.5)   # real5: 512-px frames at k 600
     assert U.Backend.map_level(cfg, 1.9) == 1.0            # finer than the map: full resolution, never above
     assert U.Backend.map_level(cfg, 0.05) == cfg.map_level_min
-    assert U.Backend.map_level(cfg, 0.88) == pytest.approx(2 ** -0.125)   # twoflights: 640 of 800 px at k 600
+    assert U.Backend.map_level(cfg, 0.88) == pytest.approx(2 ** -0.125)   # 640 of 800-px frames at k 600
     fixed = U.load_settings(overrides=["features.map_level=0.5"]).features
     assert U.Backend.map_level(fixed, 1.9) == 0.5
 
@@ -90,7 +90,8 @@ def test_the_working_scale_is_the_frames_own_and_xfeat_sees_twice_the_pixels(tmp
     views = U.build_views(s, U.build_backend(s), tmp_path, U.Stopwatch())
     big = U.Frame(1, Path("a.JPG"), 8000, 6000, 6592.0, 6592.0, 4000.0, 3000.0, "train", (0.0, 0.0))
     small = U.Frame(2, Path("b.JPG"), 512, 383, 422.0, 422.0, 256.0, 191.5, "train", (0.0, 0.0))
-    assert views.working_scale(big) == pytest.approx(640 / 8000, rel=0.025)       # snapped to the scale grid
+    side = s.preprocess.max_side
+    assert views.working_scale(big) == pytest.approx(side / 8000, rel=0.025)      # snapped to the scale grid
     assert views.working_scale(small) == 1.0                                       # never upsampled
     detail, footprint = U.frame_detail([big], views, 600.0)
     assert detail == pytest.approx(views.working_scale(big) * 6592 / 600) and footprint == pytest.approx(8000 * 600 / 6592)
@@ -100,7 +101,7 @@ def test_the_working_scale_is_the_frames_own_and_xfeat_sees_twice_the_pixels(tmp
 
     coarse = U.QueryViews(Coarse(s.features, Path("w"), "cpu", Path("w")), s.preprocess, s.features.query_scale_step,
                           None, U.FrameDecoder(False), U.Stopwatch())
-    assert coarse.working_scale(big) == pytest.approx(2 * 640 / 8000, rel=0.05)
+    assert coarse.working_scale(big) == pytest.approx(2 * side / 8000, rel=0.05)
 
 
 @pytest.mark.parametrize("args, message", [
@@ -135,3 +136,50 @@ def test_the_backend_choice_falls_back_only_when_the_backend_registers_too_few(d
         assert tried["sift"] == 0 and tried["disk"] > 0
     else:
         assert tried["sift"] >= len(probes) / 2 and "disk" not in tried       # the fallback not even tried
+
+
+@pytest.mark.weights
+@pytest.mark.skipif(not weights_present("aliked"), reason="aliked weights absent")
+def test_frames_of_crossing_legs_link_at_their_upright_views(tmp_path):
+    """ALIKED's descriptors do not survive a quarter turn: a frame heading 0 and one heading 90 or 180
+    over the same ground link only when each view is turned upright by its heading (each frame then
+    needs one turned view for every leg it meets), and the link carries the heading difference."""
+    map_gray = U.synthetic_map(1400, 1000, seed=5)[..., 1]
+    s = U.load_settings(overrides=["features.backend=aliked"])
+    views = U.build_views(s, U.build_backend(s), tmp_path, U.Stopwatch())
+    linker = U.Linker(views, s)
+    spots = {1: ((700.0, 500.0), 0.0), 2: ((740.0, 520.0), 90.0), 3: ((690.0, 470.0), 180.0)}
+    frames, poses = {}, {}
+    for i, (xy, heading) in spots.items():
+        path = crop_frame(map_gray, xy, 1.25, (640, 480), tmp_path / f"{i:04d}.JPG", heading)
+        frames[i] = U.Frame(i, path, 640, 480, 600.0, 600.0, 320.0, 240.0, "train", xy)
+        poses[i] = U.Pose(*xy, heading + 5.0, 1.25)                   # a solved heading, a little off
+    links = {(k.a, k.b): k for k in U.match_cross(linker, frames, poses, [(1, 2), (1, 3), (2, 3)])}
+    assert set(links) == {(1, 2), (1, 3), (2, 3)}
+    for (a, b), k in links.items():
+        yaw = U.homography_yaw(k.H, frames[a].principal_point)
+        assert abs(U.angle_diff(yaw, spots[a][1] - spots[b][1])) < 1, (a, b, yaw)
+        assert k.turn == (U.upright_turn(poses[b].heading) - U.upright_turn(poses[a].heading)) % 360
+    # the old sense of the quarter turn (the heading difference's sign) finds nothing
+    assert linker.attempt(frames[1], frames[2], 90) is None
+
+
+def test_a_break_in_the_chain_is_bridged_by_the_nearest_pair_across_it(tmp_path):
+    """Frame 3 of a leg sees nothing (a blank image: a sharp turn or a cloud): 2-3 and 3-4 do not link,
+    so the chain is bridged across the break by its strongest link (2-4: 1-4 and 2-5 overlap less), once."""
+    map_gray = U.synthetic_map(1400, 900, seed=4)[..., 1]
+    frames = {}
+    for n in range(1, 6):
+        xy = (400.0 + 110 * n, 450.0)
+        path = crop_frame(map_gray, xy, 1.25, (640, 480), tmp_path / f"{n:04d}.JPG")
+        if n == 3:
+            cv2.imwrite(str(path), np.full((480, 640), 128, np.uint8))
+        frames[n] = U.Frame(n, path, 640, 480, 600.0, 600.0, 320.0, 240.0, "train", xy)
+    s = U.load_settings(overrides=["features.backend=sift"])
+    linker = U.Linker(U.build_views(s, U.build_backend(s), tmp_path, U.Stopwatch()), s)
+    ds = U.Dataset(tmp_path, tmp_path / "map.png", frames)
+    pairs = [(k.a, k.b) for k in U.temporal_links(linker, ds, sorted(frames), log=U.quiet)]
+    assert sorted(pairs) == [(1, 2), (2, 4), (4, 5)]
+    link = next(k for k in U.temporal_links(linker, ds, sorted(frames), log=U.quiet) if (k.a, k.b) == (2, 4))
+    # 220 map px = 176 image px along image x between frames 2 and 4
+    assert np.allclose(U.project(link.H, [(320.0, 240.0)])[0], (320.0 - 176.0, 240.0), atol=1.0)
