@@ -89,7 +89,7 @@ def test_the_working_scale_is_the_frames_own_and_xfeat_sees_twice_the_pixels(tmp
     s = U.load_settings(overrides=["features.backend=sift"])
     views = U.build_views(s, U.build_backend(s), tmp_path, U.Stopwatch())
     big = U.Frame(1, Path("a.JPG"), 8000, 6000, 6592.0, 6592.0, 4000.0, 3000.0, "train", (0.0, 0.0))
-    small = U.Frame(2, Path("b.JPG"), 512, 383, 422.0, 422.0, 256.0, 191.5, "train", (0.0, 0.0))
+    small = U.Frame(2, Path("b.JPG"), 320, 240, 264.0, 264.0, 160.0, 120.0, "train", (0.0, 0.0))   # < max_side
     side = s.preprocess.max_side
     assert views.working_scale(big) == pytest.approx(side / 8000, rel=0.025)      # snapped to the scale grid
     assert views.working_scale(small) == 1.0                                       # never upsampled
