@@ -164,7 +164,7 @@ def test_frames_of_crossing_legs_link_at_their_upright_views(tmp_path):
     assert linker.attempt(frames[1], frames[2], 90) is None
 
 
-def test_a_break_in_the_chain_is_bridged_by_the_nearest_pair_across_it(tmp_path):
+def test_a_break_in_the_chain_is_bridged_by_the_strongest_link_across_it(tmp_path):
     """Frame 3 of a leg sees nothing (a blank image: a sharp turn or a cloud): 2-3 and 3-4 do not link,
     so the chain is bridged across the break by its strongest link (2-4: 1-4 and 2-5 overlap less), once."""
     map_gray = U.synthetic_map(1400, 900, seed=4)[..., 1]
