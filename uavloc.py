@@ -1834,6 +1834,7 @@ class Linker:
     def __init__(self, views: QueryViews, settings: Settings):
         self.views, self.cfg, self.g = views, settings.links, settings.geometry
         self.threshold = views.backend.threshold(settings.features)
+        self.records: dict[str, dict] = {}          # raw matches of this run, by key (the disk cache's too)
         self.matched = 0
 
     def attempt(self, fa: Frame, fb: Frame, turn: int, turn_a: int = 0) -> Link | None:
@@ -1845,15 +1846,17 @@ class Linker:
         key = digest([views.key(fa, turn_a, sa), views.key(fb, turn, sb), self.cfg.keypoints, self.g.to_table(),
                       self.threshold], 20)
         path = views.folder / "pairs" / f"{key}.json" if views.folder is not None else None
-        if path is not None and path.is_file():
-            rec = json.loads(path.read_text())
+        if key in self.records:
+            rec = self.records[key]
+        elif path is not None and path.is_file():
+            rec = self.records[key] = json.loads(path.read_text())
         else:
             clock = Stopwatch()
             va, vb = views.view(fa, sa, turn_a, clock), views.view(fb, sb, turn, clock)
             H, inliers, _ = match_views(views.backend, self.threshold, self.g, va, vb, self.cfg.keypoints, clock)
             views.stopwatch.count("match")
             self.matched += 1
-            rec = {"H": None if H is None else H.tolist(), "inliers": inliers}
+            rec = self.records[key] = {"H": None if H is None else H.tolist(), "inliers": inliers}
             if path is not None:
                 atomic_write(path, json.dumps(rec))
         H = None if rec["H"] is None else np.array(rec["H"])
@@ -1885,13 +1888,13 @@ def match_views(backend: Backend, threshold: float, g: GeometrySettings, va: Que
     return H, int(inl.sum()), len(i0)
 
 
-def bridge(linker: Linker, frames: Mapping[int, Frame], before: list[int], after: list[int]) -> list[Link]:
+def bridge(linker: Linker, frames: Mapping[int, Frame], before: list[int], after: list[int]) -> Link | None:
     """The strongest link between a frame `before` a break in the chain and one `after` it, at any turn
     (the pair at the break itself was tried already): a weak link at a sharp turn bends the chain, and
     the candidates are few."""
     links = [link for p in before for q in after if (p, q) != (before[-1], after[0])
              and (link := linker.match(frames[p], frames[q])) is not None]
-    return [max(links, key=lambda k: k.inliers)] if links else []
+    return max(links, key=lambda k: k.inliers, default=None)
 
 
 def temporal_links(linker: Linker, dataset: Dataset, ids: list[int], log=print) -> list[Link]:
@@ -1910,13 +1913,10 @@ def temporal_links(linker: Linker, dataset: Dataset, ids: list[int], log=print) 
                 linker.views.prefetch(frames[run[n + 2]], linker.views.working_scale(frames[run[n + 2]]))
             step[a] = linker.match(frames[a], frames[b])
             progress.step()
-        bridged: set[tuple[int, int]] = set()
-        for n, a in enumerate(run[:-1]):
-            if step[a] is None:
-                for link in bridge(linker, frames, run[max(0, n - 2):n + 1], run[n + 1:n + 3]):
-                    if (link.a, link.b) not in bridged:
-                        bridged.add((link.a, link.b))
-                        out.append(link)
+        # two breaks in a row may pick the same bridge: each pair once
+        bridges = {(k.a, k.b): k for n, a in enumerate(run[:-1]) if step[a] is None
+                   and (k := bridge(linker, frames, run[max(0, n - 2):n + 1], run[n + 1:n + 3])) is not None}
+        out.extend(bridges.values())
         for a in run:
             first = step.get(a)
             if first is None:
@@ -2878,8 +2878,9 @@ def match_cross(linker: Linker, frames: Mapping[int, Frame], poses: Mapping[int,
                 pairs: list[tuple[int, int]]) -> list[Link]:
     """Frames of other legs matched at their upright views (turned by the quarter turns their headings
     call for): one turned view per frame serves every leg it is linked to."""
-    return [link for a, b in pairs if (link := linker.attempt(frames[a], frames[b], upright_turn(poses[b].heading),
-                                                              upright_turn(poses[a].heading))) is not None]
+    links = (linker.attempt(frames[a], frames[b], upright_turn(poses[b].heading), upright_turn(poses[a].heading))
+             for a, b in pairs)
+    return [link for link in links if link is not None]
 
 
 def footprint_reach(frames, k: float) -> float:
