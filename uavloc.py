@@ -502,11 +502,23 @@ class SearchSettings(Section):
 
 
 @dataclass(frozen=True)
+class CorrelationSettings(Section):
+    enabled: bool
+    template_px: int
+    dims: int
+    min_ratio: float
+    exclusion_px: float
+    min_overlap: float
+    headings: int
+
+
+@dataclass(frozen=True)
 class GraphSettings(Section):
     truth_sigma_px: float
     fix_sigma_px: float
     fix_sigma_deg: float
     fix_sigma_scale: float
+    correlation_sigma_px: float
     link_sigma_px: float
     link_sigma_relative: float
     link_sigma_deg: float
@@ -561,6 +573,7 @@ class Settings:
     height: HeightSettings
     truth: TruthSettings
     search: SearchSettings
+    correlation: CorrelationSettings
     graph: GraphSettings
     report: ReportSettings
     tune: TuneSettings
@@ -603,7 +616,8 @@ class Settings:
 
 
 # settings sections that change a frame's estimates: a checkpoint is only replayed when they are unchanged
-RESULT_SECTIONS = ("split", "preprocess", "features", "geometry", "links", "height", "truth", "search", "graph")
+RESULT_SECTIONS = ("split", "preprocess", "features", "geometry", "links", "height", "truth", "search", "correlation",
+                   "graph")
 
 
 def load_settings(settings_file: str | None = None, preset: str | None = None,
@@ -1379,6 +1393,11 @@ class Backend:
         caller's (`threshold(cfg)`): a tuning trial's value applies though the networks are shared."""
         raise NotImplementedError
 
+    def dense(self, image: np.ndarray):
+        """Unit descriptors at every pixel of a uint8 gray image, a torch tensor (D, H, W) on the
+        backend's device, for the correlation fix; None where the backend has no dense map."""
+        return None
+
 
 class LightGlueBackend(Backend):
     """A kornia extractor + LightGlue, both loaded from our own weight files: nothing is fetched and no
@@ -1422,6 +1441,14 @@ class LightGlueBackend(Backend):
         """x: (1, 1, H, W) in [0, 1] -> keypoints (N, 2), descriptors (N, D), scores (N,)."""
         raise NotImplementedError
 
+    def dense(self, image):
+        import torch
+        if not hasattr(self, "dense_map"):
+            return None
+        x = torch.from_numpy(image).to(self.device).float().div(255)[None, None].expand(1, 3, -1, -1)
+        with torch.inference_mode():
+            return torch.nn.functional.normalize(self.dense_map(x)[0].float(), dim=0)
+
     def match(self, f0, size0, f1, size1, threshold):
         if len(f0.keypoints) < 2 or len(f1.keypoints) < 2:
             return NO_MATCHES
@@ -1454,6 +1481,9 @@ class AlikedBackend(LightGlueBackend):
         self.extractor.dkd.top_k = self.extractor.dkd.n_limit = k
         r = self.extractor(x.expand(1, 3, -1, -1))[0]
         return r.keypoints, r.descriptors, r.keypoint_scores
+
+    def dense_map(self, x):
+        return self.extractor.extract_dense_map(x)[0]
 
 
 class XFeatBackend(LightGlueBackend):
@@ -1587,6 +1617,11 @@ class DiskBackend(LightGlueBackend):
                            pad_if_not_divisible=True)[0]
         return r.keypoints, r.descriptors, r.detection_scores
 
+    def dense_map(self, x):
+        import torch
+        h, w = x.shape[-2:]
+        x = torch.nn.functional.pad(x, (0, -w % 16, 0, -h % 16))      # the U-Net needs sides divisible by 16
+        return self.extractor.heatmap_and_dense_descriptors(x)[1][..., :h, :w]
 
 
 
@@ -2036,6 +2071,7 @@ class Calibration:
 class Source(str, enum.Enum):
     """Where a position came from; `placed` positions are measured, the others are guesses."""
     MAP = "map"                      # its own map fix, matched near where the flight puts it
+    CORRELATED = "correlated"        # its own map fix by correlation at a known heading and scale (position only)
     RELOCALIZED = "relocalized"      # its own map fix, found by the widening search
     TRUTH = "truth"                  # a train frame's GPS position
     CHAIN = "chain"                  # no fix of its own: carried by its links in the pose graph
@@ -2044,7 +2080,7 @@ class Source(str, enum.Enum):
 
     @property
     def placed(self) -> bool:
-        return self in (Source.MAP, Source.RELOCALIZED, Source.TRUTH, Source.CHAIN)
+        return self in (Source.MAP, Source.CORRELATED, Source.RELOCALIZED, Source.TRUTH, Source.CHAIN)
 
 
 class FixState(str, enum.Enum):
@@ -2088,6 +2124,7 @@ class Estimate:
     stages: Mapping = field(default_factory=dict)   # seconds per stage (decode, extract, match, geometry)
     error: str = ""                  # why the best match was not accepted, or why it was rejected
     raised: str = ""                 # the unexpected exception this frame raised, if any
+    peak_ratio: float | None = None  # a correlation fix's peak over the next one
     placement: Placement | None = None
 
     def row(self) -> dict:
@@ -2098,6 +2135,7 @@ class Estimate:
                 "crop_w": int(self.window[2] - self.window[0]) if self.window else 0,
                 "crop_h": int(self.window[3] - self.window[1]) if self.window else 0,
                 "runtime_s": round(self.runtime, 3), "error": self.error, "raised": self.raised,
+                "peak_ratio": round(self.peak_ratio, 4) if self.peak_ratio is not None else None,
                 "stages": json.dumps({k: round(v, 5) for k, v in self.stages.items()}),
                 "fix": p.fix.value if p else "", "sigma_px": p.sigma_px if p else None,
                 "fix_residual_px": p.residual_px if p else None,
@@ -2184,6 +2222,72 @@ def build_engine(settings: Settings, map_path: Path, map_gray: np.ndarray, out: 
         f"{backend.device_name}")
     return Engine(map_path, map_gray, mf, backend, views)
 
+
+class DenseWindow:
+    """A map window's dense descriptors for the correlation fix, projected once on their `dims`
+    strongest directions and Fourier transformed once: each template (the frame at one heading) then
+    costs one forward transform of its own and one inverse. `scores` gives the mean cosine between
+    template and map at every shift of the template inside the window (descriptor px), -1 where less
+    than `min_overlap` of the template lies on valid map (map.png's black outside a mosaic)."""
+
+    def __init__(self, S, valid: np.ndarray, dims: int, min_overlap: float):
+        import torch
+        D, H, W = S.shape
+        self.valid = torch.from_numpy(valid).to(S.device)
+        X = S.reshape(D, -1)
+        weight = self.valid.reshape(-1)
+        # centred on the window's mean descriptor: what every place shares says nothing of where one is
+        self.mean = (X * weight).sum(1, keepdim=True) / weight.sum().clamp(min=1.0)
+        X = (X - self.mean) * weight
+        _, vectors = torch.linalg.eigh(X @ X.T)            # ascending: the strongest directions last
+        self.basis = vectors[:, -min(dims, D):]
+        self.size, self.min_overlap = (H, W), min_overlap
+        self.F = torch.fft.rfft2((self.basis.T @ X).reshape(-1, H, W), s=self.size)
+        self.F_valid = torch.fft.rfft2(self.valid, s=self.size)
+
+    def scores(self, T, inside: np.ndarray) -> np.ndarray:
+        import torch
+        (H, W), (h, w) = self.size, T.shape[1:]
+        Mt = torch.from_numpy(inside).to(T.device)
+        Tp = (self.basis.T @ (T.reshape(T.shape[0], -1) - self.mean)).reshape(-1, h, w) * Mt
+        # circular correlation over the window's own size: shifts that keep the template inside wrap nowhere
+        num = torch.fft.irfft2((self.F * torch.fft.rfft2(Tp, s=self.size).conj()).sum(0), s=self.size)
+        overlap = torch.fft.irfft2(self.F_valid * torch.fft.rfft2(Mt, s=self.size).conj(), s=self.size)
+        num, overlap = num[: H - h + 1, : W - w + 1], overlap[: H - h + 1, : W - w + 1]
+        score = num / overlap.clamp(min=1.0)
+        score[overlap < self.min_overlap * Mt.sum()] = -1.0
+        return score.cpu().numpy()
+
+
+@dataclass(frozen=True)
+class Peak:
+    """A local maximum of a correlation: where it puts the frame's truth point (map px), its score, the
+    heading it was found at, and the similarity (image px -> map px) it stands for."""
+    xy: tuple[float, float]
+    score: float
+    heading: float
+    H: np.ndarray
+
+
+def local_maxima(score: np.ndarray, n: int) -> list[tuple[int, int]]:
+    """The `n` highest local maxima (x, y) of a correlation's valid shifts (score > -1)."""
+    local = (score >= cv2.dilate(score.astype(np.float32), np.ones((3, 3), np.uint8))) & (score > -1.0)
+    yy, xx = np.nonzero(local)
+    order = np.argsort(-score[yy, xx], kind="stable")[:n]
+    return [(int(xx[k]), int(yy[k])) for k in order]
+
+
+def peak_ratio(peaks: list[Peak], exclusion_px: float) -> tuple[Peak, float]:
+    """The best peak and its ratio to the best rival: a peak at any heading further than exclusion_px
+    from it (the slope of the best peak itself is no rival; without a rival nothing can be judged: 1)."""
+    best = max(peaks, key=lambda p: p.score)
+    rivals = [p.score for p in peaks if np.hypot(p.xy[0] - best.xy[0], p.xy[1] - best.xy[1]) > exclusion_px]
+    second = max(rivals, default=best.score)
+    return best, best.score / second if second > 0 else float("inf")
+
+
+# local maxima of each heading's correlation kept as candidates (the best one's rivals among them)
+CORRELATION_PEAKS = 32
 
 # a frame's own view serves the map too when the scale the map's level asks for is within 12% of it:
 # LightGlue matches through that, and the level's eighth-octave grid alone leaves up to 4.4%
@@ -2318,6 +2422,74 @@ class Search:
                        best.orientation, window=best.window, runtime=time.perf_counter() - t_start,
                        stages=dict(clock.seconds), error=best.problem)
         return est, best
+
+    def correlate(self, frame: Frame, truth_xy, headings: list[float], scale: float, radius: float) -> Estimate:
+        """The correlation fix, for a frame whose scale (map px per image px) is known and whose heading
+        is known or one of `headings`: the frame turned and scaled to the map, its dense descriptors
+        correlated with the map's over every shift that puts its truth point within `radius` of
+        `truth_xy`. Every pixel of the footprint votes, so it holds where keypoints do not repeat (long
+        autumn shadows, another season's colours). The best peak is a fix when it stands
+        correlation.min_ratio above every peak further than exclusion_px; its H is the similarity found
+        (no perspective: a position, its heading and scale are what was given)."""
+        t_start = time.perf_counter()
+        cfg, backend = self.s.correlation, self.engine.backend
+        level = cfg.template_px / (max(frame.size) * scale)          # descriptor px per map px
+        mw, mh = self.engine.map_size
+        reach = 0.5 * np.hypot(*frame.size) * scale + radius
+        x0, y0 = int(max(0, truth_xy[0] - reach)), int(max(0, truth_xy[1] - reach))
+        x1, y1 = int(min(mw, truth_xy[0] + reach)), int(min(mh, truth_xy[1] + reach))
+        window = (x0, y0, x1, y1)
+
+        def failed(why: str) -> Estimate:
+            return Estimate(frame.id, float(truth_xy[0]), float(truth_xy[1]), Source.UNMATCHED, window=window,
+                            runtime=time.perf_counter() - t_start, error=f"correlation: {why}")
+
+        if min(x1 - x0, y1 - y0) * level < 8:
+            return failed("the window lies off the map")
+        crop = cv2.resize(self.engine.map_gray[y0:y1, x0:x1], None, fx=level, fy=level, interpolation=cv2.INTER_AREA)
+        # map.png's pure black (outside a mosaic's footprint) carries nothing
+        valid = cv2.erode((crop > 2).astype(np.uint8), np.ones((5, 5), np.uint8)).astype(np.float32)
+        crop = preprocess(crop, self.s.preprocess, clahe_grid(crop.shape[1], crop.shape[0], cfg.template_px / CLAHE_COLUMNS))
+        S = backend.dense(crop)
+        if S is None:
+            return failed(f"backend {backend.name} has no dense descriptors")
+        dense = DenseWindow(S, valid, cfg.dims, cfg.min_overlap)
+        gray = preprocess(self.engine.views.decoder.get(frame.path, cfg.template_px, frame.size), self.s.preprocess)
+        to_gray = scale_h(gray.shape[1] / frame.width, gray.shape[0] / frame.height)
+        tp = self.calib.truth_pixel(frame)
+        peaks: list[Peak] = []
+        for heading in headings:
+            a = np.radians(heading)
+            turn = np.array([[np.cos(a), -np.sin(a), 0], [np.sin(a), np.cos(a), 0], [0, 0, 1]])
+            A = scale_h(scale * level, scale * level) @ turn @ np.linalg.inv(to_gray)   # gray px -> template px
+            corners = project(A, [[0, 0], [gray.shape[1], 0], [gray.shape[1], gray.shape[0]], [0, gray.shape[0]]])
+            A = translate_h(*-corners.min(0)) @ A
+            tw, th = (int(np.ceil(v)) for v in corners.max(0) - corners.min(0))
+            if tw >= crop.shape[1] or th >= crop.shape[0]:
+                continue
+            template = cv2.warpAffine(gray, A[:2], (tw, th), flags=cv2.INTER_LINEAR)
+            inside = cv2.warpAffine(np.ones_like(gray), A[:2], (tw, th), flags=cv2.INTER_NEAREST)
+            inside = cv2.erode(inside, np.ones((5, 5), np.uint8)).astype(np.float32)
+            score = dense.scores(backend.dense(template), inside)
+            # only shifts that put the truth point within `radius` of truth_xy
+            at = (np.asarray(truth_xy) - (x0, y0)) * level - project(A @ to_gray, [tp])[0]
+            sy, sx = np.mgrid[:score.shape[0], :score.shape[1]]
+            score[np.hypot(sx - at[0], sy - at[1]) > radius * level] = -1.0
+            for shift in local_maxima(score, CORRELATION_PEAKS):
+                # image px -> template px -> window px (the shift) -> map px
+                H = translate_h(x0, y0) @ scale_h(1 / level, 1 / level) @ translate_h(*shift) @ A @ to_gray
+                xy = project(H, [tp])[0]
+                peaks.append(Peak((float(xy[0]), float(xy[1])), float(score[shift[1], shift[0]]), heading, H))
+        self.engine.views.stopwatch.count("correlate")
+        if not peaks:
+            return failed("no shift puts the footprint on the map within the radius")
+        best, ratio = peak_ratio(peaks, cfg.exclusion_px)
+        if ratio < cfg.min_ratio:
+            return dataclasses.replace(failed(f"peak {best.score:.3f} at heading {best.heading:.0f} only {ratio:.3f} x "
+                                              f"the next (< {cfg.min_ratio})"), peak_ratio=ratio)
+        return Estimate(frame.id, *best.xy, Source.CORRELATED, best.H, window=window,
+                        runtime=time.perf_counter() - t_start, peak_ratio=ratio,
+                        error=f"DIAG {best.score:.3f} at {best.heading:.0f}")
 
     def find_guarded(self, frame: Frame, centre, radius: float, heading: float | None, area=None,
                      widen: bool = True, budget_s: float | None = None) -> Estimate:
@@ -2637,6 +2809,24 @@ class Pose:
 
 
 @dataclass(frozen=True)
+class Fix:
+    """A frame's own map fix as the graph weighs it: the pose it gives and its 1-sigma in position (map
+    px), heading (degrees) and scale (log). A correlation fix was found at the graph's own heading and
+    scale: it measures the position alone (heading and scale LOOSE)."""
+    pose: Pose
+    sigma_px: float
+    sigma_deg: float
+    sigma_scale: float
+
+    @classmethod
+    def of(cls, e: "Estimate", frame: Frame, level: np.ndarray, cfg: GraphSettings) -> "Fix":
+        pose = Pose.from_homography(e.H, frame, level)
+        if e.source is Source.CORRELATED:
+            return cls(pose, cfg.correlation_sigma_px, np.degrees(LOOSE), LOOSE)
+        return cls(pose, cfg.fix_sigma_px, cfg.fix_sigma_deg, cfg.fix_sigma_scale)
+
+
+@dataclass(frozen=True)
 class FlightProblem:
     """What the graph is built from: frames and how each is levelled (its truth point, the nadir, goes to
     its principal point), the train truths (fixed positions), map fixes, links, and the height as a
@@ -2644,7 +2834,7 @@ class FlightProblem:
     frames: Mapping[int, Frame]
     level: Mapping[int, np.ndarray]          # each frame's image px -> levelled px (`leveling`)
     truths: Mapping[int, tuple[float, float]]
-    fixes: Mapping[int, Pose]
+    fixes: Mapping[int, Fix]
     links: tuple[Link, ...]
     link_scale: Mapping[int, float]          # each frame's working scale (links are matched at it)
     lean_px: Mapping[int, float]             # 1-sigma (map px) of where the frame's truth point is: 0 where its
@@ -2732,10 +2922,10 @@ def component_anchor(p: FlightProblem, comp: list[int], rel: Mapping, cfg: Graph
         return Pose(p0.real, p0.imag, float(np.degrees(np.angle(z))), float(abs(z))).node(gtsam)
     if fixes:
         targets = {**{i: np.array(p.truths[i]) for i in truths},
-                   **{i: np.array([p.fixes[i].x, p.fixes[i].y]) for i in fixes}}
+                   **{i: np.array([p.fixes[i].pose.x, p.fixes[i].pose.y]) for i in fixes}}
         best = None
         for j in fixes:
-            X = p.fixes[j].node(gtsam) * rel[j].inverse()
+            X = p.fixes[j].pose.node(gtsam) * rel[j].inverse()
             agree = sum(np.hypot(*(np.array(X.transformFrom(at[i])) - xy)) <= cfg.fix_outlier_px
                         for i, xy in targets.items())
             if best is None or agree > best[0]:
@@ -2783,10 +2973,10 @@ def solve_flight(p: FlightProblem, cfg: GraphSettings, gtsam, marginals: bool = 
                 np.array([px / s0, px / s0, LOOSE, LOOSE]))), i)
         if i in p.fixes:
             f = p.fixes[i]
-            px = float(np.hypot(cfg.fix_sigma_px, p.lean_px[i]))
-            add(gtsam.PriorFactorSimilarity2(key[i], f.node(gtsam), noise.Robust.Create(
+            px = float(np.hypot(f.sigma_px, p.lean_px[i]))
+            add(gtsam.PriorFactorSimilarity2(key[i], f.pose.node(gtsam), noise.Robust.Create(
                 noise.mEstimator.Cauchy.Create(1.0), noise.Diagonal.Sigmas(np.array(
-                    [px / f.scale, px / f.scale, np.radians(cfg.fix_sigma_deg), cfg.fix_sigma_scale])))), i)
+                    [px / f.pose.scale, px / f.pose.scale, np.radians(f.sigma_deg), f.sigma_scale])))), i)
     for link in p.links:
         T = link_measurement(link, p, gtsam)
         d = float(np.hypot(*T.transformFrom(np.zeros(2))))       # image px the link carries
@@ -2819,7 +3009,7 @@ def solve_flight(p: FlightProblem, cfg: GraphSettings, gtsam, marginals: bool = 
             sigma = float(X.scale() * np.sqrt(0.5 * (c[0, 0] + c[1, 1])))      # tangent px -> map px
         poses[i] = Pose.of_node(X, sigma)
         if i in p.fixes:
-            residual[i] = float(np.hypot(poses[i].x - p.fixes[i].x, poses[i].y - p.fixes[i].y))
+            residual[i] = float(np.hypot(poses[i].x - p.fixes[i].pose.x, poses[i].y - p.fixes[i].pose.y))
     return FlightSolution(types.MappingProxyType(poses), types.MappingProxyType(residual), frozenset(placed),
                           frozenset(oriented), float(graph.error(result)), time.perf_counter() - t0)
 
@@ -3042,7 +3232,8 @@ def localize_flight(search: Search, linker: Linker, dataset: Dataset, known: Map
                              s.truth.carry_sigma)
         level = {i: leveling(frames[i], leans[i][0]) for i in ids}
         lean_px = {i: calib.k * leans[i][1] for i in ids}
-        fixes = {i: Pose.from_homography(e.H, frames[i], level[i]) for i, e in fixed.items()}
+        fixes = {i: Fix.of(e, frames[i], level[i], cfg) for i, e in fixed.items()}
+
         problem = FlightProblem({i: frames[i] for i in ids}, level, truths, fixes, tuple(used), link_scale,
                                 lean_px, calib.k, start)
         with views.stopwatch.phase("solve"):
