@@ -2286,8 +2286,9 @@ def peak_ratio(peaks: list[Peak], exclusion_px: float) -> tuple[Peak, float]:
     return best, best.score / second if second > 0 else float("inf")
 
 
-# local maxima of each heading's correlation kept as candidates (the best one's rivals among them)
-CORRELATION_PEAKS = 32
+# local maxima of each heading's correlation kept as candidates (the best one's rivals among them), and
+# the least search radius in exclusion radii (a small window holds too few rivals to judge a peak by)
+CORRELATION_PEAKS, CORRELATION_ROOM = 32, 4.0
 
 # a frame's own view serves the map too when the scale the map's level asks for is within 12% of it:
 # LightGlue matches through that, and the level's eighth-octave grid alone leaves up to 4.4%
@@ -2434,7 +2435,10 @@ class Search:
         t_start = time.perf_counter()
         cfg, backend = self.s.correlation, self.engine.backend
         level = cfg.template_px / (max(frame.size) * scale)          # descriptor px per map px
+        # rivals to judge a peak by need room: the radius is at least a few exclusion radii
+        radius = max(radius, CORRELATION_ROOM * cfg.exclusion_px)
         mw, mh = self.engine.map_size
+
         reach = 0.5 * np.hypot(*frame.size) * scale + radius
         x0, y0 = int(max(0, truth_xy[0] - reach)), int(max(0, truth_xy[1] - reach))
         x1, y1 = int(min(mw, truth_xy[0] + reach)), int(min(mh, truth_xy[1] + reach))
@@ -2488,8 +2492,8 @@ class Search:
             return dataclasses.replace(failed(f"peak {best.score:.3f} at heading {best.heading:.0f} only {ratio:.3f} x "
                                               f"the next (< {cfg.min_ratio})"), peak_ratio=ratio)
         return Estimate(frame.id, *best.xy, Source.CORRELATED, best.H, window=window,
-                        runtime=time.perf_counter() - t_start, peak_ratio=ratio,
-                        error=f"DIAG {best.score:.3f} at {best.heading:.0f}")
+                        runtime=time.perf_counter() - t_start, peak_ratio=ratio)
+
 
     def find_guarded(self, frame: Frame, centre, radius: float, heading: float | None, area=None,
                      widen: bool = True, budget_s: float | None = None) -> Estimate:
@@ -3192,8 +3196,17 @@ def look_at_map(search: Search, frame: Frame, pose: Pose, placed: bool, area, bu
     radius = float(np.clip(cfg.sigma_radius * sigma, cfg.min_radius, cfg.max_radius))
     if placed and sigma <= cfg.placed_sigma_px:
         centre = search.footprint_centre(frame, (pose.x, pose.y), pose.heading, pose.scale)
-        return search.find_guarded(frame, centre, radius, pose.heading, widen=False)
-    return search.find_guarded(frame, (pose.x, pose.y), radius, None, area, widen=True, budget_s=budget_s)
+        est = search.find_guarded(frame, centre, radius, pose.heading, widen=False)
+    else:
+        est = search.find_guarded(frame, (pose.x, pose.y), radius, None, area, widen=True, budget_s=budget_s)
+    if est.H is not None or not (placed and search.s.correlation.enabled):
+        return est
+    # the keypoints found nothing: the graph's heading and scale leave a translation to find
+    fix = search.correlate(frame, (pose.x, pose.y), [pose.heading], pose.scale, radius)
+    if fix.H is not None:
+        return dataclasses.replace(fix, runtime=est.runtime + fix.runtime, stages=est.stages)
+    return dataclasses.replace(est, runtime=est.runtime + fix.runtime, error=f"{est.error}; {fix.error}".lstrip("; "),
+                               peak_ratio=fix.peak_ratio)
 
 
 def localize_flight(search: Search, linker: Linker, dataset: Dataset, known: Mapping[int, Estimate], targets: list[int],
@@ -3635,6 +3648,8 @@ def run_pipeline(settings: Settings, data: Path, out: Path, validate: bool, test
 # ----------------------------------------------------------------------------- reports
 
 SOURCE_COLOURS = {Source.MAP.value: "tab:green", Source.RELOCALIZED.value: "tab:orange",
+                  Source.CORRELATED.value: "tab:olive",
+
                   Source.CHAIN.value: "tab:blue", Source.INTERPOLATED.value: "tab:red",
                   Source.UNMATCHED.value: "tab:purple"}
 
@@ -4395,6 +4410,13 @@ def locate(settings: Settings, query: LocateQuery, out: Path, log=print) -> dict
     engine = build_engine(settings, map_path, map_gray, out, height.k, [frame], views, log)
     search = Search(engine, settings, Calibration.seed(height.k, lean, lean_source))
     est, _ = search.find(frame, query.prior, radius, query.yaw, widen=False)
+    if est.H is None and settings.correlation.enabled:
+        # keypoints found nothing at the prior: at the known height, a correlation over the prior's radius
+        n = settings.correlation.headings
+        headings = [query.yaw] if query.yaw is not None else [360.0 * j / n for j in range(n)]
+        fix = search.correlate(frame, query.prior, headings, search.calib.expected_scale(frame), radius)
+        est = fix if fix.H is not None else dataclasses.replace(est, error=f"{est.error}; {fix.error}".lstrip("; "),
+                                                                peak_ratio=fix.peak_ratio)
     if est.H is None:
         # the whole frame may cost search.budget_frames x one window at one orientation (what a frame of a
         # flight, its heading known, costs), what it has spent included
@@ -4404,6 +4426,8 @@ def locate(settings: Settings, query: LocateQuery, out: Path, log=print) -> dict
         est, _ = search.find(frame, query.prior, radius, query.yaw, budget_s=budget)
     return {"x": round(est.x, 3), "y": round(est.y, 3), "inliers": est.inliers, "matches": est.matches,
             "orientation": est.orientation, "source": est.source.value, "matched": est.H is not None,
+            "peak_ratio": None if est.peak_ratio is None else round(est.peak_ratio, 3),
+
             "height_k": round(height.k, 1), "scale": round(search.calib.expected_scale(frame), 5),
             "height_from": height.source.value, "lean": [round(v, 4) for v in lean], "lean_from": lean_source.value,
             "backend": settings.features.backend, "map_level": engine.map_features.level,

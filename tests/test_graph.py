@@ -87,7 +87,7 @@ def test_outlier_fixes_stand_out_and_the_solution_keeps_to_the_links(gtsam):
     fixes = {}
     for i, (x, y, heading, scale) in poses.items():
         off = np.array([300.0, -200.0]) * (1 + i % 2) if i % 4 == 0 else rng.normal(0, 3, 2)
-        fixes[i] = U.Pose(x + off[0], y + off[1], heading, scale)
+        fixes[i] = U.Fix(U.Pose(x + off[0], y + off[1], heading, scale), 8.0, 2.0, 0.03)
     outliers = {i for i in poses if i % 4 == 0 and i > 1}
     p, _ = problem(poses, [0, 1], chain_links(sorted(poses)), fixes)
     clean, _ = problem(poses, [0, 1], chain_links(sorted(poses)), {i: f for i, f in fixes.items() if i not in outliers})
@@ -121,7 +121,23 @@ def test_a_component_nothing_anchors_is_not_reached(gtsam):
     assert not any(U.reached(sol, i, (5000, 2500)) for i in range(8, 16))
 
 
+def test_a_correlation_fix_places_a_position_and_leaves_heading_and_scale_to_the_links(gtsam):
+    """One truth at a leg's start and one position-only fix (a correlation fix, found at a heading 20
+    degrees and a scale 10% wrong) at its end: the two positions place and orient the whole chain as
+    two truths would, and the fix's own heading and scale pull at nothing."""
+    poses = lawnmower(legs=1)
+    x, y, heading, scale = poses[7]
+    fix = U.Fix(U.Pose(x, y, heading + 20.0, scale * 1.1), 4.0, np.degrees(U.LOOSE), U.LOOSE)
+    p, _ = problem(poses, [0], chain_links(sorted(poses)), {7: fix})
+    sol = U.solve_flight(p, graph_cfg(height_sigma=100.0), gtsam)
+    for i, (x, y, heading, scale) in poses.items():
+        assert U.reached(sol, i, (5000, 2500)), i
+        assert np.hypot(sol.poses[i].x - x, sol.poses[i].y - y) < 0.5, i
+        assert abs(U.angle_diff(sol.poses[i].heading, heading)) < 0.1 and abs(sol.poses[i].scale / scale - 1) < 1e-3
+
+
 def test_one_truth_leaves_the_heading_free_and_the_frames_unplaced(gtsam):
+
     poses = lawnmower(legs=1)
     p, _ = problem(poses, [3], chain_links(sorted(poses)))
     sol = U.solve_flight(p, graph_cfg(), gtsam)
