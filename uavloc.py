@@ -16,7 +16,8 @@ Glossary (one name per concept):
   view         a frame decoded at its working size (preprocess.max_side), maybe turned by 90-degree
                steps, with its features; views are cached in memory and on disk; a frame's upright
                view is turned so that its heading lies nearest north (links across legs meet there)
-  orientation  the map turned by 0, 90, 180 or 270 degrees so a frame is matched as it was shot
+  turn         a view turned by 0, 90, 180 or 270 degrees (exact): the map is matched north up, a frame
+               turned nearest north up (its upright view); links across a leg's end meet at a turn too
   height k     map px x focal length / image px (= altitude / map GSD); scale: map px per image px = k / f
   heading      the direction (degrees) a frame's image x-axis points to on the map
   truth point  the image point whose map position is the GPS truth (the camera's nadir); the
@@ -504,6 +505,7 @@ class SearchSettings(Section):
 @dataclass(frozen=True)
 class CorrelationSettings(Section):
     enabled: bool
+    backend: str
     template_px: int
     dims: int
     min_ratio: float
@@ -1011,7 +1013,10 @@ class FrameDecoder:
             self.items.popitem(last=False)
 # ----------------------------------------------------------------------------- geometry
 
-ORIENTATIONS = (0, 90, 180, 270)     # the map is turned, never the frames (rotation_h's sense of angles)
+# a view's quarter turns (rotation_h's sense, exact), most likely first: the same heading along a leg,
+# flipped at a leg's end, a quarter turn where legs cross. Frames are turned to meet the map; the map,
+# extracted once, never is.
+TURNS = (0, 180, 90, 270)
 
 
 def scale_h(sx: float, sy: float) -> np.ndarray:
@@ -1167,14 +1172,14 @@ def upright_turn(heading: float) -> int:
     return int(-round(heading / 90)) % 4 * 90
 
 
-def orientations_for(heading: float | None) -> list[int]:
-    """The map orientations to try for a frame of this heading (the map turned by the heading makes
-    the frame's x-axis its x-axis): the nearest, and the next one too when the heading lies within 15
-    degrees of halfway between them; all four without a heading."""
+def turns_for(heading: float | None) -> list[int]:
+    """The turns of a frame's view to match against the map for a frame of this heading: the one that
+    brings it nearest north-up, and the next one too when the heading lies within 15 degrees of halfway
+    between them; all four without a heading."""
     if heading is None:
-        return list(ORIENTATIONS)
-    by = sorted(ORIENTATIONS, key=lambda o: abs(angle_diff(heading, o)))
-    return by[:2] if abs(angle_diff(heading, by[0])) > 30 else by[:1]
+        return list(TURNS)
+    by = sorted(TURNS, key=lambda t: abs(angle_diff(heading, -t)))
+    return by[:2] if abs(angle_diff(heading, -by[0])) > 30 else by[:1]
 # ----------------------------------------------------------------------------- features
 # One small class per backend in one table (BACKENDS), after cvg/LightGlue's table of feature types:
 # each names its weight files, whether it needs torch, and how much map resolution it needs.
@@ -1635,14 +1640,24 @@ def backend_class(name: str) -> type[Backend]:
     return BACKENDS[name]
 
 
-def build_backend(settings: Settings) -> Backend:
-    cls = backend_class(settings.features.backend)
-    if cls.needs_torch:
-        import torch
-        if settings.run.threads:
-            torch.set_num_threads(settings.run.threads)
-        torch.manual_seed(0)
-    return cls(settings.features, Path(settings.run.weights_dir), settings.run.device, Path(settings.run.wheels_dir))
+# networks loaded in this process, by what they were built from: the backend choice, the engines of a
+# tuning study and the correlation fix share them (a network holds no state between calls)
+LOADED: dict[str, Backend] = {}
+
+
+def build_backend(settings: Settings, name: str | None = None) -> Backend:
+    """The backend `name` (default: features.backend), loaded once per process."""
+    cls = backend_class(name or settings.features.backend)
+    run = settings.run
+    key = digest([cls.name, settings.features.to_table(), run.weights_dir, run.device, run.wheels_dir, run.threads])
+    if key not in LOADED:
+        if cls.needs_torch:
+            import torch
+            if run.threads:
+                torch.set_num_threads(run.threads)
+            torch.manual_seed(0)
+        LOADED[key] = cls(settings.features, Path(run.weights_dir), run.device, Path(run.wheels_dir))
+    return LOADED[key]
 
 
 def fallback_backend(settings: Settings) -> str | None:
@@ -1658,7 +1673,8 @@ def fallback_backend(settings: Settings) -> str | None:
 def backends_in_use(settings: Settings) -> list[str]:
     """Every backend a run with these settings may load (the backend, the fallback preset's) and those
     run.fetch_backends asks for: what --mode weights fetches and --mode kaggle-datasets packs."""
-    names = [settings.features.backend, fallback_backend(settings), *settings.run.fetch_backends]
+    names = [settings.features.backend, fallback_backend(settings), *settings.run.fetch_backends,
+             settings.correlation.backend if settings.correlation.enabled else None]
     return [n for n in dict.fromkeys(names) if n is not None and backend_class(n)]
 
 
@@ -1670,44 +1686,32 @@ def features_key(settings: Settings, backend: Backend) -> dict:
 
 
 class MapFeatures:
-    """The map's keypoints at `level` x map.png resolution, seen at four orientations (the map turned by
-    0, 90, 180 or 270 degrees, so that a frame is matched as it was shot and is never turned itself).
-    Tiles are extracted when a window first needs them, with context around each whose keypoints are
-    dropped, and cached on disk: a flight pays for the part of the map it covers."""
+    """The map's keypoints at `level` x map.png resolution, north up: a frame is turned to meet it, never
+    the map, so the map is extracted once. Tiles are extracted when a window first needs them, with
+    context around each whose keypoints are dropped, and cached on disk: a flight pays for the part of
+    the map it covers."""
 
     def __init__(self, image: np.ndarray, level: float, backend: Backend, cfg: FeatureSettings,
                  folder: Path | None, stopwatch: Stopwatch):
         self.image, self.level, self.backend, self.cfg = image, level, backend, cfg
         self.folder, self.stopwatch = folder, stopwatch
-        self.tiles: dict[tuple[int, int, int], Features] = {}
+        self.tiles: dict[tuple[int, int], Features] = {}
         self.extracted = 0
 
-    @property
-    def size(self) -> tuple[int, int]:
-        """(width, height) at the level, unturned."""
-        return self.image.shape[1], self.image.shape[0]
-
-    def turn(self, orientation: int) -> tuple[np.ndarray, tuple[int, int]]:
-        """map.png px -> px of the map at this level turned by `orientation`, and that image's size."""
-        m, size = rotation_h(orientation, *self.size)
-        return m @ scale_h(self.level, self.level), size
-
-    def tile(self, orientation: int, tx: int, ty: int) -> Features:
-        """Keypoints of one tile of the turned map, in the turned map's px."""
-        key = (orientation, tx, ty)
-        if key in self.tiles:
-            return self.tiles[key]
-        path = self.folder / f"o{orientation}_{tx}_{ty}.npz" if self.folder is not None else None
+    def tile(self, tx: int, ty: int) -> Features:
+        """Keypoints of one tile, in the map's px at the level."""
+        if (tx, ty) in self.tiles:
+            return self.tiles[tx, ty]
+        path = self.folder / f"t{tx}_{ty}.npz" if self.folder is not None else None
         if path is not None and path.is_file():
-            self.tiles[key] = Features.load(path)[0]
-            return self.tiles[key]
+            self.tiles[tx, ty] = Features.load(path)[0]
+            return self.tiles[tx, ty]
         with self.stopwatch.phase("map features"):
-            turned = np.rot90(self.image, orientation // 90)         # rotation_h's turn, pixel for pixel
-            h, w = turned.shape
+            h, w = self.image.shape
             t, pad = self.cfg.map_tile, self.cfg.map_tile_pad
             x, y = tx * t, ty * t
             ox, oy = max(0, x - pad), max(0, y - pad)
-            crop = np.ascontiguousarray(turned[oy:min(h, y + t + pad), ox:min(w, x + t + pad)])
+            crop = np.ascontiguousarray(self.image[oy:min(h, y + t + pad), ox:min(w, x + t + pad)])
             if crop.std() < 1:                                       # blank (no-data) area of the map
                 f = Features.empty(0)
             else:
@@ -1718,18 +1722,17 @@ class MapFeatures:
             self.extracted += 1
         if path is not None:
             f.save(path)
-        self.tiles[key] = f
+        self.tiles[tx, ty] = f
         return f
 
-    def window(self, orientation: int, box: tuple[float, float, float, float], limit: int):
-        """The strongest `limit` keypoints inside a box of map.png px (x0, y0, x1, y1), in the turned map's
-        px relative to the box's corner there; with the window's size and its px -> map.png px."""
-        m, (tw, th) = self.turn(orientation)
-        x0, y0, x1, y1 = box
-        corners = project(m, [(x0, y0), (x1, y0), (x0, y1), (x1, y1)])
-        (u0, v0), (u1, v1) = np.maximum(corners.min(axis=0), 0), np.minimum(corners.max(axis=0), (tw, th))
+    def window(self, box: tuple[float, float, float, float], limit: int):
+        """The strongest `limit` keypoints inside a box of map.png px (x0, y0, x1, y1), in the level's px
+        relative to the box's corner; with the window's size and its px -> map.png px."""
+        h, w = self.image.shape
+        u0, v0 = max(0.0, box[0] * self.level), max(0.0, box[1] * self.level)
+        u1, v1 = min(float(w), box[2] * self.level), min(float(h), box[3] * self.level)
         t = self.cfg.map_tile
-        parts = [self.tile(orientation, i, j) for j in range(int(v0 // t), int(np.ceil(v1 / t)))
+        parts = [self.tile(i, j) for j in range(int(v0 // t), int(np.ceil(v1 / t)))
                  for i in range(int(u0 // t), int(np.ceil(u1 / t)))]
         parts = [p for p in parts if len(p.keypoints)]
         feats = Features.concatenate(parts) if parts else Features.empty(0)
@@ -1737,7 +1740,7 @@ class MapFeatures:
         inside = (kp[:, 0] >= u0) & (kp[:, 0] < u1) & (kp[:, 1] >= v0) & (kp[:, 1] < v1)
         feats = feats.subset(inside).strongest(limit).shifted([-u0, -v0])
         size = (int(np.ceil(u1 - u0)) + 1, int(np.ceil(v1 - v0)) + 1)
-        return feats, size, np.linalg.inv(m) @ translate_h(u0, v0)
+        return feats, size, np.linalg.inv(scale_h(self.level, self.level)) @ translate_h(u0, v0)
 
 
 # ----------------------------------------------------------------------------- views
@@ -1856,9 +1859,6 @@ class Link:
         return float(np.hypot(*(project(self.H, [fa.principal_point])[0] - fb.principal_point)) / min(fb.size))
 
 
-# a frame's view turned by these (the next frame's heading relative to this one's), most likely first:
-# the same on a leg, flipped at a leg's end, a quarter turn where legs cross
-TURNS = (0, 180, 90, 270)
 
 
 class Linker:
@@ -1982,7 +1982,7 @@ def build_views(settings: Settings, backend: Backend, out: Path, stopwatch: Stop
 
 # ----------------------------------------------------------------------------- search
 # One frame against the map: a window around where it should be, the map turned to the frame's
-# heading (every orientation when none is known), a homography accepted only when it is a plausible
+# heading (every turn when none is known), a homography accepted only when it is a plausible
 # nadir view at the expected scale; after a failure, with `widen`, windows further and further away.
 
 class LeanSource(str, enum.Enum):
@@ -2118,7 +2118,7 @@ class Estimate:
     H: np.ndarray | None = None      # original image px -> map.png px
     inliers: int = 0
     matches: int = 0
-    orientation: int = 0             # the map's turn the match was found at
+    turn: int = 0                    # the view's turn the match was found at
     window: tuple = ()               # x0, y0, x1, y1 map px searched last
     runtime: float = 0.0
     stages: Mapping = field(default_factory=dict)   # seconds per stage (decode, extract, match, geometry)
@@ -2131,7 +2131,7 @@ class Estimate:
         p = self.placement
         return {"id": self.id, "x_pixel": round(self.x, 3), "y_pixel": round(self.y, 3), "source": self.source.value,
                 "matches": self.matches, "inliers": self.inliers, "used_match": self.H is not None,
-                "orientation": self.orientation,
+                "turn": self.turn,
                 "crop_w": int(self.window[2] - self.window[0]) if self.window else 0,
                 "crop_h": int(self.window[3] - self.window[1]) if self.window else 0,
                 "runtime_s": round(self.runtime, 3), "error": self.error, "raised": self.raised,
@@ -2162,7 +2162,7 @@ class Attempt:
     H: np.ndarray | None
     inliers: int
     matches: int
-    orientation: int
+    turn: int
     window: tuple
     problem: str = ""
     pairs: tuple = ()                 # (query view pts, map.png pts, inlier mask) for reports
@@ -2180,6 +2180,7 @@ class Engine:
     map_features: MapFeatures
     backend: Backend
     views: QueryViews
+    dense: Backend | None            # whose dense descriptors the correlation fix compares (None: no such fix)
 
     @property
     def map_size(self) -> tuple[int, int]:
@@ -2220,7 +2221,13 @@ def build_engine(settings: Settings, map_path: Path, map_gray: np.ndarray, out: 
     log(f"map features: level {level:.3g} (frames at height {k:.0f}: {detail:.2f} working px per map px), "
         f"tiles of {settings.features.map_tile} px extracted as windows need them; backend {backend.name} on "
         f"{backend.device_name}")
-    return Engine(map_path, map_gray, mf, backend, views)
+    dense = None
+    if settings.correlation.enabled:
+        try:
+            dense = build_backend(settings, settings.correlation.backend)
+        except WeightsError as e:        # a run on SIFT without any weights: no correlation fix, said once
+            log(f"correlation fix off: {e}")
+    return Engine(map_path, map_gray, mf, backend, views, dense)
 
 
 class DenseWindow:
@@ -2296,7 +2303,7 @@ SHARED_VIEW = 1.12
 
 
 class Search:
-    """Finds one frame on the map with one calibration and one set of settings: windows, orientations,
+    """Finds one frame on the map with one calibration and one set of settings: windows, turns,
     acceptance of a homography, and the widening search after a failure."""
 
     def __init__(self, engine: Engine, settings: Settings, calib: "Calibration"):
@@ -2311,11 +2318,16 @@ class Search:
         own = views.working_scale(frame)
         return own if abs(np.log(ideal / own)) <= np.log(SHARED_VIEW) else snap_scale(ideal, views.scale_step)
 
-    def view(self, frame: Frame, clock: Stopwatch) -> QueryView:
-        return self.engine.views.view(frame, self.scale(frame), 0, clock)
+    def view(self, frame: Frame, turn: int, clock: Stopwatch) -> QueryView:
+        return self.engine.views.view(frame, self.scale(frame), turn, clock)
 
     def prefetch(self, frame: Frame) -> None:
         self.engine.views.prefetch(frame, self.scale(frame))
+
+    def truth_xy(self, frame: Frame, H: np.ndarray, inliers: int | None) -> tuple[float, float]:
+        """Where a map homography puts the frame's truth point."""
+        x, y = project(H, [self.calib.truth_pixel(frame, H, inliers)])[0]
+        return float(x), float(y)
 
     def footprint_centre(self, frame: Frame, truth_xy, heading: float, scale: float) -> tuple[float, float]:
         """Where the frame's principal point lands on the map, from its truth point's position, its
@@ -2326,21 +2338,21 @@ class Search:
         x, y = np.add(truth_xy, scale * rot @ d)
         return float(x), float(y)
 
-    def match_window(self, frame: Frame, orientation: int, centre, radius: float, clock: Stopwatch) -> Attempt:
-        """Match the frame's view against the map turned by `orientation`, in a window around `centre`."""
-        v = self.view(frame, clock)
+    def match_window(self, frame: Frame, turn: int, centre, radius: float, clock: Stopwatch) -> Attempt:
+        """Match the frame's view turned by `turn` against the map in a window around `centre`."""
+        v = self.view(frame, turn, clock)
         t0 = time.perf_counter()
         half = 0.5 * np.hypot(*frame.size) * self.calib.expected_scale(frame) * self.s.search.crop_factor + radius
         w, h = self.engine.map_size
         box = (max(0.0, centre[0] - half), max(0.0, centre[1] - half), min(w, centre[0] + half), min(h, centre[1] + half))
-        sub, size, to_map = self.engine.map_features.window(orientation, box, self.s.features.max_map_keypoints)
+        sub, size, to_map = self.engine.map_features.window(box, self.s.features.max_map_keypoints)
         i0, i1, _ = self.engine.backend.match(v.features, v.size, sub, size, self.threshold)
         self.engine.views.stopwatch.count("match")
         t0 = clock.tick("match", t0)
         p0, p1 = v.features.keypoints[i0], sub.keypoints[i1]
         Hv, inl = estimate_homography(p0, p1, self.s.geometry)
         clock.tick("geometry", t0)
-        attempt = Attempt(None, int(inl.sum()), len(i0), orientation, box,
+        attempt = Attempt(None, int(inl.sum()), len(i0), turn, box,
                           pairs=(p0, project(to_map, p1) if len(p1) else p1, inl))
         if Hv is None:
             attempt.problem = "no homography"
@@ -2361,7 +2373,7 @@ class Search:
 
     def agrees(self, H: np.ndarray, frame: Frame, heading: float | None) -> bool:
         """A match whose heading lands within 45 degrees of the expected one confirms it: the other
-        orientations need not be tried (a wrong match has a random heading)."""
+        turns need not be tried (a wrong match has a random heading)."""
         return heading is not None and abs(angle_diff(homography_yaw(H, frame.principal_point), heading)) <= 45
 
     def widening_stages(self, frame: Frame, centre, radius: float, area) -> list[list[tuple]]:
@@ -2382,15 +2394,15 @@ class Search:
 
     def find(self, frame: Frame, centre, radius: float, heading: float | None, area=None,
              widen: bool = True, budget_s: float | None = None) -> tuple[Estimate, Attempt]:
-        """The window around `centre` at the orientations the heading calls for; then, with `widen`, a
+        """The window around `centre` at the turns the heading calls for; then, with `widen`, a
         widening search (`area`: x0, y0, x1, y1 map px spanned by the known frames) at every
-        orientation, most likely windows first, given up once the frame has used `budget_s` seconds."""
+        turn, most likely windows first, given up once the frame has used `budget_s` seconds."""
         t_start = time.perf_counter()
         clock = Stopwatch()
         cfg = self.s.search
         best: Attempt | None = None
         source = Source.MAP
-        for o in orientations_for(heading):
+        for o in turns_for(heading):
             a = self.match_window(frame, o, centre, radius, clock)
             if a.better_than(best):
                 best = a
@@ -2401,7 +2413,7 @@ class Search:
                 budget_s = max(cfg.budget_min_s, cfg.budget_frames * (time.perf_counter() - t_start))
             tried, out_of_time = 0, False
             for stage in self.widening_stages(frame, centre, radius, area):
-                for c, r, o in [(c, r, o) for c, r in stage for o in ORIENTATIONS]:
+                for c, r, o in [(c, r, o) for c, r in stage for o in TURNS]:
                     if time.perf_counter() - t_start > budget_s:
                         out_of_time = True
                         break
@@ -2418,9 +2430,9 @@ class Search:
         x, y, H = float(centre[0]), float(centre[1]), None
         if best.H is not None:
             H = best.H
-            x, y = (float(v) for v in project(H, [self.calib.truth_pixel(frame, H, best.inliers)])[0])
+            x, y = self.truth_xy(frame, H, best.inliers)
         est = Estimate(frame.id, x, y, source if H is not None else Source.UNMATCHED, H, best.inliers, best.matches,
-                       best.orientation, window=best.window, runtime=time.perf_counter() - t_start,
+                       best.turn, window=best.window, runtime=time.perf_counter() - t_start,
                        stages=dict(clock.seconds), error=best.problem)
         return est, best
 
@@ -2429,36 +2441,58 @@ class Search:
         is known or one of `headings`: the frame turned and scaled to the map, its dense descriptors
         correlated with the map's over every shift that puts its truth point within `radius` of
         `truth_xy`. Every pixel of the footprint votes, so it holds where keypoints do not repeat (long
-        autumn shadows, another season's colours). The best peak is a fix when it stands
-        correlation.min_ratio above every peak further than exclusion_px; its H is the similarity found
-        (no perspective: a position, its heading and scale are what was given)."""
+        autumn shadows, another season's colours). Several headings are searched coarse to fine: all at
+        half the template's size, then the best one and its neighbours at full size. The best peak is a
+        fix when it stands correlation.min_ratio above every peak further than exclusion_px; its H is
+        the similarity found (no perspective: a position; heading and scale are what was given)."""
         t_start = time.perf_counter()
-        cfg, backend = self.s.correlation, self.engine.backend
-        level = cfg.template_px / (max(frame.size) * scale)          # descriptor px per map px
+        cfg = self.s.correlation
         # rivals to judge a peak by need room: the radius is at least a few exclusion radii
         radius = max(radius, CORRELATION_ROOM * cfg.exclusion_px)
-        mw, mh = self.engine.map_size
-
         reach = 0.5 * np.hypot(*frame.size) * scale + radius
-        x0, y0 = int(max(0, truth_xy[0] - reach)), int(max(0, truth_xy[1] - reach))
-        x1, y1 = int(min(mw, truth_xy[0] + reach)), int(min(mh, truth_xy[1] + reach))
-        window = (x0, y0, x1, y1)
+        mw, mh = self.engine.map_size
+        window = (int(max(0, truth_xy[0] - reach)), int(max(0, truth_xy[1] - reach)),
+                  int(min(mw, truth_xy[0] + reach)), int(min(mh, truth_xy[1] + reach)))
+        if len(headings) > 1:
+            coarse = self.correlation_peaks(frame, truth_xy, window, headings, scale, radius, cfg.template_px // 2)
+            if coarse:
+                step = 360.0 / len(headings) / 3
+                h = max(coarse, key=lambda p: p.score).heading
+                headings = [h - step, h, h + step]
+        peaks = self.correlation_peaks(frame, truth_xy, window, headings, scale, radius, cfg.template_px)
+        self.engine.views.stopwatch.count("correlate")
+        failed = Estimate(frame.id, float(truth_xy[0]), float(truth_xy[1]), Source.UNMATCHED, window=window,
+                          runtime=time.perf_counter() - t_start)
+        if not peaks:
+            return dataclasses.replace(failed, error="correlation: no shift puts the footprint on the map within "
+                                                     "the radius, or the backend has no dense descriptors")
+        best, ratio = peak_ratio(peaks, cfg.exclusion_px)
+        if ratio < cfg.min_ratio:
+            return dataclasses.replace(failed, peak_ratio=ratio, error=f"correlation: peak {best.score:.3f} at heading "
+                                       f"{best.heading:.0f} only {ratio:.3f} x the next (< {cfg.min_ratio})")
+        return Estimate(frame.id, *best.xy, Source.CORRELATED, best.H, window=window,
+                        runtime=time.perf_counter() - t_start, peak_ratio=ratio)
 
-        def failed(why: str) -> Estimate:
-            return Estimate(frame.id, float(truth_xy[0]), float(truth_xy[1]), Source.UNMATCHED, window=window,
-                            runtime=time.perf_counter() - t_start, error=f"correlation: {why}")
-
+    def correlation_peaks(self, frame: Frame, truth_xy, window: tuple, headings: list[float], scale: float,
+                          radius: float, template_px: int) -> list[Peak]:
+        """The local maxima of the correlation at each heading, the frame's longer side `template_px`
+        descriptor px (the map's window described at that level)."""
+        cfg, backend = self.s.correlation, self.engine.dense
+        level = template_px / (max(frame.size) * scale)              # descriptor px per map px
+        if backend is None:
+            return []
+        x0, y0, x1, y1 = window
         if min(x1 - x0, y1 - y0) * level < 8:
-            return failed("the window lies off the map")
+            return []
         crop = cv2.resize(self.engine.map_gray[y0:y1, x0:x1], None, fx=level, fy=level, interpolation=cv2.INTER_AREA)
         # map.png's pure black (outside a mosaic's footprint) carries nothing
         valid = cv2.erode((crop > 2).astype(np.uint8), np.ones((5, 5), np.uint8)).astype(np.float32)
-        crop = preprocess(crop, self.s.preprocess, clahe_grid(crop.shape[1], crop.shape[0], cfg.template_px / CLAHE_COLUMNS))
+        crop = preprocess(crop, self.s.preprocess, clahe_grid(crop.shape[1], crop.shape[0], template_px / CLAHE_COLUMNS))
         S = backend.dense(crop)
         if S is None:
-            return failed(f"backend {backend.name} has no dense descriptors")
+            return []
         dense = DenseWindow(S, valid, cfg.dims, cfg.min_overlap)
-        gray = preprocess(self.engine.views.decoder.get(frame.path, cfg.template_px, frame.size), self.s.preprocess)
+        gray = preprocess(self.engine.views.decoder.get(frame.path, template_px, frame.size), self.s.preprocess)
         to_gray = scale_h(gray.shape[1] / frame.width, gray.shape[0] / frame.height)
         tp = self.calib.truth_pixel(frame)
         peaks: list[Peak] = []
@@ -2484,16 +2518,7 @@ class Search:
                 H = translate_h(x0, y0) @ scale_h(1 / level, 1 / level) @ translate_h(*shift) @ A @ to_gray
                 xy = project(H, [tp])[0]
                 peaks.append(Peak((float(xy[0]), float(xy[1])), float(score[shift[1], shift[0]]), heading, H))
-        self.engine.views.stopwatch.count("correlate")
-        if not peaks:
-            return failed("no shift puts the footprint on the map within the radius")
-        best, ratio = peak_ratio(peaks, cfg.exclusion_px)
-        if ratio < cfg.min_ratio:
-            return dataclasses.replace(failed(f"peak {best.score:.3f} at heading {best.heading:.0f} only {ratio:.3f} x "
-                                              f"the next (< {cfg.min_ratio})"), peak_ratio=ratio)
-        return Estimate(frame.id, *best.xy, Source.CORRELATED, best.H, window=window,
-                        runtime=time.perf_counter() - t_start, peak_ratio=ratio)
-
+        return peaks
 
     def find_guarded(self, frame: Frame, centre, radius: float, heading: float | None, area=None,
                      widen: bool = True, budget_s: float | None = None) -> Estimate:
@@ -2616,11 +2641,12 @@ def train_probes(linker: Linker, dataset: Dataset, settings: Settings) -> list[P
     return probes
 
 
-def register_probe(engine: Engine, settings: Settings, probe: Probe, k_guess: float) -> float | None:
+def register_probe(engine: Engine, settings: Settings, probe: Probe, k_guess: float) -> Estimate | None:
     """The probe frame matched near its centre: at its own height, or over the sweep's candidate
-    heights (nearest the guess first, stopping at a strong match). Returns the height its homography
-    shows (the candidate x its scale, never the candidate itself: a larger window wins more inliers, so
-    the winning candidate is biased high), or None where it matches nowhere near its centre."""
+    heights (nearest the guess first, stopping at a strong match). Returns its best match, or None
+    where it matches nowhere near its centre. The height it shows is its homography's scale x focal
+    (`shown_height`), never the candidate's: a larger window wins more inliers, so the winning candidate
+    is biased high."""
     h = settings.height
     f, (cx, cy) = probe.frame, probe.centre
     candidates = [probe.k] if probe.k else sorted(k_guess * np.geomspace(h.sweep_low, h.sweep_high, h.sweep_steps),
@@ -2630,11 +2656,16 @@ def register_probe(engine: Engine, settings: Settings, probe: Probe, k_guess: fl
         est, _ = Search(engine, settings, Calibration.seed(k)).find(f, probe.centre, probe.radius, probe.heading,
                                                                     widen=False)
         near = probe.within_px is None or np.hypot(est.x - cx, est.y - cy) <= probe.within_px
-        if est.H is not None and near and (best is None or est.inliers > best[0]):
-            best = (est.inliers, homography_scale(est.H, f.principal_point) * f.focal)
-        if best is not None and best[0] >= settings.search.strong_inliers:
+        if est.H is not None and near and (best is None or est.inliers > best.inliers):
+            best = est
+        if best is not None and best.inliers >= settings.search.strong_inliers:
             break
-    return None if best is None else best[1]
+    return best
+
+
+def shown_height(est: Estimate, frame: Frame) -> float:
+    """The height k a frame's map homography shows: its scale at the principal point x focal."""
+    return homography_scale(est.H, frame.principal_point) * frame.focal
 
 
 @dataclass(frozen=True)
@@ -2649,19 +2680,20 @@ class BackendChoice:
 
 
 def choose_backend(settings: Settings, probes: list[Probe], views: QueryViews, map_path: Path, map_gray: np.ndarray,
-                   out: Path, k_guess: float, log=print) -> tuple[BackendChoice, QueryViews]:
+                   out: Path, k_guess: float, log=print) -> tuple[BackendChoice, QueryViews, list[Estimate | None]]:
     """The backend as set, unless it registers fewer than features.fallback_below of the probes at
     their truths and the fallback preset (real autumn frames against a summer map: DISK + CLAHE)
-    registers more. Only the probes' windows of the map are extracted. Returns the choice and the
-    views of the chosen backend (`views` are the set backend's)."""
+    registers more. Only the probes' windows of the map are extracted. Returns the choice, the views of
+    the chosen backend (`views` are the set backend's) and its match of each probe (None: not found)."""
     fb, frames = settings.features.fallback, [p.frame for p in probes]
     k = float(np.median([p.k for p in probes if p.k])) if any(p.k for p in probes) else k_guess
 
-    def registered(s: Settings, v: QueryViews) -> int:
+    def registered(s: Settings, v: QueryViews) -> list[Estimate | None]:
         engine = build_engine(s, map_path, map_gray, out, k, frames, v, log=quiet)
-        return sum(register_probe(engine, s, p, k) is not None for p in probes)
+        return [register_probe(engine, s, p, k) for p in probes]
 
-    n = registered(settings, views)
+    found = registered(settings, views)
+    n = sum(e is not None for e in found)
     tried = [("", settings.features.backend, n, len(probes))]
     chosen, chosen_views = "", views
     if fb and n < settings.features.fallback_below * len(probes):
@@ -2672,18 +2704,20 @@ def choose_backend(settings: Settings, probes: list[Probe], views: QueryViews, m
             log(f"backend choice: fallback preset {fb} unavailable, the run goes on with "
                 f"{settings.features.backend}: {e}")
         else:
-            m = registered(alt, alt_views)
+            alt_found = registered(alt, alt_views)
+            m = sum(e is not None for e in alt_found)
             tried.append((fb, alt.features.backend, m, len(probes)))
             if m > n:
-                chosen, chosen_views = fb, alt_views
+                chosen, chosen_views, found = fb, alt_views, alt_found
     choice = BackendChoice(chosen, tuple(tried))
     log(f"backend choice: {choice.describe()}")
-    return choice, chosen_views
+    return choice, chosen_views, found
 
 
 def sweep_height(engine: Engine, settings: Settings, probes: list[Probe], k_guess: float) -> Height | None:
     """Without frame pairs: the probes registered over candidate heights at their known positions."""
-    found = [k for p in probes if (k := register_probe(engine, settings, dataclasses.replace(p, k=None), k_guess))]
+    found = [shown_height(e, p.frame) for p in probes
+             if (e := register_probe(engine, settings, dataclasses.replace(p, k=None), k_guess)) is not None]
     if not found:
         return None
     k, spread = robust_center(np.array(found))
@@ -3190,7 +3224,7 @@ def flight_leans(frames: Mapping[int, Frame], links: list[Link], anchors: Mappin
 def look_at_map(search: Search, frame: Frame, pose: Pose, placed: bool, area, budget_s: float | None) -> Estimate:
     """A frame's own map fix, looked for where the graph puts it: a window of sigma_radius x its sigma at
     its heading when the graph places it within search.placed_sigma_px; else a widening search from
-    there (all orientations, bounded by the budget)."""
+    there (all turns, bounded by the budget)."""
     cfg = search.s.search
     sigma = pose.sigma_px if pose.sigma_px is not None else cfg.max_radius
     radius = float(np.clip(cfg.sigma_radius * sigma, cfg.min_radius, cfg.max_radius))
@@ -3246,7 +3280,6 @@ def localize_flight(search: Search, linker: Linker, dataset: Dataset, known: Map
         level = {i: leveling(frames[i], leans[i][0]) for i in ids}
         lean_px = {i: calib.k * leans[i][1] for i in ids}
         fixes = {i: Fix.of(e, frames[i], level[i], cfg) for i, e in fixed.items()}
-
         problem = FlightProblem({i: frames[i] for i in ids}, level, truths, fixes, tuple(used), link_scale,
                                 lean_px, calib.k, start)
         with views.stopwatch.phase("solve"):
@@ -3489,7 +3522,7 @@ def prepare(settings: Settings, dataset: Dataset, out: Path, checkpoint: Checkpo
         if rec is None:
             views = build_views(settings, build_backend(settings), out, stopwatch)
             probes = train_probes(Linker(views, settings), dataset, settings)
-            choice, views = choose_backend(settings, probes, views, dataset.map_path, map_gray, out, guess, log)
+            choice, views, _ = choose_backend(settings, probes, views, dataset.map_path, map_gray, out, guess, log)
             checkpoint.put("choice", 0, {"preset": choice.preset, "tried": [list(t) for t in choice.tried]})
         else:
             choice = BackendChoice(rec["preset"], tuple(tuple(t) for t in rec["tried"]))
@@ -3649,7 +3682,6 @@ def run_pipeline(settings: Settings, data: Path, out: Path, validate: bool, test
 
 SOURCE_COLOURS = {Source.MAP.value: "tab:green", Source.RELOCALIZED.value: "tab:orange",
                   Source.CORRELATED.value: "tab:olive",
-
                   Source.CHAIN.value: "tab:blue", Source.INTERPOLATED.value: "tab:red",
                   Source.UNMATCHED.value: "tab:purple"}
 
@@ -3726,19 +3758,19 @@ def plot_matches(map_gray: np.ndarray, query: np.ndarray, attempt: Attempt, est:
         ax[1].plot(*truth, "yo", ms=8, label="truth")
     ax[1].legend(fontsize=7)
     fig.suptitle(f"frame {est.id}: {attempt.matches} matches, {attempt.inliers} inliers, map turned "
-                 f"{attempt.orientation} deg, source {est.source.value}")
+                 f"view turned {attempt.turn} deg, source {est.source.value}")
     save_figure(fig, path)
 
 
 def report_frame(search: Search, dataset: Dataset, fid: int, out: Path, prior=None, heading: float | None = None) -> Path:
-    """Re-run one frame's map match near its prior (its truth for a train frame), at the orientations
-    its heading calls for (all four without one), and draw it."""
+    """Re-run one frame's map match near its prior (its truth for a train frame), at the turns its
+    heading calls for (all four without one), and draw it."""
     f = dataset.frames[fid]
     centre = prior or f.truth or search.engine.map_centre
     est, attempt = search.find(f, centre, search.s.search.search_radius, heading, widen=False)
     path = out / "report" / f"matches_{fid}.png"
     if attempt.pairs and len(attempt.pairs[0]):
-        query, _ = search.engine.views.image(f, search.scale(f), 0, Stopwatch())
+        query, _ = search.engine.views.image(f, search.scale(f), attempt.turn, Stopwatch())
         plot_matches(search.engine.map_gray, query, attempt, est, path, f.truth)
     return path
 
@@ -4372,7 +4404,7 @@ class LocateQuery:
 def locate(settings: Settings, query: LocateQuery, out: Path, log=print) -> dict:
     """One frame near a prior, through the same backend choice and Search.find as submit. Its height is
     --altitude/--map-gsd or --scale, else the calibration of an earlier run in `out`, else a sweep of
-    candidate heights at the prior; its heading --yaw, else every orientation."""
+    candidate heights at the prior; its heading --yaw, else every turn."""
     for path, what in ((query.frame, "frame image"), (query.map, "map image")):
         if not Path(path).is_file():
             raise DataError(f"{path}: {what} not found")
@@ -4400,16 +4432,19 @@ def locate(settings: Settings, query: LocateQuery, out: Path, log=print) -> dict
     stopwatch = Stopwatch()
     probe = Probe(frame, query.prior, radius, query.yaw, height.k if height else None, None)
     views = build_views(settings, build_backend(settings), out, stopwatch)
-    choice, views = choose_backend(settings, [probe], views, map_path, map_gray, out, guess, log)
+    choice, views, (found,) = choose_backend(settings, [probe], views, map_path, map_gray, out, guess, log)
     if choice.preset:
         settings = settings.with_preset(choice.preset)
     if height is None:
-        swept = sweep_height(build_engine(settings, map_path, map_gray, out, guess, [frame], views, quiet), settings,
-                             [probe], guess)
-        height = swept or Height(guess, 0.0, HeightSource.GUESS)
+        height = Height(shown_height(found, frame), 0.0, HeightSource.SWEEP) if found is not None else \
+            Height(guess, 0.0, HeightSource.GUESS)
     engine = build_engine(settings, map_path, map_gray, out, height.k, [frame], views, log)
     search = Search(engine, settings, Calibration.seed(height.k, lean, lean_source))
-    est, _ = search.find(frame, query.prior, radius, query.yaw, widen=False)
+    if found is not None:          # the backend choice's own match of this frame at the prior
+        x, y = search.truth_xy(frame, found.H, found.inliers)
+        est = dataclasses.replace(found, x=x, y=y)
+    else:
+        est = Estimate(frame.id, *query.prior, Source.UNMATCHED, error="no keypoint match near the prior")
     if est.H is None and settings.correlation.enabled:
         # keypoints found nothing at the prior: at the known height, a correlation over the prior's radius
         n = settings.correlation.headings
@@ -4418,16 +4453,11 @@ def locate(settings: Settings, query: LocateQuery, out: Path, log=print) -> dict
         est = fix if fix.H is not None else dataclasses.replace(est, error=f"{est.error}; {fix.error}".lstrip("; "),
                                                                 peak_ratio=fix.peak_ratio)
     if est.H is None:
-        # the whole frame may cost search.budget_frames x one window at one orientation (what a frame of a
-        # flight, its heading known, costs), what it has spent included
-        cfg = settings.search
-        typical = est.runtime / len(orientations_for(query.yaw))
-        budget = max(cfg.budget_min_s, cfg.budget_frames * typical - (time.perf_counter() - t_start))
-        est, _ = search.find(frame, query.prior, radius, query.yaw, budget_s=budget)
+        # a last, bounded look beyond the prior's radius: a widening search of search.budget_min_s
+        est, _ = search.find(frame, query.prior, radius, query.yaw, budget_s=settings.search.budget_min_s)
     return {"x": round(est.x, 3), "y": round(est.y, 3), "inliers": est.inliers, "matches": est.matches,
-            "orientation": est.orientation, "source": est.source.value, "matched": est.H is not None,
+            "turn": est.turn, "source": est.source.value, "matched": est.H is not None,
             "peak_ratio": None if est.peak_ratio is None else round(est.peak_ratio, 3),
-
             "height_k": round(height.k, 1), "scale": round(search.calib.expected_scale(frame), 5),
             "height_from": height.source.value, "lean": [round(v, 4) for v in lean], "lean_from": lean_source.value,
             "backend": settings.features.backend, "map_level": engine.map_features.level,

@@ -41,6 +41,20 @@ def test_a_view_turned_upright_points_its_x_axis_nearest_map_x(heading):
     assert abs(yaw) <= 45 + 1e-9 and U.upright_turn(heading) in (0, 90, 180, 270)
 
 
+@pytest.mark.parametrize("heading, n", [(0.0, 1), (100.0, 1), (-170.0, 1), (44.0, 2), (-130.0, 2), (260.0, 1)])
+def test_the_turns_tried_against_the_map_start_upright_and_add_the_next_near_halfway(heading, n):
+    """The map is matched north up: the frame's view is turned upright first, and where its heading lies
+    within 15 degrees of halfway between two quarter turns, by the other one too; without a heading, all."""
+    c, s = np.cos(np.radians(heading)), np.sin(np.radians(heading))
+    to_map = np.array([[c, -s, 500.0], [s, c, 300.0], [0, 0, 1]])
+    turns = U.turns_for(heading)
+    assert turns[0] == U.upright_turn(heading) and len(turns) == n
+    for t in turns:
+        yaw = U.homography_yaw(to_map @ np.linalg.inv(U.rotation_h(t, 640, 480)[0]), (100.0, 200.0))
+        assert abs(yaw) <= (30 if n == 1 else 60) + 1e-9, (t, yaw)
+    assert sorted(U.turns_for(None)) == [0, 90, 180, 270]
+
+
 def test_jacobian_yaw_scale_of_known_similarity():
     a, s = np.deg2rad(35), 0.4
     H = np.array([[s * np.cos(a), -s * np.sin(a), 100], [s * np.sin(a), s * np.cos(a), 50], [0, 0, 1]])

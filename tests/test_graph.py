@@ -137,7 +137,6 @@ def test_a_correlation_fix_places_a_position_and_leaves_heading_and_scale_to_the
 
 
 def test_one_truth_leaves_the_heading_free_and_the_frames_unplaced(gtsam):
-
     poses = lawnmower(legs=1)
     p, _ = problem(poses, [3], chain_links(sorted(poses)))
     sol = U.solve_flight(p, graph_cfg(), gtsam)

@@ -128,7 +128,7 @@ def test_the_backend_choice_falls_back_only_when_the_backend_registers_too_few(d
     probes = U.train_probes(U.Linker(views, s), ds, s)
     map_gray = U.read_image(ds.map_path)
     guess = U.footprint_guess((map_gray.shape[1], map_gray.shape[0]), ds.frames[ds.train_ids[0]], s.height)
-    choice, chosen_views = U.choose_backend(s, probes, views, ds.map_path, map_gray, tmp_path, guess, log=U.quiet)
+    choice, chosen_views, _ = U.choose_backend(s, probes, views, ds.map_path, map_gray, tmp_path, guess, log=U.quiet)
     assert choice.preset == chosen
     assert chosen_views.backend.name == ("disk" if chosen else "sift")
     tried = {t[1]: t[2] for t in choice.tried}

@@ -1,0 +1,71 @@
+"""The correlation fix: a frame whose heading and scale are known, rendered from the map by an exact
+similarity and given another season's look, is found by its dense descriptors alone; a window that does
+not hold it gives no fix."""
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+
+import uavloc as U
+from conftest import backends_param
+
+TRUTH = (930.0, 660.0)          # map px of the frame's centre (its truth point: the camera looks straight down)
+HEADING, SCALE, FOCAL = 35.0, 1.25, 600.0
+SIZE = (640, 480)
+
+
+def autumn(img: np.ndarray) -> np.ndarray:
+    """Another season: hue turned, darker, contrast lower, noise."""
+    hsv = cv2.cvtColor(img, cv2.COLOR_BGR2HSV).astype(np.float32)
+    hsv[..., 0] = (hsv[..., 0] + 14) % 180
+    out = cv2.cvtColor(np.clip(hsv, 0, 255).astype(np.uint8), cv2.COLOR_HSV2BGR).astype(np.float32)
+    rng = np.random.default_rng(1)
+    return np.clip(0.7 * out + 25 + rng.normal(0, 5, out.shape), 0, 255).astype(np.uint8)
+
+
+@pytest.fixture(scope="module", params=backends_param("aliked", "disk"))
+def scene(request, tmp_path_factory):
+    """The demo generator's map; a frame whose px u lands at TRUTH + SCALE R(HEADING) (u - centre)."""
+    tmp = tmp_path_factory.mktemp(f"corr-{request.param}")
+    world = U.synthetic_map(2400, 1800, 11)
+    cv2.imwrite(str(tmp / "map.png"), world)
+    a = np.radians(HEADING)
+    c = ((SIZE[0] - 1) / 2, (SIZE[1] - 1) / 2)
+    to_map = U.translate_h(*TRUTH) @ np.array([[SCALE * np.cos(a), -SCALE * np.sin(a), 0],
+                                               [SCALE * np.sin(a), SCALE * np.cos(a), 0], [0, 0, 1]]) @ U.translate_h(-c[0], -c[1])
+    img = cv2.warpPerspective(world, to_map, SIZE, flags=cv2.INTER_LINEAR | cv2.WARP_INVERSE_MAP)
+    cv2.imwrite(str(tmp / "frame.JPG"), autumn(img), [cv2.IMWRITE_JPEG_QUALITY, 92])
+    frame = U.Frame(1, tmp / "frame.JPG", *SIZE, FOCAL, FOCAL, *c, "test")
+    s = U.load_settings(overrides=[f"features.backend={request.param}"])
+    views = U.build_views(s, U.build_backend(s), tmp, U.Stopwatch())
+    engine = U.build_engine(s, tmp / "map.png", U.read_image(tmp / "map.png"), tmp, SCALE * FOCAL, [frame], views,
+                            log=U.quiet)
+    return U.Search(engine, s, U.Calibration.seed(SCALE * FOCAL, (0.0, 0.0))), frame
+
+
+def test_a_frame_at_a_known_heading_and_scale_is_found_by_correlation(scene):
+    """The prior 140 px off, radius 250: the peak lands within two descriptor px (5 map px)."""
+    search, frame = scene
+    est = search.correlate(frame, (TRUTH[0] + 120, TRUTH[1] - 70), [HEADING], SCALE, 250.0)
+    assert est.source is U.Source.CORRELATED, est.error
+    assert np.hypot(est.x - TRUTH[0], est.y - TRUTH[1]) < 5.0
+    assert est.peak_ratio >= search.s.correlation.min_ratio
+    xy, scale, heading = U.similarity(est.H, frame.principal_point)
+    assert abs(U.angle_diff(heading, HEADING)) < 0.5 and abs(scale / SCALE - 1) < 0.01
+
+
+def test_without_a_heading_the_headings_are_searched(scene):
+    search, frame = scene
+    est = search.correlate(frame, (TRUTH[0] - 100, TRUTH[1] + 90), list(np.arange(0.0, 360.0, 15.0)), SCALE, 250.0)
+    assert est.source is U.Source.CORRELATED, est.error
+    assert np.hypot(est.x - TRUTH[0], est.y - TRUTH[1]) < 15.0     # the nearest heading tried is 5 degrees off
+    assert abs(U.angle_diff(U.homography_yaw(est.H, frame.principal_point), HEADING)) <= 7.5
+
+
+def test_a_window_that_does_not_hold_the_frame_gives_no_fix(scene):
+    """The truth 600 px outside the radius: every peak is chance, none stands out."""
+    search, frame = scene
+    est = search.correlate(frame, (TRUTH[0] + 700, TRUTH[1] + 150), [HEADING], SCALE, 120.0)
+    assert est.H is None and est.source is U.Source.UNMATCHED
+    assert "x the next" in est.error and est.peak_ratio < search.s.correlation.min_ratio
