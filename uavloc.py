@@ -4430,8 +4430,21 @@ def locate(settings: Settings, query: LocateQuery, out: Path, log=print) -> dict
         lean, lean_source = tuple(settings.truth.default_lean), LeanSource.DEFAULT
     radius = query.radius if query.radius is not None else settings.search.search_radius
     stopwatch = Stopwatch()
-    probe = Probe(frame, query.prior, radius, query.yaw, height.k if height else None, None)
     views = build_views(settings, build_backend(settings), out, stopwatch)
+    probe = Probe(frame, query.prior, radius, query.yaw, height.k if height else None, None)
+    corr = None
+    if height is not None and settings.correlation.enabled:
+        # the correlation fix first: no keypoint need survive the season, and without --yaw it finds the
+        # heading, so the keypoint searches after it look at one turn in a small window, not four in the radius
+        n = settings.correlation.headings
+        headings = [query.yaw] if query.yaw is not None else [360.0 * j / n for j in range(n)]
+        engine = build_engine(settings, map_path, map_gray, out, height.k, [frame], views, quiet)
+        corr = Search(engine, settings, Calibration.seed(height.k, lean, lean_source)).correlate(
+            frame, query.prior, headings, height.k / frame.focal, radius)
+        if corr.H is not None:
+            centre = project(corr.H, [frame.principal_point])[0]
+            probe = Probe(frame, (float(centre[0]), float(centre[1])), settings.search.search_radius,
+                          homography_yaw(corr.H, frame.principal_point), height.k, None)
     choice, views, (found,) = choose_backend(settings, [probe], views, map_path, map_gray, out, guess, log)
     if choice.preset:
         settings = settings.with_preset(choice.preset)
@@ -4440,18 +4453,14 @@ def locate(settings: Settings, query: LocateQuery, out: Path, log=print) -> dict
             Height(guess, 0.0, HeightSource.GUESS)
     engine = build_engine(settings, map_path, map_gray, out, height.k, [frame], views, log)
     search = Search(engine, settings, Calibration.seed(height.k, lean, lean_source))
-    if found is not None:          # the backend choice's own match of this frame at the prior
+    if found is not None:          # the backend choice's own keypoint match of this frame
         x, y = search.truth_xy(frame, found.H, found.inliers)
-        est = dataclasses.replace(found, x=x, y=y)
+        est = dataclasses.replace(found, x=x, y=y, peak_ratio=corr.peak_ratio if corr is not None else None)
+    elif corr is not None and corr.H is not None:
+        est = corr
     else:
-        est = Estimate(frame.id, *query.prior, Source.UNMATCHED, error="no keypoint match near the prior")
-    if est.H is None and settings.correlation.enabled:
-        # keypoints found nothing at the prior: at the known height, a correlation over the prior's radius
-        n = settings.correlation.headings
-        headings = [query.yaw] if query.yaw is not None else [360.0 * j / n for j in range(n)]
-        fix = search.correlate(frame, query.prior, headings, search.calib.expected_scale(frame), radius)
-        est = fix if fix.H is not None else dataclasses.replace(est, error=f"{est.error}; {fix.error}".lstrip("; "),
-                                                                peak_ratio=fix.peak_ratio)
+        est = Estimate(frame.id, *query.prior, Source.UNMATCHED, peak_ratio=corr.peak_ratio if corr else None,
+                       error="; ".join(["no keypoint match near the prior"] + ([corr.error] if corr else [])))
     if est.H is None:
         # a last, bounded look beyond the prior's radius: a widening search of search.budget_min_s
         est, _ = search.find(frame, query.prior, radius, query.yaw, budget_s=settings.search.budget_min_s)
