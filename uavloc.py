@@ -130,6 +130,7 @@ class Stopwatch:
     def __init__(self):
         self.seconds: dict[str, float] = {}
         self.passes: dict[str, Counter] = {}
+        self.peak_gib: dict[str, float] = {}         # the process's peak RSS when each phase last ended
         self.stack: list[tuple[str, float]] = []
 
     def tick(self, name: str, t0: float) -> float:
@@ -148,6 +149,7 @@ class Stopwatch:
         finally:
             _, t0 = self.stack.pop()
             t = self.tick(name, t0)
+            self.peak_gib[name] = peak_rss_gib()
             if self.stack:
                 self.stack[-1] = (self.stack[-1][0], t)
 
@@ -155,6 +157,12 @@ class Stopwatch:
         """One network pass ("extract" or "match") for the phase that is running."""
         name = self.stack[-1][0] if self.stack else "other"
         self.passes.setdefault(name, Counter())[kind] += 1
+
+
+def peak_rss_gib() -> float:
+    """The process's peak resident memory so far (Linux reports KiB)."""
+    import resource
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
 
 
 class Progress:
@@ -4313,8 +4321,8 @@ BENCH_PHASES = ("backend choice", "links", "height", "map features", "solve", "r
 
 def bench(settings: Settings, data: Path, out: Path, solution: Path | None = None, log=print) -> dict:
     """Submit with no checkpoint replay; then per test frame the mean and p95 seconds of each stage, and
-    the run split into its phases: seconds and network passes (extractions, matches) of each."""
-    import resource
+    the run split into its phases: seconds, network passes (extractions, matches, correlations) and the
+    process's peak memory when each ended."""
     t0 = time.perf_counter()
     r = run_and_report(settings, data, out, settings.run.validate, checkpoints=False, log=log)
     wall = time.perf_counter() - t0
@@ -4326,13 +4334,13 @@ def bench(settings: Settings, data: Path, out: Path, solution: Path | None = Non
     for name in [c for c in ("decode", "preprocess", "extract", "match", "geometry") if c in stages] + ["total"]:
         log(f"{name:<12}{stages[name].mean():9.3f}{stages[name].quantile(0.95):9.3f}")
     sw = r.stopwatch
-    log(f"{'phase':<16}{'seconds':>9}{'extract':>9}{'match':>8}")
+    log(f"{'phase':<16}{'seconds':>9}{'extract':>9}{'match':>8}{'correlate':>10}{'peak GiB':>10}")
     for name in [*BENCH_PHASES, *sorted(set(sw.seconds) - set(BENCH_PHASES))]:
         if name in sw.seconds:
             n = sw.passes.get(name, Counter())
-            log(f"{name:<16}{sw.seconds[name]:9.1f}{n['extract']:9d}{n['match']:8d}")
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
-    line = f"wall {wall:.1f} s; peak memory {peak:.2f} GiB (process RSS)"
+            log(f"{name:<16}{sw.seconds[name]:9.1f}{n['extract']:9d}{n['match']:8d}{n['correlate']:10d}"
+                f"{sw.peak_gib.get(name, 0.0):10.2f}")
+    line = f"wall {wall:.1f} s; peak memory {peak_rss_gib():.2f} GiB (process RSS)"
     if backend.device_name.startswith("cuda"):
         import torch
         line += f", {torch.cuda.max_memory_allocated() / 2**30:.2f} GiB on the GPU"
