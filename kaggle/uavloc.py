@@ -16,7 +16,8 @@ Glossary (one name per concept):
   view         a frame decoded at its working size (preprocess.max_side), maybe turned by 90-degree
                steps, with its features; views are cached in memory and on disk; a frame's upright
                view is turned so that its heading lies nearest north (links across legs meet there)
-  orientation  the map turned by 0, 90, 180 or 270 degrees so a frame is matched as it was shot
+  turn         a view turned by 0, 90, 180 or 270 degrees (exact): the map is matched north up, a frame
+               turned nearest north up (its upright view); links across a leg's end meet at a turn too
   height k     map px x focal length / image px (= altitude / map GSD); scale: map px per image px = k / f
   heading      the direction (degrees) a frame's image x-axis points to on the map
   truth point  the image point whose map position is the GPS truth (the camera's nadir); the
@@ -69,7 +70,7 @@ ROOT = MODULE_FILE.parent
 DEFAULT_SETTINGS = ROOT / "settings.toml"
 # The Kaggle kernel is this file with settings.toml written into the next line by --mode kaggle-sync
 # (a script kernel uploads one file); None here, where settings.toml sits beside the module.
-EMBEDDED_SETTINGS = '# uavloc settings: every default lives here.\n# Override with `--settings FILE` (a TOML file with any subset of these keys),\n# `--preset NAME` (a [presets.NAME] table below) and `--set section.key=value` (repeatable).\n# Order: this file < --settings < --preset < --set.\n\n[run]\ndata = "build/demo/data"     # competition layout: map.png, train_data/, test_data/\nout = "build"                # every output goes under here\nweights_dir = "weights"      # overridden by $UAVLOC_WEIGHTS and by --weights\nfetch_backends = ["aliked", "xfeat"]   # --mode weights fetches these backends\' files, features.backend\'s and\n                             # (best effort) the fallback preset\'s\nwheels_dir = "wheels"        # kornia and gtsam wheels installed offline (pip --no-index) where they are missing\ndevice = "auto"              # auto (CUDA when present) | cpu | cuda\nthreads = 0                  # torch CPU threads; 0 = all cores\nstrict = false               # stop at the first frame that raises, instead of recording it (--strict)\nfresh = false                # ignore the finished frames of an earlier run (--fresh)\nresume = true                # replay finished frames of an interrupted run with the same data and settings\nvalidate = true              # submit also scores a block validation split of the train frames\nfeature_cache = true         # keep views, links and map tiles on disk under <out>/cache/\nprefetch = true              # decode the next frame in a background thread while this one is matched\n\n[split]\n# Validation mimics the test layout: blocks of consecutive train ids are hidden.\nval_fraction = 0.25\nblock_min = 2\nblock_max = 6\nseed = 0\n\n[preprocess]\nmax_side = 448               # a frame\'s working size: its longer side in px (never upsampled), for links\n                             # and map matches alike; the map is matched at the level that meets it. The\n                             # trade of time for precision: ALIKED\'s cost grows with the pixels (twoflights\n                             # cold: 448 px 19.6 min, median 3.8 px; 512 px 21.3 min, 2.6 px)\nedge_blend = false           # the seed\'s Canny edge blend of gray and edges (helps on edge-poor, strongly\ncanny_low = 50               # textured seasons only; off: it costs matches at the true scale)\ncanny_high = 150\nedge_kernel = 3\ngray_weight = 0.70\nedge_weight = 0.30\nclahe_clip = 0.0             # CLAHE contrast normalisation of map and frames alike (0: off); tiles are\n                             # 1/8 of a frame\'s width, on the map 1/8 of its footprint\n\n[features]\nbackend = "aliked"           # aliked | xfeat | disk | superpoint | sift\nmax_keypoints = 1024         # per view\nmap_level = 0.0              # resolution the map is matched at, as a fraction of map.png; 0: from the\n                             # data, so that the map meets a frame\'s view at its own detail (never above 1)\nmap_level_min = 0.25         # ... and never below this\nfallback = "real"            # when the backend registers fewer than fallback_below of the probes (train\nfallback_below = 0.5         # frames at their truths; real autumn frames vs a summer map), this preset\n                             # is tried on them and the run goes on with it where it registers more\n                             # ("" = never). Chosen once per data set, before the links and the height\nmap_tile = 768               # map features are extracted in tiles of this side, as windows need them\nmap_tile_pad = 32            # context around each tile; only keypoints of its core are kept\nmap_keypoints_per_tile = 1536\nmax_map_keypoints = 1536     # map keypoints handed to the matcher for one search window\nmatch_threshold = 0.1        # LightGlue match confidence (SIFT: Lowe ratio is sift_ratio)\nsift_ratio = 0.85\nhalf_precision = true        # on CUDA only\nquery_scale_step = 1.044     # view scales snap to powers of this, so features are reused across runs\n\n[geometry]\nransac_threshold = 3.0       # MAGSAC threshold in view px\nransac_confidence = 0.999\nransac_max_iters = 5000\nmin_inliers = 12             # a map match with fewer inliers is rejected\nmax_anisotropy = 1.4         # ratio of the homography\'s singular values at the frame centre\nscale_low = 0.67             # a match\'s scale must lie in [low, high] x the expected scale (links: x the\nscale_high = 1.5             # ratio of the two frames\' focal lengths)\n\n[links]\n# Frames of a flight matched to each other: same season and sensor, 50-90% overlap.\nkeypoints = 512              # the strongest keypoints of each view a frame-to-frame match uses\nmin_inliers = 40             # a link needs this many inliers\nmax_shift = 0.5              # link a frame to the next ones while they moved at most this fraction of the\n                             # frame\'s shorter side (the next id is always tried)\ncross = 2                    # links to frames of other legs: this many nearest, at most one per leg ...\ncross_reach = 0.4            # ... whose positions lie within this fraction of a footprint\'s diagonal\n\n[height]\n# The height k (map px x fx / image px = altitude / map GSD) from consecutive train frames matched to\n# each other (no season gap): their image displacement against the distance between their truths.\npair_min_inliers = 30        # a pair needs this many inliers ...\npair_max_yaw = 20.0          # ... and turns by at most this many degrees (a straight leg)\nprobes = 4                   # train frames the backend choice registers at their truths (and the sweep)\nfootprint_guess = 0.125      # without frame pairs or a given height: a frame spans this fraction of the\nsweep_low = 0.25             # map\'s smaller side, and the sweep tries heights from low to high x that\nsweep_high = 4.0\nsweep_steps = 9\n\n[truth]\n# The GPS truth is the camera\'s nadir; the camera leans, so it is not the principal point.\nmode = "auto"                # fixed: one lean fitted to the registered train frames\' truths | pose: per\n                             # frame, the nadir from its homography and intrinsics | auto: pose where it\n                             # predicts the registered truths better\nmin_frames = 3               # fewer registered train frames than this: the lean below (or the flight\'s)\npose_clip = 1.0              # a frame\'s nadir lean is kept within this many spreads of the train frames\'\npose_min_inliers = 50        # ... and taken only from a map match of this many inliers (fewer do not pin\n                             # the homography\'s perspective down): the one lean otherwise\noutlier_px = 100.0           # a registered train frame whose truth lies further than this from its match\'s\n                             # truth point is reported and left out of the fits (a wrong GPS row)\ndefault_lean = [0.0, 0.06]   # (x, y) of the truth point from the principal point, x focal length (a 3.4\n                             # degree forward lean puts the image centre 0.06 f ahead of the nadir)\nlean_spread = 0.015          # the leans\' frame-to-frame spread (gimbal jitter of about a degree) where the\n                             # registered train frames do not tell it: a truth point is that unsure\ncarry_sigma = 0.002          # a lean carried by a link from the frame before it (the plane\'s homography\n                             # gives the cameras\' relative tilt) is this much more unsure\nlean_range = 0.06            # without registrations, where train frames of opposite headings are linked,\nlean_step = 0.01             # the lean is searched within default +- range\n\n[search]\nstrong_inliers = 50          # a match this strong ends the search over orientations and windows\nsearch_radius = 80.0         # map px around a train frame\'s truth when it is registered\nsigma_radius = 3.0           # a placed frame\'s window: this many of its 1-sigma ...\nmin_radius = 40.0            # ... at least this ...\nmax_radius = 1200.0          # ... at most this\nplaced_sigma_px = 150.0      # a frame the graph places within this 1-sigma is looked for there only\ncrop_factor = 1.5            # a window spans a footprint\'s diagonal x this, plus the radius\nvirtual_zoom = 1.0           # view scale relative to the map level (< 1 zooms out)\nrelocalize = true            # a frame the graph cannot place is searched in widening stages\nrelocalize_growth = 2.5\nrelocalize_levels = 2        # widenings around the prior before the known area, then the whole map\nbudget_frames = 8.0          # a widening search stops after this many times the median frame\'s time\nbudget_min_s = 3.0           # (the train frames\' registration), and never before this many seconds\nregister_frames = 0          # train frames registered at their truths, spread over the flights (0: all):\n                             # each registered one has its own nadir (its tilt), which the graph needs:\n                             # a train truth at an unregistered frame is a lean\'s spread x k unsure\nblind_after = 12             # registration stops when none of the first this many train frames matches:\n                             # the map matches nothing, and no frame is looked for on it\n\n# The flight as a pose graph (GTSAM): one pose per frame (truth point, heading, scale); links between\n# frames; train truths as position priors; map fixes as robust priors; the height as a scale prior.\n[graph]\ntruth_sigma_px = 1.0         # a train truth\'s error (map px)\nfix_sigma_px = 8.0           # a map fix\'s position error (map px) ...\nfix_sigma_deg = 2.0          # ... heading error ...\nfix_sigma_scale = 0.03       # ... and scale error (log)\nlink_sigma_px = 1.0          # a link\'s matching error (view px) at 100 inliers; fewer inliers weigh less\nlink_sigma_relative = 0.01   # ... plus this fraction of the displacement it carries (the perspective a\n                             # linear model of the homography leaves out)\nlink_sigma_deg = 0.3         # a link\'s heading error ...\nlink_sigma_scale = 0.005     # ... and scale error (log)\nheight_sigma = 0.2           # the height k / f as a weak prior on every frame\'s scale (log)\nfix_outlier_px = 75.0        # a fix further than this from the solved position is rejected\nrounds = 2                   # reject far fixes, look again at frames the solve moved, solve again\nrematch_px = 30.0            # a frame without a fix is looked for again when the solve moved it this far\n\n[report]\nworst_frames = 4             # matches_<id>.png for this many worst validation frames\nenabled = true\n\n[tune]\ntrials = 30\nstudy = "uavloc"\nstorage = ""                 # default: sqlite under <out>/tune/; postgresql://..., journal:PATH (--storage)\nheartbeat_s = 60             # RDB storages: a trial without a heartbeat for 3x this is failed by other workers\napply = false                # also write <out>/settings_tuned.toml (--apply)\nsampler_seed = 0\nholdout_fraction = 0.2       # train frames the study never sees\npruner_p = 0.1               # WilcoxonPruner p-threshold: prune a trial clearly worse than the best\ntie_break = 0.01             # objective = score - this x mean error px: breaks ties, never outweighs a threshold\n\n# Search space: one table per parameter; `low`/`high` (log = true for log-uniform) or `choices`.\n[tune.space."features.match_threshold"]\nlow = 0.02\nhigh = 0.4\nlog = true\n[tune.space."geometry.ransac_threshold"]\nlow = 1.0\nhigh = 8.0\nlog = true\n[tune.space."geometry.min_inliers"]\nlow = 8\nhigh = 40\n[tune.space."geometry.scale_low"]\nlow = 0.4\nhigh = 0.9\n[tune.space."geometry.scale_high"]\nlow = 1.1\nhigh = 2.5\n[tune.space."search.crop_factor"]\nlow = 1.1\nhigh = 2.5\n[tune.space."search.sigma_radius"]\nlow = 1.5\nhigh = 6.0\n[tune.space."search.virtual_zoom"]\nlow = 0.8\nhigh = 1.25\n[tune.space."graph.fix_sigma_px"]\nlow = 3.0\nhigh = 20.0\nlog = true\n[tune.space."graph.fix_outlier_px"]\nlow = 30.0\nhigh = 150.0\nlog = true\n[tune.space."preprocess.edge_blend"]\nchoices = [false, true]\n# The backend and the keypoint budget are tunable too; each distinct value extracts the views and the\n# map\'s tiles again, so a study over them costs a full run per value. Uncomment to include them:\n# [tune.space."features.backend"]\n# choices = ["aliked", "xfeat"]\n# [tune.space."features.max_keypoints"]\n# choices = [512, 1024, 2048]\n\n[kaggle]\nroot = "/kaggle"             # a Kaggle kernel is detected by <root>/input ($UAVLOC_KAGGLE_ROOT overrides)\nkernel_id = "your-kaggle-username/uavloc-submit"\nkernel_title = "uavloc submit"\ncompetition = "gnss-denied-localization"\nweights_dataset = "your-kaggle-username/uavloc-weights"\nwheels_dataset = "your-kaggle-username/uavloc-wheels"\npython_version = "3.11"      # Kaggle\'s Python, for the wheels dataset\nwheels = ["kornia==0.9.0", "kornia_rs==0.2.0", "gtsam==4.3.0"]   # what Kaggle\'s image lacks\n\n# Real autumn frames against a summer map (measured on bench/real5): DISK + LightGlue keeps several\n# times ALIKED\'s inliers there, and CLAHE evens out the seasons\' contrast. features.fallback tries it.\n[presets.real]\n"features.backend" = "disk"\n"preprocess.clahe_clip" = 2.0\n"preprocess.max_side" = 640             # across seasons every match counts: the detail and map keypoints\n"features.max_map_keypoints" = 2048     # the simulated flights do without (real5: 3/4 registered at 448)\n\n# XFeat + LighterGlue (frames and map at twice the detail: XFeat detects on a coarser grid)\n[presets.fast]\n"features.backend" = "xfeat"\n'
+EMBEDDED_SETTINGS = '# uavloc settings: every default lives here.\n# Override with `--settings FILE` (a TOML file with any subset of these keys),\n# `--preset NAME` (a [presets.NAME] table below) and `--set section.key=value` (repeatable).\n# Order: this file < --settings < --preset < --set.\n\n[run]\ndata = "build/demo/data"     # competition layout: map.png, train_data/, test_data/\nout = "build"                # every output goes under here\nweights_dir = "weights"      # overridden by $UAVLOC_WEIGHTS and by --weights\nfetch_backends = ["aliked", "xfeat"]   # --mode weights fetches these backends\' files, features.backend\'s and\n                             # (best effort) the fallback preset\'s\nwheels_dir = "wheels"        # kornia and gtsam wheels installed offline (pip --no-index) where they are missing\ndevice = "auto"              # auto (CUDA when present) | cpu | cuda\nthreads = 0                  # torch CPU threads; 0 = all cores\nstrict = false               # stop at the first frame that raises, instead of recording it (--strict)\nfresh = false                # ignore the finished frames of an earlier run (--fresh)\nresume = true                # replay finished frames of an interrupted run with the same data and settings\nvalidate = true              # submit also scores a block validation split of the train frames\nfeature_cache = true         # keep views, links and map tiles on disk under <out>/cache/\nprefetch = true              # decode the next frame in a background thread while this one is matched\n\n[split]\n# Validation mimics the test layout: blocks of consecutive train ids are hidden.\nval_fraction = 0.25\nblock_min = 2\nblock_max = 6\nseed = 0\n\n[preprocess]\nmax_side = 448               # a frame\'s working size: its longer side in px (never upsampled), for links\n                             # and map matches alike; the map is matched at the level that meets it. The\n                             # trade of time for precision: ALIKED\'s cost grows with the pixels (twoflights\n                             # cold: 448 px 19.6 min, median 3.8 px; 512 px 21.3 min, 2.6 px)\nedge_blend = false           # the seed\'s Canny edge blend of gray and edges (helps on edge-poor, strongly\ncanny_low = 50               # textured seasons only; off: it costs matches at the true scale)\ncanny_high = 150\nedge_kernel = 3\ngray_weight = 0.70\nedge_weight = 0.30\nclahe_clip = 0.0             # CLAHE contrast normalisation of map and frames alike (0: off); tiles are\n                             # 1/8 of a frame\'s width, on the map 1/8 of its footprint\n\n[features]\nbackend = "aliked"           # aliked | xfeat | disk | superpoint | sift\nmax_keypoints = 1024         # per view\nmap_level = 0.0              # resolution the map is matched at, as a fraction of map.png; 0: from the\n                             # data, so that the map meets a frame\'s view at its own detail (never above 1)\nmap_level_min = 0.25         # ... and never below this\nfallback = "real"            # when the backend registers fewer than fallback_below of the probes (train\nfallback_below = 0.5         # frames at their truths; real autumn frames vs a summer map), this preset\n                             # is tried on them and the run goes on with it where it registers more\n                             # ("" = never). Chosen once per data set, before the links and the height\nmap_tile = 768               # map features are extracted in tiles of this side, as windows need them\nmap_tile_pad = 32            # context around each tile; only keypoints of its core are kept\nmap_keypoints_per_tile = 1536\nmax_map_keypoints = 1024     # map keypoints handed to the matcher for one search window (a window spans\n                             # about 2x a footprint at crop_factor 1.2: 1536 cost a third more per match)\nmatch_threshold = 0.1        # LightGlue match confidence (SIFT: Lowe ratio is sift_ratio)\nsift_ratio = 0.85\nhalf_precision = true        # on CUDA only\nquery_scale_step = 1.044     # view scales snap to powers of this, so features are reused across runs\n\n[geometry]\nransac_threshold = 3.0       # MAGSAC threshold in view px\nransac_confidence = 0.999\nransac_max_iters = 5000\nmin_inliers = 12             # a map match with fewer inliers is rejected\nmax_anisotropy = 1.4         # ratio of the homography\'s singular values at the frame centre\nscale_low = 0.67             # a match\'s scale must lie in [low, high] x the expected scale (links: x the\nscale_high = 1.5             # ratio of the two frames\' focal lengths)\n\n[links]\n# Frames of a flight matched to each other: same season and sensor, 50-90% overlap.\nkeypoints = 512              # the strongest keypoints of each view a frame-to-frame match uses\nmin_inliers = 40             # a link needs this many inliers\nmax_shift = 0.35             # link a frame to the next ones while they moved at most this fraction of the\n                             # frame\'s shorter side (the next id is always tried; twoflights\' 85 px steps:\n                             # the next two, 0.5 took three for 270 more matches and no score)\ncross = 2                    # links to frames of other legs: this many nearest, at most one per leg ...\ncross_reach = 0.4            # ... whose positions lie within this fraction of a footprint\'s diagonal\n\n[height]\n# The height k (map px x fx / image px = altitude / map GSD) from consecutive train frames matched to\n# each other (no season gap): their image displacement against the distance between their truths.\npair_min_inliers = 30        # a pair needs this many inliers ...\npair_max_yaw = 20.0          # ... and turns by at most this many degrees (a straight leg)\nprobes = 4                   # train frames the backend choice registers at their truths (and the sweep)\nfootprint_guess = 0.125      # without frame pairs or a given height: a frame spans this fraction of the\nsweep_low = 0.25             # map\'s smaller side, and the sweep tries heights from low to high x that\nsweep_high = 4.0\nsweep_steps = 9\n\n[truth]\n# The GPS truth is the camera\'s nadir; the camera leans, so it is not the principal point.\nmode = "auto"                # fixed: one lean fitted to the registered train frames\' truths | pose: per\n                             # frame, the nadir from its homography and intrinsics | auto: pose where it\n                             # predicts the registered truths better\nmin_frames = 3               # fewer registered train frames than this: the lean below (or the flight\'s)\npose_clip = 1.0              # a frame\'s nadir lean is kept within this many spreads of the train frames\'\npose_min_inliers = 50        # ... and taken only from a map match of this many inliers (fewer do not pin\n                             # the homography\'s perspective down): the one lean otherwise\noutlier_px = 100.0           # a registered train frame whose truth lies further than this from its match\'s\n                             # truth point is reported and left out of the fits (a wrong GPS row)\ndefault_lean = [0.0, 0.06]   # (x, y) of the truth point from the principal point, x focal length (a 3.4\n                             # degree forward lean puts the image centre 0.06 f ahead of the nadir)\nlean_spread = 0.015          # the leans\' frame-to-frame spread (gimbal jitter of about a degree) where the\n                             # registered train frames do not tell it: a truth point is that unsure\ncarry_sigma = 0.002          # a lean carried by a link from the frame before it (the plane\'s homography\n                             # gives the cameras\' relative tilt) is this much more unsure\nlean_range = 0.06            # without registrations, where train frames of opposite headings are linked,\nlean_step = 0.01             # the lean is searched within default +- range\n\n[search]\nstrong_inliers = 50          # a match this strong ends the search over orientations and windows\nsearch_radius = 80.0         # map px around a train frame\'s truth when it is registered\nsigma_radius = 3.0           # a placed frame\'s window: this many of its 1-sigma ...\nmin_radius = 40.0            # ... at least this ...\nmax_radius = 1200.0          # ... at most this\nplaced_sigma_px = 150.0      # a frame the graph places within this 1-sigma is looked for there only\ncrop_factor = 1.2            # a window spans a footprint\'s diagonal (the footprint at any heading) x this,\n                             # plus the radius\nvirtual_zoom = 1.0           # view scale relative to the map level (< 1 zooms out)\nrelocalize = true            # a frame the graph cannot place is searched in widening stages\nrelocalize_growth = 2.5\nrelocalize_levels = 2        # widenings around the prior before the known area, then the whole map\nbudget_frames = 8.0          # a widening search stops after this many times the median frame\'s time\nbudget_min_s = 3.0           # (the train frames\' registration), and never before this many seconds\nregister_frames = 64         # train frames registered at their truths, spread over the flights (0: all):\n                             # each has its own nadir (its tilt), which the links carry to their\n                             # neighbours; twoflights: 64 of 304 score as all 304 did (100.00), 89 s sooner\nblind_after = 12             # registration stops when none of the first this many train frames matches:\n                             # the map matches nothing, and no frame is looked for on it\n\n# The correlation fix: a map fix that does not need keypoints to repeat across seasons. Where a frame\'s\n# heading and scale are known (the graph\'s pose; --altitude and --yaw in --mode locate) and its keypoints\n# found no fix, its dense descriptors, turned and scaled to the map, are correlated over the window:\n# every pixel of the footprint votes, so long shadows and autumn colours shift the peak little.\n[correlation]\nenabled = true\nbackend = "aliked"           # whose dense descriptors: ALIKED\'s keep real5\'s true and false peaks furthest\n                             # apart (ratios >= 1.47 and <= 1.29; DISK\'s 1.47 and 1.36) at 2.5x DISK\'s speed\ntemplate_px = 256            # the footprint\'s longer side in descriptor px (the map is described at that level)\ndims = 64                    # descriptors projected on the window\'s strongest directions (the FFTs\' cost)\nmin_ratio = 1.4              # a fix\'s peak stands this much above the best other peak further than exclusion_px\nexclusion_px = 30.0          # map px\nmin_overlap = 0.5            # a shift counts where at least this share of the footprint lies on the map\nheadings = 24                # --mode locate without --yaw: headings tried, evenly spaced\n\n# The flight as a pose graph (GTSAM): one pose per frame (truth point, heading, scale); links between\n# frames; train truths as position priors; map fixes as robust priors; the height as a scale prior.\n[graph]\ntruth_sigma_px = 1.0         # a train truth\'s error (map px)\nfix_sigma_px = 8.0           # a map fix\'s position error (map px) ...\nfix_sigma_deg = 2.0          # ... heading error ...\nfix_sigma_scale = 0.03       # ... and scale error (log)\ncorrelation_sigma_px = 15.0  # a correlation fix\'s position error (map px); its heading and scale are the graph\'s\nlink_sigma_px = 1.0          # a link\'s matching error (view px) at 100 inliers; fewer inliers weigh less\nlink_sigma_relative = 0.01   # ... plus this fraction of the displacement it carries (the perspective a\n                             # linear model of the homography leaves out)\nlink_sigma_deg = 0.3         # a link\'s heading error ...\nlink_sigma_scale = 0.005     # ... and scale error (log)\nheight_sigma = 0.2           # the height k / f as a weak prior on every frame\'s scale (log)\nfix_outlier_px = 75.0        # a fix further than this from the solved position is rejected\nrounds = 2                   # reject far fixes, look again at frames the solve moved, solve again\nrematch_px = 30.0            # a frame without a fix is looked for again when the solve moved it this far\n\n[report]\nworst_frames = 4             # matches_<id>.png for this many worst validation frames\nenabled = true\n\n[tune]\ntrials = 30\nstudy = "uavloc"\nstorage = ""                 # default: sqlite under <out>/tune/; postgresql://..., journal:PATH (--storage)\nheartbeat_s = 60             # RDB storages: a trial without a heartbeat for 3x this is failed by other workers\napply = false                # also write <out>/settings_tuned.toml (--apply)\nsampler_seed = 0\nholdout_fraction = 0.2       # train frames the study never sees\npruner_p = 0.1               # WilcoxonPruner p-threshold: prune a trial clearly worse than the best\ntie_break = 0.01             # objective = score - this x mean error px: breaks ties, never outweighs a threshold\n\n# Search space: one table per parameter; `low`/`high` (log = true for log-uniform) or `choices`.\n[tune.space."features.match_threshold"]\nlow = 0.02\nhigh = 0.4\nlog = true\n[tune.space."geometry.ransac_threshold"]\nlow = 1.0\nhigh = 8.0\nlog = true\n[tune.space."geometry.min_inliers"]\nlow = 8\nhigh = 40\n[tune.space."geometry.scale_low"]\nlow = 0.4\nhigh = 0.9\n[tune.space."geometry.scale_high"]\nlow = 1.1\nhigh = 2.5\n[tune.space."search.crop_factor"]\nlow = 1.1\nhigh = 2.5\n[tune.space."search.sigma_radius"]\nlow = 1.5\nhigh = 6.0\n[tune.space."search.virtual_zoom"]\nlow = 0.8\nhigh = 1.25\n[tune.space."graph.fix_sigma_px"]\nlow = 3.0\nhigh = 20.0\nlog = true\n[tune.space."graph.fix_outlier_px"]\nlow = 30.0\nhigh = 150.0\nlog = true\n[tune.space."preprocess.edge_blend"]\nchoices = [false, true]\n# The backend and the keypoint budget are tunable too; each distinct value extracts the views and the\n# map\'s tiles again, so a study over them costs a full run per value. Uncomment to include them:\n# [tune.space."features.backend"]\n# choices = ["aliked", "xfeat"]\n# [tune.space."features.max_keypoints"]\n# choices = [512, 1024, 2048]\n\n[kaggle]\nroot = "/kaggle"             # a Kaggle kernel is detected by <root>/input ($UAVLOC_KAGGLE_ROOT overrides)\nkernel_id = "your-kaggle-username/uavloc-submit"\nkernel_title = "uavloc submit"\ncompetition = "gnss-denied-localization"\nweights_dataset = "your-kaggle-username/uavloc-weights"\nwheels_dataset = "your-kaggle-username/uavloc-wheels"\npython_version = "3.11"      # Kaggle\'s Python, for the wheels dataset\nwheels = ["kornia==0.9.0", "kornia_rs==0.2.0", "gtsam==4.3.0"]   # what Kaggle\'s image lacks\n\n# Real autumn frames against a summer map (measured on bench/real5): DISK + LightGlue keeps several\n# times ALIKED\'s inliers there, and CLAHE evens out the seasons\' contrast. features.fallback tries it.\n[presets.real]\n"features.backend" = "disk"\n"preprocess.clahe_clip" = 2.0\n"preprocess.max_side" = 640             # across seasons every match counts: the detail and map keypoints\n"features.max_map_keypoints" = 2048     # the simulated flights do without (real5: 3/4 registered at 448)\n\n# XFeat + LighterGlue (frames and map at twice the detail: XFeat detects on a coarser grid)\n[presets.fast]\n"features.backend" = "xfeat"\n'
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -129,6 +130,7 @@ class Stopwatch:
     def __init__(self):
         self.seconds: dict[str, float] = {}
         self.passes: dict[str, Counter] = {}
+        self.peak_gib: dict[str, float] = {}         # the process's peak RSS when each phase last ended
         self.stack: list[tuple[str, float]] = []
 
     def tick(self, name: str, t0: float) -> float:
@@ -147,6 +149,7 @@ class Stopwatch:
         finally:
             _, t0 = self.stack.pop()
             t = self.tick(name, t0)
+            self.peak_gib[name] = peak_rss_gib()
             if self.stack:
                 self.stack[-1] = (self.stack[-1][0], t)
 
@@ -154,6 +157,12 @@ class Stopwatch:
         """One network pass ("extract" or "match") for the phase that is running."""
         name = self.stack[-1][0] if self.stack else "other"
         self.passes.setdefault(name, Counter())[kind] += 1
+
+
+def peak_rss_gib() -> float:
+    """The process's peak resident memory so far (Linux reports KiB)."""
+    import resource
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
 
 
 class Progress:
@@ -502,11 +511,24 @@ class SearchSettings(Section):
 
 
 @dataclass(frozen=True)
+class CorrelationSettings(Section):
+    enabled: bool
+    backend: str
+    template_px: int
+    dims: int
+    min_ratio: float
+    exclusion_px: float
+    min_overlap: float
+    headings: int
+
+
+@dataclass(frozen=True)
 class GraphSettings(Section):
     truth_sigma_px: float
     fix_sigma_px: float
     fix_sigma_deg: float
     fix_sigma_scale: float
+    correlation_sigma_px: float
     link_sigma_px: float
     link_sigma_relative: float
     link_sigma_deg: float
@@ -561,6 +583,7 @@ class Settings:
     height: HeightSettings
     truth: TruthSettings
     search: SearchSettings
+    correlation: CorrelationSettings
     graph: GraphSettings
     report: ReportSettings
     tune: TuneSettings
@@ -603,7 +626,8 @@ class Settings:
 
 
 # settings sections that change a frame's estimates: a checkpoint is only replayed when they are unchanged
-RESULT_SECTIONS = ("split", "preprocess", "features", "geometry", "links", "height", "truth", "search", "graph")
+RESULT_SECTIONS = ("split", "preprocess", "features", "geometry", "links", "height", "truth", "search", "correlation",
+                   "graph")
 
 
 def load_settings(settings_file: str | None = None, preset: str | None = None,
@@ -997,7 +1021,10 @@ class FrameDecoder:
             self.items.popitem(last=False)
 # ----------------------------------------------------------------------------- geometry
 
-ORIENTATIONS = (0, 90, 180, 270)     # the map is turned, never the frames (rotation_h's sense of angles)
+# a view's quarter turns (rotation_h's sense, exact), most likely first: the same heading along a leg,
+# flipped at a leg's end, a quarter turn where legs cross. Frames are turned to meet the map; the map,
+# extracted once, never is.
+TURNS = (0, 180, 90, 270)
 
 
 def scale_h(sx: float, sy: float) -> np.ndarray:
@@ -1153,14 +1180,14 @@ def upright_turn(heading: float) -> int:
     return int(-round(heading / 90)) % 4 * 90
 
 
-def orientations_for(heading: float | None) -> list[int]:
-    """The map orientations to try for a frame of this heading (the map turned by the heading makes
-    the frame's x-axis its x-axis): the nearest, and the next one too when the heading lies within 15
-    degrees of halfway between them; all four without a heading."""
+def turns_for(heading: float | None) -> list[int]:
+    """The turns of a frame's view to match against the map for a frame of this heading: the one that
+    brings it nearest north-up, and the next one too when the heading lies within 15 degrees of halfway
+    between them; all four without a heading."""
     if heading is None:
-        return list(ORIENTATIONS)
-    by = sorted(ORIENTATIONS, key=lambda o: abs(angle_diff(heading, o)))
-    return by[:2] if abs(angle_diff(heading, by[0])) > 30 else by[:1]
+        return list(TURNS)
+    by = sorted(TURNS, key=lambda t: abs(angle_diff(heading, -t)))
+    return by[:2] if abs(angle_diff(heading, -by[0])) > 30 else by[:1]
 # ----------------------------------------------------------------------------- features
 # One small class per backend in one table (BACKENDS), after cvg/LightGlue's table of feature types:
 # each names its weight files, whether it needs torch, and how much map resolution it needs.
@@ -1379,6 +1406,11 @@ class Backend:
         caller's (`threshold(cfg)`): a tuning trial's value applies though the networks are shared."""
         raise NotImplementedError
 
+    def dense(self, image: np.ndarray):
+        """Unit descriptors at every pixel of a uint8 gray image, a torch tensor (D, H, W) on the
+        backend's device, for the correlation fix; None where the backend has no dense map."""
+        return None
+
 
 class LightGlueBackend(Backend):
     """A kornia extractor + LightGlue, both loaded from our own weight files: nothing is fetched and no
@@ -1422,6 +1454,14 @@ class LightGlueBackend(Backend):
         """x: (1, 1, H, W) in [0, 1] -> keypoints (N, 2), descriptors (N, D), scores (N,)."""
         raise NotImplementedError
 
+    def dense(self, image):
+        import torch
+        if not hasattr(self, "dense_map"):
+            return None
+        x = torch.from_numpy(image).to(self.device).float().div(255)[None, None].expand(1, 3, -1, -1)
+        with torch.inference_mode():
+            return torch.nn.functional.normalize(self.dense_map(x)[0].float(), dim=0)
+
     def match(self, f0, size0, f1, size1, threshold):
         if len(f0.keypoints) < 2 or len(f1.keypoints) < 2:
             return NO_MATCHES
@@ -1454,6 +1494,9 @@ class AlikedBackend(LightGlueBackend):
         self.extractor.dkd.top_k = self.extractor.dkd.n_limit = k
         r = self.extractor(x.expand(1, 3, -1, -1))[0]
         return r.keypoints, r.descriptors, r.keypoint_scores
+
+    def dense_map(self, x):
+        return self.extractor.extract_dense_map(x)[0]
 
 
 class XFeatBackend(LightGlueBackend):
@@ -1587,6 +1630,11 @@ class DiskBackend(LightGlueBackend):
                            pad_if_not_divisible=True)[0]
         return r.keypoints, r.descriptors, r.detection_scores
 
+    def dense_map(self, x):
+        import torch
+        h, w = x.shape[-2:]
+        x = torch.nn.functional.pad(x, (0, -w % 16, 0, -h % 16))      # the U-Net needs sides divisible by 16
+        return self.extractor.heatmap_and_dense_descriptors(x)[1][..., :h, :w]
 
 
 
@@ -1600,14 +1648,24 @@ def backend_class(name: str) -> type[Backend]:
     return BACKENDS[name]
 
 
-def build_backend(settings: Settings) -> Backend:
-    cls = backend_class(settings.features.backend)
-    if cls.needs_torch:
-        import torch
-        if settings.run.threads:
-            torch.set_num_threads(settings.run.threads)
-        torch.manual_seed(0)
-    return cls(settings.features, Path(settings.run.weights_dir), settings.run.device, Path(settings.run.wheels_dir))
+# networks loaded in this process, by what they were built from: the backend choice, the engines of a
+# tuning study and the correlation fix share them (a network holds no state between calls)
+LOADED: dict[str, Backend] = {}
+
+
+def build_backend(settings: Settings, name: str | None = None) -> Backend:
+    """The backend `name` (default: features.backend), loaded once per process."""
+    cls = backend_class(name or settings.features.backend)
+    run = settings.run
+    key = digest([cls.name, settings.features.to_table(), run.weights_dir, run.device, run.wheels_dir, run.threads])
+    if key not in LOADED:
+        if cls.needs_torch:
+            import torch
+            if run.threads:
+                torch.set_num_threads(run.threads)
+            torch.manual_seed(0)
+        LOADED[key] = cls(settings.features, Path(run.weights_dir), run.device, Path(run.wheels_dir))
+    return LOADED[key]
 
 
 def fallback_backend(settings: Settings) -> str | None:
@@ -1623,7 +1681,8 @@ def fallback_backend(settings: Settings) -> str | None:
 def backends_in_use(settings: Settings) -> list[str]:
     """Every backend a run with these settings may load (the backend, the fallback preset's) and those
     run.fetch_backends asks for: what --mode weights fetches and --mode kaggle-datasets packs."""
-    names = [settings.features.backend, fallback_backend(settings), *settings.run.fetch_backends]
+    names = [settings.features.backend, fallback_backend(settings), *settings.run.fetch_backends,
+             settings.correlation.backend if settings.correlation.enabled else None]
     return [n for n in dict.fromkeys(names) if n is not None and backend_class(n)]
 
 
@@ -1635,44 +1694,32 @@ def features_key(settings: Settings, backend: Backend) -> dict:
 
 
 class MapFeatures:
-    """The map's keypoints at `level` x map.png resolution, seen at four orientations (the map turned by
-    0, 90, 180 or 270 degrees, so that a frame is matched as it was shot and is never turned itself).
-    Tiles are extracted when a window first needs them, with context around each whose keypoints are
-    dropped, and cached on disk: a flight pays for the part of the map it covers."""
+    """The map's keypoints at `level` x map.png resolution, north up: a frame is turned to meet it, never
+    the map, so the map is extracted once. Tiles are extracted when a window first needs them, with
+    context around each whose keypoints are dropped, and cached on disk: a flight pays for the part of
+    the map it covers."""
 
     def __init__(self, image: np.ndarray, level: float, backend: Backend, cfg: FeatureSettings,
                  folder: Path | None, stopwatch: Stopwatch):
         self.image, self.level, self.backend, self.cfg = image, level, backend, cfg
         self.folder, self.stopwatch = folder, stopwatch
-        self.tiles: dict[tuple[int, int, int], Features] = {}
+        self.tiles: dict[tuple[int, int], Features] = {}
         self.extracted = 0
 
-    @property
-    def size(self) -> tuple[int, int]:
-        """(width, height) at the level, unturned."""
-        return self.image.shape[1], self.image.shape[0]
-
-    def turn(self, orientation: int) -> tuple[np.ndarray, tuple[int, int]]:
-        """map.png px -> px of the map at this level turned by `orientation`, and that image's size."""
-        m, size = rotation_h(orientation, *self.size)
-        return m @ scale_h(self.level, self.level), size
-
-    def tile(self, orientation: int, tx: int, ty: int) -> Features:
-        """Keypoints of one tile of the turned map, in the turned map's px."""
-        key = (orientation, tx, ty)
-        if key in self.tiles:
-            return self.tiles[key]
-        path = self.folder / f"o{orientation}_{tx}_{ty}.npz" if self.folder is not None else None
+    def tile(self, tx: int, ty: int) -> Features:
+        """Keypoints of one tile, in the map's px at the level."""
+        if (tx, ty) in self.tiles:
+            return self.tiles[tx, ty]
+        path = self.folder / f"t{tx}_{ty}.npz" if self.folder is not None else None
         if path is not None and path.is_file():
-            self.tiles[key] = Features.load(path)[0]
-            return self.tiles[key]
+            self.tiles[tx, ty] = Features.load(path)[0]
+            return self.tiles[tx, ty]
         with self.stopwatch.phase("map features"):
-            turned = np.rot90(self.image, orientation // 90)         # rotation_h's turn, pixel for pixel
-            h, w = turned.shape
+            h, w = self.image.shape
             t, pad = self.cfg.map_tile, self.cfg.map_tile_pad
             x, y = tx * t, ty * t
             ox, oy = max(0, x - pad), max(0, y - pad)
-            crop = np.ascontiguousarray(turned[oy:min(h, y + t + pad), ox:min(w, x + t + pad)])
+            crop = np.ascontiguousarray(self.image[oy:min(h, y + t + pad), ox:min(w, x + t + pad)])
             if crop.std() < 1:                                       # blank (no-data) area of the map
                 f = Features.empty(0)
             else:
@@ -1683,18 +1730,17 @@ class MapFeatures:
             self.extracted += 1
         if path is not None:
             f.save(path)
-        self.tiles[key] = f
+        self.tiles[tx, ty] = f
         return f
 
-    def window(self, orientation: int, box: tuple[float, float, float, float], limit: int):
-        """The strongest `limit` keypoints inside a box of map.png px (x0, y0, x1, y1), in the turned map's
-        px relative to the box's corner there; with the window's size and its px -> map.png px."""
-        m, (tw, th) = self.turn(orientation)
-        x0, y0, x1, y1 = box
-        corners = project(m, [(x0, y0), (x1, y0), (x0, y1), (x1, y1)])
-        (u0, v0), (u1, v1) = np.maximum(corners.min(axis=0), 0), np.minimum(corners.max(axis=0), (tw, th))
+    def window(self, box: tuple[float, float, float, float], limit: int):
+        """The strongest `limit` keypoints inside a box of map.png px (x0, y0, x1, y1), in the level's px
+        relative to the box's corner; with the window's size and its px -> map.png px."""
+        h, w = self.image.shape
+        u0, v0 = max(0.0, box[0] * self.level), max(0.0, box[1] * self.level)
+        u1, v1 = min(float(w), box[2] * self.level), min(float(h), box[3] * self.level)
         t = self.cfg.map_tile
-        parts = [self.tile(orientation, i, j) for j in range(int(v0 // t), int(np.ceil(v1 / t)))
+        parts = [self.tile(i, j) for j in range(int(v0 // t), int(np.ceil(v1 / t)))
                  for i in range(int(u0 // t), int(np.ceil(u1 / t)))]
         parts = [p for p in parts if len(p.keypoints)]
         feats = Features.concatenate(parts) if parts else Features.empty(0)
@@ -1702,7 +1748,7 @@ class MapFeatures:
         inside = (kp[:, 0] >= u0) & (kp[:, 0] < u1) & (kp[:, 1] >= v0) & (kp[:, 1] < v1)
         feats = feats.subset(inside).strongest(limit).shifted([-u0, -v0])
         size = (int(np.ceil(u1 - u0)) + 1, int(np.ceil(v1 - v0)) + 1)
-        return feats, size, np.linalg.inv(m) @ translate_h(u0, v0)
+        return feats, size, np.linalg.inv(scale_h(self.level, self.level)) @ translate_h(u0, v0)
 
 
 # ----------------------------------------------------------------------------- views
@@ -1821,9 +1867,6 @@ class Link:
         return float(np.hypot(*(project(self.H, [fa.principal_point])[0] - fb.principal_point)) / min(fb.size))
 
 
-# a frame's view turned by these (the next frame's heading relative to this one's), most likely first:
-# the same on a leg, flipped at a leg's end, a quarter turn where legs cross
-TURNS = (0, 180, 90, 270)
 
 
 class Linker:
@@ -1947,7 +1990,7 @@ def build_views(settings: Settings, backend: Backend, out: Path, stopwatch: Stop
 
 # ----------------------------------------------------------------------------- search
 # One frame against the map: a window around where it should be, the map turned to the frame's
-# heading (every orientation when none is known), a homography accepted only when it is a plausible
+# heading (every turn when none is known), a homography accepted only when it is a plausible
 # nadir view at the expected scale; after a failure, with `widen`, windows further and further away.
 
 class LeanSource(str, enum.Enum):
@@ -2036,6 +2079,7 @@ class Calibration:
 class Source(str, enum.Enum):
     """Where a position came from; `placed` positions are measured, the others are guesses."""
     MAP = "map"                      # its own map fix, matched near where the flight puts it
+    CORRELATED = "correlated"        # its own map fix by correlation at a known heading and scale (position only)
     RELOCALIZED = "relocalized"      # its own map fix, found by the widening search
     TRUTH = "truth"                  # a train frame's GPS position
     CHAIN = "chain"                  # no fix of its own: carried by its links in the pose graph
@@ -2044,7 +2088,7 @@ class Source(str, enum.Enum):
 
     @property
     def placed(self) -> bool:
-        return self in (Source.MAP, Source.RELOCALIZED, Source.TRUTH, Source.CHAIN)
+        return self in (Source.MAP, Source.CORRELATED, Source.RELOCALIZED, Source.TRUTH, Source.CHAIN)
 
 
 class FixState(str, enum.Enum):
@@ -2082,22 +2126,24 @@ class Estimate:
     H: np.ndarray | None = None      # original image px -> map.png px
     inliers: int = 0
     matches: int = 0
-    orientation: int = 0             # the map's turn the match was found at
+    turn: int = 0                    # the view's turn the match was found at
     window: tuple = ()               # x0, y0, x1, y1 map px searched last
     runtime: float = 0.0
     stages: Mapping = field(default_factory=dict)   # seconds per stage (decode, extract, match, geometry)
     error: str = ""                  # why the best match was not accepted, or why it was rejected
     raised: str = ""                 # the unexpected exception this frame raised, if any
+    peak_ratio: float | None = None  # a correlation fix's peak over the next one
     placement: Placement | None = None
 
     def row(self) -> dict:
         p = self.placement
         return {"id": self.id, "x_pixel": round(self.x, 3), "y_pixel": round(self.y, 3), "source": self.source.value,
                 "matches": self.matches, "inliers": self.inliers, "used_match": self.H is not None,
-                "orientation": self.orientation,
+                "turn": self.turn,
                 "crop_w": int(self.window[2] - self.window[0]) if self.window else 0,
                 "crop_h": int(self.window[3] - self.window[1]) if self.window else 0,
                 "runtime_s": round(self.runtime, 3), "error": self.error, "raised": self.raised,
+                "peak_ratio": round(self.peak_ratio, 4) if self.peak_ratio is not None else None,
                 "stages": json.dumps({k: round(v, 5) for k, v in self.stages.items()}),
                 "fix": p.fix.value if p else "", "sigma_px": p.sigma_px if p else None,
                 "fix_residual_px": p.residual_px if p else None,
@@ -2124,7 +2170,7 @@ class Attempt:
     H: np.ndarray | None
     inliers: int
     matches: int
-    orientation: int
+    turn: int
     window: tuple
     problem: str = ""
     pairs: tuple = ()                 # (query view pts, map.png pts, inlier mask) for reports
@@ -2142,6 +2188,7 @@ class Engine:
     map_features: MapFeatures
     backend: Backend
     views: QueryViews
+    dense: Backend | None            # whose dense descriptors the correlation fix compares (None: no such fix)
 
     @property
     def map_size(self) -> tuple[int, int]:
@@ -2182,8 +2229,81 @@ def build_engine(settings: Settings, map_path: Path, map_gray: np.ndarray, out: 
     log(f"map features: level {level:.3g} (frames at height {k:.0f}: {detail:.2f} working px per map px), "
         f"tiles of {settings.features.map_tile} px extracted as windows need them; backend {backend.name} on "
         f"{backend.device_name}")
-    return Engine(map_path, map_gray, mf, backend, views)
+    dense = None
+    if settings.correlation.enabled:
+        try:
+            dense = build_backend(settings, settings.correlation.backend)
+        except WeightsError as e:        # a run on SIFT without any weights: no correlation fix, said once
+            log(f"correlation fix off: {e}")
+    return Engine(map_path, map_gray, mf, backend, views, dense)
 
+
+class DenseWindow:
+    """A map window's dense descriptors for the correlation fix, projected once on their `dims`
+    strongest directions and Fourier transformed once: each template (the frame at one heading) then
+    costs one forward transform of its own and one inverse. `scores` gives the mean cosine between
+    template and map at every shift of the template inside the window (descriptor px), -1 where less
+    than `min_overlap` of the template lies on valid map (map.png's black outside a mosaic)."""
+
+    def __init__(self, S, valid: np.ndarray, dims: int, min_overlap: float):
+        import torch
+        D, H, W = S.shape
+        self.valid = torch.from_numpy(valid).to(S.device)
+        X = S.reshape(D, -1)
+        weight = self.valid.reshape(-1)
+        # centred on the window's mean descriptor: what every place shares says nothing of where one is
+        self.mean = (X * weight).sum(1, keepdim=True) / weight.sum().clamp(min=1.0)
+        X = (X - self.mean) * weight
+        _, vectors = torch.linalg.eigh(X @ X.T)            # ascending: the strongest directions last
+        self.basis = vectors[:, -min(dims, D):]
+        self.size, self.min_overlap = (H, W), min_overlap
+        self.F = torch.fft.rfft2((self.basis.T @ X).reshape(-1, H, W), s=self.size)
+        self.F_valid = torch.fft.rfft2(self.valid, s=self.size)
+
+    def scores(self, T, inside: np.ndarray) -> np.ndarray:
+        import torch
+        (H, W), (h, w) = self.size, T.shape[1:]
+        Mt = torch.from_numpy(inside).to(T.device)
+        Tp = (self.basis.T @ (T.reshape(T.shape[0], -1) - self.mean)).reshape(-1, h, w) * Mt
+        # circular correlation over the window's own size: shifts that keep the template inside wrap nowhere
+        num = torch.fft.irfft2((self.F * torch.fft.rfft2(Tp, s=self.size).conj()).sum(0), s=self.size)
+        overlap = torch.fft.irfft2(self.F_valid * torch.fft.rfft2(Mt, s=self.size).conj(), s=self.size)
+        num, overlap = num[: H - h + 1, : W - w + 1], overlap[: H - h + 1, : W - w + 1]
+        score = num / overlap.clamp(min=1.0)
+        score[overlap < self.min_overlap * Mt.sum()] = -1.0
+        return score.cpu().numpy()
+
+
+@dataclass(frozen=True)
+class Peak:
+    """A local maximum of a correlation: where it puts the frame's truth point (map px), its score, the
+    heading it was found at, and the similarity (image px -> map px) it stands for."""
+    xy: tuple[float, float]
+    score: float
+    heading: float
+    H: np.ndarray
+
+
+def local_maxima(score: np.ndarray, n: int) -> list[tuple[int, int]]:
+    """The `n` highest local maxima (x, y) of a correlation's valid shifts (score > -1)."""
+    local = (score >= cv2.dilate(score.astype(np.float32), np.ones((3, 3), np.uint8))) & (score > -1.0)
+    yy, xx = np.nonzero(local)
+    order = np.argsort(-score[yy, xx], kind="stable")[:n]
+    return [(int(xx[k]), int(yy[k])) for k in order]
+
+
+def peak_ratio(peaks: list[Peak], exclusion_px: float) -> tuple[Peak, float]:
+    """The best peak and its ratio to the best rival: a peak at any heading further than exclusion_px
+    from it (the slope of the best peak itself is no rival; without a rival nothing can be judged: 1)."""
+    best = max(peaks, key=lambda p: p.score)
+    rivals = [p.score for p in peaks if np.hypot(p.xy[0] - best.xy[0], p.xy[1] - best.xy[1]) > exclusion_px]
+    second = max(rivals, default=best.score)
+    return best, best.score / second if second > 0 else float("inf")
+
+
+# local maxima of each heading's correlation kept as candidates (the best one's rivals among them), and
+# the least search radius in exclusion radii (a small window holds too few rivals to judge a peak by)
+CORRELATION_PEAKS, CORRELATION_ROOM = 32, 4.0
 
 # a frame's own view serves the map too when the scale the map's level asks for is within 12% of it:
 # LightGlue matches through that, and the level's eighth-octave grid alone leaves up to 4.4%
@@ -2191,7 +2311,7 @@ SHARED_VIEW = 1.12
 
 
 class Search:
-    """Finds one frame on the map with one calibration and one set of settings: windows, orientations,
+    """Finds one frame on the map with one calibration and one set of settings: windows, turns,
     acceptance of a homography, and the widening search after a failure."""
 
     def __init__(self, engine: Engine, settings: Settings, calib: "Calibration"):
@@ -2206,11 +2326,16 @@ class Search:
         own = views.working_scale(frame)
         return own if abs(np.log(ideal / own)) <= np.log(SHARED_VIEW) else snap_scale(ideal, views.scale_step)
 
-    def view(self, frame: Frame, clock: Stopwatch) -> QueryView:
-        return self.engine.views.view(frame, self.scale(frame), 0, clock)
+    def view(self, frame: Frame, turn: int, clock: Stopwatch) -> QueryView:
+        return self.engine.views.view(frame, self.scale(frame), turn, clock)
 
     def prefetch(self, frame: Frame) -> None:
         self.engine.views.prefetch(frame, self.scale(frame))
+
+    def truth_xy(self, frame: Frame, H: np.ndarray, inliers: int | None) -> tuple[float, float]:
+        """Where a map homography puts the frame's truth point."""
+        x, y = project(H, [self.calib.truth_pixel(frame, H, inliers)])[0]
+        return float(x), float(y)
 
     def footprint_centre(self, frame: Frame, truth_xy, heading: float, scale: float) -> tuple[float, float]:
         """Where the frame's principal point lands on the map, from its truth point's position, its
@@ -2221,21 +2346,21 @@ class Search:
         x, y = np.add(truth_xy, scale * rot @ d)
         return float(x), float(y)
 
-    def match_window(self, frame: Frame, orientation: int, centre, radius: float, clock: Stopwatch) -> Attempt:
-        """Match the frame's view against the map turned by `orientation`, in a window around `centre`."""
-        v = self.view(frame, clock)
+    def match_window(self, frame: Frame, turn: int, centre, radius: float, clock: Stopwatch) -> Attempt:
+        """Match the frame's view turned by `turn` against the map in a window around `centre`."""
+        v = self.view(frame, turn, clock)
         t0 = time.perf_counter()
         half = 0.5 * np.hypot(*frame.size) * self.calib.expected_scale(frame) * self.s.search.crop_factor + radius
         w, h = self.engine.map_size
         box = (max(0.0, centre[0] - half), max(0.0, centre[1] - half), min(w, centre[0] + half), min(h, centre[1] + half))
-        sub, size, to_map = self.engine.map_features.window(orientation, box, self.s.features.max_map_keypoints)
+        sub, size, to_map = self.engine.map_features.window(box, self.s.features.max_map_keypoints)
         i0, i1, _ = self.engine.backend.match(v.features, v.size, sub, size, self.threshold)
         self.engine.views.stopwatch.count("match")
         t0 = clock.tick("match", t0)
         p0, p1 = v.features.keypoints[i0], sub.keypoints[i1]
         Hv, inl = estimate_homography(p0, p1, self.s.geometry)
         clock.tick("geometry", t0)
-        attempt = Attempt(None, int(inl.sum()), len(i0), orientation, box,
+        attempt = Attempt(None, int(inl.sum()), len(i0), turn, box,
                           pairs=(p0, project(to_map, p1) if len(p1) else p1, inl))
         if Hv is None:
             attempt.problem = "no homography"
@@ -2256,7 +2381,7 @@ class Search:
 
     def agrees(self, H: np.ndarray, frame: Frame, heading: float | None) -> bool:
         """A match whose heading lands within 45 degrees of the expected one confirms it: the other
-        orientations need not be tried (a wrong match has a random heading)."""
+        turns need not be tried (a wrong match has a random heading)."""
         return heading is not None and abs(angle_diff(homography_yaw(H, frame.principal_point), heading)) <= 45
 
     def widening_stages(self, frame: Frame, centre, radius: float, area) -> list[list[tuple]]:
@@ -2277,15 +2402,15 @@ class Search:
 
     def find(self, frame: Frame, centre, radius: float, heading: float | None, area=None,
              widen: bool = True, budget_s: float | None = None) -> tuple[Estimate, Attempt]:
-        """The window around `centre` at the orientations the heading calls for; then, with `widen`, a
+        """The window around `centre` at the turns the heading calls for; then, with `widen`, a
         widening search (`area`: x0, y0, x1, y1 map px spanned by the known frames) at every
-        orientation, most likely windows first, given up once the frame has used `budget_s` seconds."""
+        turn, most likely windows first, given up once the frame has used `budget_s` seconds."""
         t_start = time.perf_counter()
         clock = Stopwatch()
         cfg = self.s.search
         best: Attempt | None = None
         source = Source.MAP
-        for o in orientations_for(heading):
+        for o in turns_for(heading):
             a = self.match_window(frame, o, centre, radius, clock)
             if a.better_than(best):
                 best = a
@@ -2296,7 +2421,7 @@ class Search:
                 budget_s = max(cfg.budget_min_s, cfg.budget_frames * (time.perf_counter() - t_start))
             tried, out_of_time = 0, False
             for stage in self.widening_stages(frame, centre, radius, area):
-                for c, r, o in [(c, r, o) for c, r in stage for o in ORIENTATIONS]:
+                for c, r, o in [(c, r, o) for c, r in stage for o in TURNS]:
                     if time.perf_counter() - t_start > budget_s:
                         out_of_time = True
                         break
@@ -2313,11 +2438,95 @@ class Search:
         x, y, H = float(centre[0]), float(centre[1]), None
         if best.H is not None:
             H = best.H
-            x, y = (float(v) for v in project(H, [self.calib.truth_pixel(frame, H, best.inliers)])[0])
+            x, y = self.truth_xy(frame, H, best.inliers)
         est = Estimate(frame.id, x, y, source if H is not None else Source.UNMATCHED, H, best.inliers, best.matches,
-                       best.orientation, window=best.window, runtime=time.perf_counter() - t_start,
+                       best.turn, window=best.window, runtime=time.perf_counter() - t_start,
                        stages=dict(clock.seconds), error=best.problem)
         return est, best
+
+    def correlate(self, frame: Frame, truth_xy, headings: list[float], scale: float, radius: float) -> Estimate:
+        """The correlation fix, for a frame whose scale (map px per image px) is known and whose heading
+        is known or one of `headings`: the frame turned and scaled to the map, its dense descriptors
+        correlated with the map's over every shift that puts its truth point within `radius` of
+        `truth_xy`. Every pixel of the footprint votes, so it holds where keypoints do not repeat (long
+        autumn shadows, another season's colours). Several headings are searched coarse to fine: all at
+        half the template's size, then the best one and its neighbours at full size. The best peak is a
+        fix when it stands correlation.min_ratio above every peak further than exclusion_px; its H is
+        the similarity found (no perspective: a position; heading and scale are what was given)."""
+        t_start = time.perf_counter()
+        cfg = self.s.correlation
+        # rivals to judge a peak by need room: the radius is at least a few exclusion radii
+        radius = max(radius, CORRELATION_ROOM * cfg.exclusion_px)
+        reach = 0.5 * np.hypot(*frame.size) * scale + radius
+        mw, mh = self.engine.map_size
+        window = (int(max(0, truth_xy[0] - reach)), int(max(0, truth_xy[1] - reach)),
+                  int(min(mw, truth_xy[0] + reach)), int(min(mh, truth_xy[1] + reach)))
+        if len(headings) > 1:
+            coarse = self.correlation_peaks(frame, truth_xy, window, headings, scale, radius, cfg.template_px // 2)
+            if coarse:
+                step = 360.0 / len(headings) / 3
+                h = max(coarse, key=lambda p: p.score).heading
+                headings = [h - step, h, h + step]
+        peaks = self.correlation_peaks(frame, truth_xy, window, headings, scale, radius, cfg.template_px)
+        self.engine.views.stopwatch.count("correlate")
+        failed = Estimate(frame.id, float(truth_xy[0]), float(truth_xy[1]), Source.UNMATCHED, window=window,
+                          runtime=time.perf_counter() - t_start)
+        if not peaks:
+            return dataclasses.replace(failed, error="correlation: no shift puts the footprint on the map within "
+                                                     "the radius, or the backend has no dense descriptors")
+        best, ratio = peak_ratio(peaks, cfg.exclusion_px)
+        if ratio < cfg.min_ratio:
+            return dataclasses.replace(failed, peak_ratio=ratio, error=f"correlation: peak {best.score:.3f} at heading "
+                                       f"{best.heading:.0f} only {ratio:.3f} x the next (< {cfg.min_ratio})")
+        return Estimate(frame.id, *best.xy, Source.CORRELATED, best.H, window=window,
+                        runtime=time.perf_counter() - t_start, peak_ratio=ratio)
+
+    def correlation_peaks(self, frame: Frame, truth_xy, window: tuple, headings: list[float], scale: float,
+                          radius: float, template_px: int) -> list[Peak]:
+        """The local maxima of the correlation at each heading, the frame's longer side `template_px`
+        descriptor px (the map's window described at that level)."""
+        cfg, backend = self.s.correlation, self.engine.dense
+        level = template_px / (max(frame.size) * scale)              # descriptor px per map px
+        if backend is None:
+            return []
+        x0, y0, x1, y1 = window
+        if min(x1 - x0, y1 - y0) * level < 8:
+            return []
+        crop = cv2.resize(self.engine.map_gray[y0:y1, x0:x1], None, fx=level, fy=level, interpolation=cv2.INTER_AREA)
+        # map.png's pure black (outside a mosaic's footprint) carries nothing
+        valid = cv2.erode((crop > 2).astype(np.uint8), np.ones((5, 5), np.uint8)).astype(np.float32)
+        crop = preprocess(crop, self.s.preprocess, clahe_grid(crop.shape[1], crop.shape[0], template_px / CLAHE_COLUMNS))
+        S = backend.dense(crop)
+        if S is None:
+            return []
+        dense = DenseWindow(S, valid, cfg.dims, cfg.min_overlap)
+        gray = preprocess(self.engine.views.decoder.get(frame.path, template_px, frame.size), self.s.preprocess)
+        to_gray = scale_h(gray.shape[1] / frame.width, gray.shape[0] / frame.height)
+        tp = self.calib.truth_pixel(frame)
+        peaks: list[Peak] = []
+        for heading in headings:
+            a = np.radians(heading)
+            turn = np.array([[np.cos(a), -np.sin(a), 0], [np.sin(a), np.cos(a), 0], [0, 0, 1]])
+            A = scale_h(scale * level, scale * level) @ turn @ np.linalg.inv(to_gray)   # gray px -> template px
+            corners = project(A, [[0, 0], [gray.shape[1], 0], [gray.shape[1], gray.shape[0]], [0, gray.shape[0]]])
+            A = translate_h(*-corners.min(0)) @ A
+            tw, th = (int(np.ceil(v)) for v in corners.max(0) - corners.min(0))
+            if tw >= crop.shape[1] or th >= crop.shape[0]:
+                continue
+            template = cv2.warpAffine(gray, A[:2], (tw, th), flags=cv2.INTER_LINEAR)
+            inside = cv2.warpAffine(np.ones_like(gray), A[:2], (tw, th), flags=cv2.INTER_NEAREST)
+            inside = cv2.erode(inside, np.ones((5, 5), np.uint8)).astype(np.float32)
+            score = dense.scores(backend.dense(template), inside)
+            # only shifts that put the truth point within `radius` of truth_xy
+            at = (np.asarray(truth_xy) - (x0, y0)) * level - project(A @ to_gray, [tp])[0]
+            sy, sx = np.mgrid[:score.shape[0], :score.shape[1]]
+            score[np.hypot(sx - at[0], sy - at[1]) > radius * level] = -1.0
+            for shift in local_maxima(score, CORRELATION_PEAKS):
+                # image px -> template px -> window px (the shift) -> map px
+                H = translate_h(x0, y0) @ scale_h(1 / level, 1 / level) @ translate_h(*shift) @ A @ to_gray
+                xy = project(H, [tp])[0]
+                peaks.append(Peak((float(xy[0]), float(xy[1])), float(score[shift[1], shift[0]]), heading, H))
+        return peaks
 
     def find_guarded(self, frame: Frame, centre, radius: float, heading: float | None, area=None,
                      widen: bool = True, budget_s: float | None = None) -> Estimate:
@@ -2440,11 +2649,12 @@ def train_probes(linker: Linker, dataset: Dataset, settings: Settings) -> list[P
     return probes
 
 
-def register_probe(engine: Engine, settings: Settings, probe: Probe, k_guess: float) -> float | None:
+def register_probe(engine: Engine, settings: Settings, probe: Probe, k_guess: float) -> Estimate | None:
     """The probe frame matched near its centre: at its own height, or over the sweep's candidate
-    heights (nearest the guess first, stopping at a strong match). Returns the height its homography
-    shows (the candidate x its scale, never the candidate itself: a larger window wins more inliers, so
-    the winning candidate is biased high), or None where it matches nowhere near its centre."""
+    heights (nearest the guess first, stopping at a strong match). Returns its best match, or None
+    where it matches nowhere near its centre. The height it shows is its homography's scale x focal
+    (`shown_height`), never the candidate's: a larger window wins more inliers, so the winning candidate
+    is biased high."""
     h = settings.height
     f, (cx, cy) = probe.frame, probe.centre
     candidates = [probe.k] if probe.k else sorted(k_guess * np.geomspace(h.sweep_low, h.sweep_high, h.sweep_steps),
@@ -2454,11 +2664,16 @@ def register_probe(engine: Engine, settings: Settings, probe: Probe, k_guess: fl
         est, _ = Search(engine, settings, Calibration.seed(k)).find(f, probe.centre, probe.radius, probe.heading,
                                                                     widen=False)
         near = probe.within_px is None or np.hypot(est.x - cx, est.y - cy) <= probe.within_px
-        if est.H is not None and near and (best is None or est.inliers > best[0]):
-            best = (est.inliers, homography_scale(est.H, f.principal_point) * f.focal)
-        if best is not None and best[0] >= settings.search.strong_inliers:
+        if est.H is not None and near and (best is None or est.inliers > best.inliers):
+            best = est
+        if best is not None and best.inliers >= settings.search.strong_inliers:
             break
-    return None if best is None else best[1]
+    return best
+
+
+def shown_height(est: Estimate, frame: Frame) -> float:
+    """The height k a frame's map homography shows: its scale at the principal point x focal."""
+    return homography_scale(est.H, frame.principal_point) * frame.focal
 
 
 @dataclass(frozen=True)
@@ -2473,19 +2688,20 @@ class BackendChoice:
 
 
 def choose_backend(settings: Settings, probes: list[Probe], views: QueryViews, map_path: Path, map_gray: np.ndarray,
-                   out: Path, k_guess: float, log=print) -> tuple[BackendChoice, QueryViews]:
+                   out: Path, k_guess: float, log=print) -> tuple[BackendChoice, QueryViews, list[Estimate | None]]:
     """The backend as set, unless it registers fewer than features.fallback_below of the probes at
     their truths and the fallback preset (real autumn frames against a summer map: DISK + CLAHE)
-    registers more. Only the probes' windows of the map are extracted. Returns the choice and the
-    views of the chosen backend (`views` are the set backend's)."""
+    registers more. Only the probes' windows of the map are extracted. Returns the choice, the views of
+    the chosen backend (`views` are the set backend's) and its match of each probe (None: not found)."""
     fb, frames = settings.features.fallback, [p.frame for p in probes]
     k = float(np.median([p.k for p in probes if p.k])) if any(p.k for p in probes) else k_guess
 
-    def registered(s: Settings, v: QueryViews) -> int:
+    def registered(s: Settings, v: QueryViews) -> list[Estimate | None]:
         engine = build_engine(s, map_path, map_gray, out, k, frames, v, log=quiet)
-        return sum(register_probe(engine, s, p, k) is not None for p in probes)
+        return [register_probe(engine, s, p, k) for p in probes]
 
-    n = registered(settings, views)
+    found = registered(settings, views)
+    n = sum(e is not None for e in found)
     tried = [("", settings.features.backend, n, len(probes))]
     chosen, chosen_views = "", views
     if fb and n < settings.features.fallback_below * len(probes):
@@ -2496,18 +2712,20 @@ def choose_backend(settings: Settings, probes: list[Probe], views: QueryViews, m
             log(f"backend choice: fallback preset {fb} unavailable, the run goes on with "
                 f"{settings.features.backend}: {e}")
         else:
-            m = registered(alt, alt_views)
+            alt_found = registered(alt, alt_views)
+            m = sum(e is not None for e in alt_found)
             tried.append((fb, alt.features.backend, m, len(probes)))
             if m > n:
-                chosen, chosen_views = fb, alt_views
+                chosen, chosen_views, found = fb, alt_views, alt_found
     choice = BackendChoice(chosen, tuple(tried))
     log(f"backend choice: {choice.describe()}")
-    return choice, chosen_views
+    return choice, chosen_views, found
 
 
 def sweep_height(engine: Engine, settings: Settings, probes: list[Probe], k_guess: float) -> Height | None:
     """Without frame pairs: the probes registered over candidate heights at their known positions."""
-    found = [k for p in probes if (k := register_probe(engine, settings, dataclasses.replace(p, k=None), k_guess))]
+    found = [shown_height(e, p.frame) for p in probes
+             if (e := register_probe(engine, settings, dataclasses.replace(p, k=None), k_guess)) is not None]
     if not found:
         return None
     k, spread = robust_center(np.array(found))
@@ -2637,6 +2855,24 @@ class Pose:
 
 
 @dataclass(frozen=True)
+class Fix:
+    """A frame's own map fix as the graph weighs it: the pose it gives and its 1-sigma in position (map
+    px), heading (degrees) and scale (log). A correlation fix was found at the graph's own heading and
+    scale: it measures the position alone (heading and scale LOOSE)."""
+    pose: Pose
+    sigma_px: float
+    sigma_deg: float
+    sigma_scale: float
+
+    @classmethod
+    def of(cls, e: "Estimate", frame: Frame, level: np.ndarray, cfg: GraphSettings) -> "Fix":
+        pose = Pose.from_homography(e.H, frame, level)
+        if e.source is Source.CORRELATED:
+            return cls(pose, cfg.correlation_sigma_px, np.degrees(LOOSE), LOOSE)
+        return cls(pose, cfg.fix_sigma_px, cfg.fix_sigma_deg, cfg.fix_sigma_scale)
+
+
+@dataclass(frozen=True)
 class FlightProblem:
     """What the graph is built from: frames and how each is levelled (its truth point, the nadir, goes to
     its principal point), the train truths (fixed positions), map fixes, links, and the height as a
@@ -2644,7 +2880,7 @@ class FlightProblem:
     frames: Mapping[int, Frame]
     level: Mapping[int, np.ndarray]          # each frame's image px -> levelled px (`leveling`)
     truths: Mapping[int, tuple[float, float]]
-    fixes: Mapping[int, Pose]
+    fixes: Mapping[int, Fix]
     links: tuple[Link, ...]
     link_scale: Mapping[int, float]          # each frame's working scale (links are matched at it)
     lean_px: Mapping[int, float]             # 1-sigma (map px) of where the frame's truth point is: 0 where its
@@ -2732,10 +2968,10 @@ def component_anchor(p: FlightProblem, comp: list[int], rel: Mapping, cfg: Graph
         return Pose(p0.real, p0.imag, float(np.degrees(np.angle(z))), float(abs(z))).node(gtsam)
     if fixes:
         targets = {**{i: np.array(p.truths[i]) for i in truths},
-                   **{i: np.array([p.fixes[i].x, p.fixes[i].y]) for i in fixes}}
+                   **{i: np.array([p.fixes[i].pose.x, p.fixes[i].pose.y]) for i in fixes}}
         best = None
         for j in fixes:
-            X = p.fixes[j].node(gtsam) * rel[j].inverse()
+            X = p.fixes[j].pose.node(gtsam) * rel[j].inverse()
             agree = sum(np.hypot(*(np.array(X.transformFrom(at[i])) - xy)) <= cfg.fix_outlier_px
                         for i, xy in targets.items())
             if best is None or agree > best[0]:
@@ -2783,10 +3019,10 @@ def solve_flight(p: FlightProblem, cfg: GraphSettings, gtsam, marginals: bool = 
                 np.array([px / s0, px / s0, LOOSE, LOOSE]))), i)
         if i in p.fixes:
             f = p.fixes[i]
-            px = float(np.hypot(cfg.fix_sigma_px, p.lean_px[i]))
-            add(gtsam.PriorFactorSimilarity2(key[i], f.node(gtsam), noise.Robust.Create(
+            px = float(np.hypot(f.sigma_px, p.lean_px[i]))
+            add(gtsam.PriorFactorSimilarity2(key[i], f.pose.node(gtsam), noise.Robust.Create(
                 noise.mEstimator.Cauchy.Create(1.0), noise.Diagonal.Sigmas(np.array(
-                    [px / f.scale, px / f.scale, np.radians(cfg.fix_sigma_deg), cfg.fix_sigma_scale])))), i)
+                    [px / f.pose.scale, px / f.pose.scale, np.radians(f.sigma_deg), f.sigma_scale])))), i)
     for link in p.links:
         T = link_measurement(link, p, gtsam)
         d = float(np.hypot(*T.transformFrom(np.zeros(2))))       # image px the link carries
@@ -2819,7 +3055,7 @@ def solve_flight(p: FlightProblem, cfg: GraphSettings, gtsam, marginals: bool = 
             sigma = float(X.scale() * np.sqrt(0.5 * (c[0, 0] + c[1, 1])))      # tangent px -> map px
         poses[i] = Pose.of_node(X, sigma)
         if i in p.fixes:
-            residual[i] = float(np.hypot(poses[i].x - p.fixes[i].x, poses[i].y - p.fixes[i].y))
+            residual[i] = float(np.hypot(poses[i].x - p.fixes[i].pose.x, poses[i].y - p.fixes[i].pose.y))
     return FlightSolution(types.MappingProxyType(poses), types.MappingProxyType(residual), frozenset(placed),
                           frozenset(oriented), float(graph.error(result)), time.perf_counter() - t0)
 
@@ -2996,14 +3232,23 @@ def flight_leans(frames: Mapping[int, Frame], links: list[Link], anchors: Mappin
 def look_at_map(search: Search, frame: Frame, pose: Pose, placed: bool, area, budget_s: float | None) -> Estimate:
     """A frame's own map fix, looked for where the graph puts it: a window of sigma_radius x its sigma at
     its heading when the graph places it within search.placed_sigma_px; else a widening search from
-    there (all orientations, bounded by the budget)."""
+    there (all turns, bounded by the budget)."""
     cfg = search.s.search
     sigma = pose.sigma_px if pose.sigma_px is not None else cfg.max_radius
     radius = float(np.clip(cfg.sigma_radius * sigma, cfg.min_radius, cfg.max_radius))
     if placed and sigma <= cfg.placed_sigma_px:
         centre = search.footprint_centre(frame, (pose.x, pose.y), pose.heading, pose.scale)
-        return search.find_guarded(frame, centre, radius, pose.heading, widen=False)
-    return search.find_guarded(frame, (pose.x, pose.y), radius, None, area, widen=True, budget_s=budget_s)
+        est = search.find_guarded(frame, centre, radius, pose.heading, widen=False)
+    else:
+        est = search.find_guarded(frame, (pose.x, pose.y), radius, None, area, widen=True, budget_s=budget_s)
+    if est.H is not None or not (placed and search.s.correlation.enabled):
+        return est
+    # the keypoints found nothing: the graph's heading and scale leave a translation to find
+    fix = search.correlate(frame, (pose.x, pose.y), [pose.heading], pose.scale, radius)
+    if fix.H is not None:
+        return dataclasses.replace(fix, runtime=est.runtime + fix.runtime, stages=est.stages)
+    return dataclasses.replace(est, runtime=est.runtime + fix.runtime, error=f"{est.error}; {fix.error}".lstrip("; "),
+                               peak_ratio=fix.peak_ratio)
 
 
 def localize_flight(search: Search, linker: Linker, dataset: Dataset, known: Mapping[int, Estimate], targets: list[int],
@@ -3042,7 +3287,7 @@ def localize_flight(search: Search, linker: Linker, dataset: Dataset, known: Map
                              s.truth.carry_sigma)
         level = {i: leveling(frames[i], leans[i][0]) for i in ids}
         lean_px = {i: calib.k * leans[i][1] for i in ids}
-        fixes = {i: Pose.from_homography(e.H, frames[i], level[i]) for i, e in fixed.items()}
+        fixes = {i: Fix.of(e, frames[i], level[i], cfg) for i, e in fixed.items()}
         problem = FlightProblem({i: frames[i] for i in ids}, level, truths, fixes, tuple(used), link_scale,
                                 lean_px, calib.k, start)
         with views.stopwatch.phase("solve"):
@@ -3285,7 +3530,7 @@ def prepare(settings: Settings, dataset: Dataset, out: Path, checkpoint: Checkpo
         if rec is None:
             views = build_views(settings, build_backend(settings), out, stopwatch)
             probes = train_probes(Linker(views, settings), dataset, settings)
-            choice, views = choose_backend(settings, probes, views, dataset.map_path, map_gray, out, guess, log)
+            choice, views, _ = choose_backend(settings, probes, views, dataset.map_path, map_gray, out, guess, log)
             checkpoint.put("choice", 0, {"preset": choice.preset, "tried": [list(t) for t in choice.tried]})
         else:
             choice = BackendChoice(rec["preset"], tuple(tuple(t) for t in rec["tried"]))
@@ -3444,6 +3689,7 @@ def run_pipeline(settings: Settings, data: Path, out: Path, validate: bool, test
 # ----------------------------------------------------------------------------- reports
 
 SOURCE_COLOURS = {Source.MAP.value: "tab:green", Source.RELOCALIZED.value: "tab:orange",
+                  Source.CORRELATED.value: "tab:olive",
                   Source.CHAIN.value: "tab:blue", Source.INTERPOLATED.value: "tab:red",
                   Source.UNMATCHED.value: "tab:purple"}
 
@@ -3520,19 +3766,19 @@ def plot_matches(map_gray: np.ndarray, query: np.ndarray, attempt: Attempt, est:
         ax[1].plot(*truth, "yo", ms=8, label="truth")
     ax[1].legend(fontsize=7)
     fig.suptitle(f"frame {est.id}: {attempt.matches} matches, {attempt.inliers} inliers, map turned "
-                 f"{attempt.orientation} deg, source {est.source.value}")
+                 f"view turned {attempt.turn} deg, source {est.source.value}")
     save_figure(fig, path)
 
 
 def report_frame(search: Search, dataset: Dataset, fid: int, out: Path, prior=None, heading: float | None = None) -> Path:
-    """Re-run one frame's map match near its prior (its truth for a train frame), at the orientations
-    its heading calls for (all four without one), and draw it."""
+    """Re-run one frame's map match near its prior (its truth for a train frame), at the turns its
+    heading calls for (all four without one), and draw it."""
     f = dataset.frames[fid]
     centre = prior or f.truth or search.engine.map_centre
     est, attempt = search.find(f, centre, search.s.search.search_radius, heading, widen=False)
     path = out / "report" / f"matches_{fid}.png"
     if attempt.pairs and len(attempt.pairs[0]):
-        query, _ = search.engine.views.image(f, search.scale(f), 0, Stopwatch())
+        query, _ = search.engine.views.image(f, search.scale(f), attempt.turn, Stopwatch())
         plot_matches(search.engine.map_gray, query, attempt, est, path, f.truth)
     return path
 
@@ -4075,8 +4321,8 @@ BENCH_PHASES = ("backend choice", "links", "height", "map features", "solve", "r
 
 def bench(settings: Settings, data: Path, out: Path, solution: Path | None = None, log=print) -> dict:
     """Submit with no checkpoint replay; then per test frame the mean and p95 seconds of each stage, and
-    the run split into its phases: seconds and network passes (extractions, matches) of each."""
-    import resource
+    the run split into its phases: seconds, network passes (extractions, matches, correlations) and the
+    process's peak memory when each ended."""
     t0 = time.perf_counter()
     r = run_and_report(settings, data, out, settings.run.validate, checkpoints=False, log=log)
     wall = time.perf_counter() - t0
@@ -4088,13 +4334,13 @@ def bench(settings: Settings, data: Path, out: Path, solution: Path | None = Non
     for name in [c for c in ("decode", "preprocess", "extract", "match", "geometry") if c in stages] + ["total"]:
         log(f"{name:<12}{stages[name].mean():9.3f}{stages[name].quantile(0.95):9.3f}")
     sw = r.stopwatch
-    log(f"{'phase':<16}{'seconds':>9}{'extract':>9}{'match':>8}")
+    log(f"{'phase':<16}{'seconds':>9}{'extract':>9}{'match':>8}{'correlate':>10}{'peak GiB':>10}")
     for name in [*BENCH_PHASES, *sorted(set(sw.seconds) - set(BENCH_PHASES))]:
         if name in sw.seconds:
             n = sw.passes.get(name, Counter())
-            log(f"{name:<16}{sw.seconds[name]:9.1f}{n['extract']:9d}{n['match']:8d}")
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
-    line = f"wall {wall:.1f} s; peak memory {peak:.2f} GiB (process RSS)"
+            log(f"{name:<16}{sw.seconds[name]:9.1f}{n['extract']:9d}{n['match']:8d}{n['correlate']:10d}"
+                f"{sw.peak_gib.get(name, 0.0):10.2f}")
+    line = f"wall {wall:.1f} s; peak memory {peak_rss_gib():.2f} GiB (process RSS)"
     if backend.device_name.startswith("cuda"):
         import torch
         line += f", {torch.cuda.max_memory_allocated() / 2**30:.2f} GiB on the GPU"
@@ -4166,7 +4412,7 @@ class LocateQuery:
 def locate(settings: Settings, query: LocateQuery, out: Path, log=print) -> dict:
     """One frame near a prior, through the same backend choice and Search.find as submit. Its height is
     --altitude/--map-gsd or --scale, else the calibration of an earlier run in `out`, else a sweep of
-    candidate heights at the prior; its heading --yaw, else every orientation."""
+    candidate heights at the prior; its heading --yaw, else every turn."""
     for path, what in ((query.frame, "frame image"), (query.map, "map image")):
         if not Path(path).is_file():
             raise DataError(f"{path}: {what} not found")
@@ -4192,27 +4438,43 @@ def locate(settings: Settings, query: LocateQuery, out: Path, log=print) -> dict
         lean, lean_source = tuple(settings.truth.default_lean), LeanSource.DEFAULT
     radius = query.radius if query.radius is not None else settings.search.search_radius
     stopwatch = Stopwatch()
-    probe = Probe(frame, query.prior, radius, query.yaw, height.k if height else None, None)
     views = build_views(settings, build_backend(settings), out, stopwatch)
-    choice, views = choose_backend(settings, [probe], views, map_path, map_gray, out, guess, log)
+    probe = Probe(frame, query.prior, radius, query.yaw, height.k if height else None, None)
+    corr = None
+    if height is not None and settings.correlation.enabled:
+        # the correlation fix first: no keypoint need survive the season, and without --yaw it finds the
+        # heading, so the keypoint searches after it look at one turn in a small window, not four in the radius
+        n = settings.correlation.headings
+        headings = [query.yaw] if query.yaw is not None else [360.0 * j / n for j in range(n)]
+        engine = build_engine(settings, map_path, map_gray, out, height.k, [frame], views, quiet)
+        corr = Search(engine, settings, Calibration.seed(height.k, lean, lean_source)).correlate(
+            frame, query.prior, headings, height.k / frame.focal, radius)
+        if corr.H is not None:
+            centre = project(corr.H, [frame.principal_point])[0]
+            probe = Probe(frame, (float(centre[0]), float(centre[1])), settings.search.search_radius,
+                          homography_yaw(corr.H, frame.principal_point), height.k, None)
+    choice, views, (found,) = choose_backend(settings, [probe], views, map_path, map_gray, out, guess, log)
     if choice.preset:
         settings = settings.with_preset(choice.preset)
     if height is None:
-        swept = sweep_height(build_engine(settings, map_path, map_gray, out, guess, [frame], views, quiet), settings,
-                             [probe], guess)
-        height = swept or Height(guess, 0.0, HeightSource.GUESS)
+        height = Height(shown_height(found, frame), 0.0, HeightSource.SWEEP) if found is not None else \
+            Height(guess, 0.0, HeightSource.GUESS)
     engine = build_engine(settings, map_path, map_gray, out, height.k, [frame], views, log)
     search = Search(engine, settings, Calibration.seed(height.k, lean, lean_source))
-    est, _ = search.find(frame, query.prior, radius, query.yaw, widen=False)
+    if found is not None:          # the backend choice's own keypoint match of this frame
+        x, y = search.truth_xy(frame, found.H, found.inliers)
+        est = dataclasses.replace(found, x=x, y=y, peak_ratio=corr.peak_ratio if corr is not None else None)
+    elif corr is not None and corr.H is not None:
+        est = corr
+    else:
+        est = Estimate(frame.id, *query.prior, Source.UNMATCHED, peak_ratio=corr.peak_ratio if corr else None,
+                       error="; ".join(["no keypoint match near the prior"] + ([corr.error] if corr else [])))
     if est.H is None:
-        # the whole frame may cost search.budget_frames x one window at one orientation (what a frame of a
-        # flight, its heading known, costs), what it has spent included
-        cfg = settings.search
-        typical = est.runtime / len(orientations_for(query.yaw))
-        budget = max(cfg.budget_min_s, cfg.budget_frames * typical - (time.perf_counter() - t_start))
-        est, _ = search.find(frame, query.prior, radius, query.yaw, budget_s=budget)
+        # a last, bounded look beyond the prior's radius: a widening search of search.budget_min_s
+        est, _ = search.find(frame, query.prior, radius, query.yaw, budget_s=settings.search.budget_min_s)
     return {"x": round(est.x, 3), "y": round(est.y, 3), "inliers": est.inliers, "matches": est.matches,
-            "orientation": est.orientation, "source": est.source.value, "matched": est.H is not None,
+            "turn": est.turn, "source": est.source.value, "matched": est.H is not None,
+            "peak_ratio": None if est.peak_ratio is None else round(est.peak_ratio, 3),
             "height_k": round(height.k, 1), "scale": round(search.calib.expected_scale(frame), 5),
             "height_from": height.source.value, "lean": [round(v, 4) for v in lean], "lean_from": lean_source.value,
             "backend": settings.features.backend, "map_level": engine.map_features.level,

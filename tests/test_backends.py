@@ -58,7 +58,8 @@ def test_frame_far_from_its_prior_is_relocalized(calibrated, solution):
     far = (truth[0] + 700 if truth[0] < 900 else truth[0] - 700, truth[1])
     est, _ = search.find(frame, far, 50, None)
     assert est.source == U.Source.RELOCALIZED, est.error
-    assert np.hypot(est.x - truth[0], est.y - truth[1]) < 5
+    # the same bound as at every turn above: the demo camera's tilt jitter alone moves a nadir up to 5.6 px
+    assert np.hypot(est.x - truth[0], est.y - truth[1]) < 8
 
 
 @pytest.mark.parametrize("backend", backends_param("aliked", "xfeat", "disk"))
