@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import ctypes
 import dataclasses
 import enum
 import hashlib
@@ -394,6 +395,7 @@ class RunSettings(Section):
     wheels_dir: str
     device: str
     threads: int
+    mmap_threshold_mib: int
     strict: bool
     resume: bool
     fresh: bool
@@ -1653,6 +1655,22 @@ def backend_class(name: str) -> type[Backend]:
 LOADED: dict[str, Backend] = {}
 
 
+# mallopt's parameter number for the size above which glibc gives an allocation its own mapping
+M_MMAP_THRESHOLD = -3
+
+
+def fix_mmap_threshold(mib: int) -> None:
+    """Allocations above `mib` MiB (torch's activations) get their own mapping, returned to the system
+    when freed. glibc otherwise raises this threshold after each large free and serves later large
+    buffers from its heap, which it keeps: a run's peak memory grows with the shapes it has seen. The
+    price is a page fault per fresh page of such a buffer. glibc only; elsewhere malloc stays as it is."""
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return
+    libc.mallopt(M_MMAP_THRESHOLD, mib << 20)
+
+
 def build_backend(settings: Settings, name: str | None = None) -> Backend:
     """The backend `name` (default: features.backend), loaded once per process."""
     cls = backend_class(name or settings.features.backend)
@@ -1663,6 +1681,8 @@ def build_backend(settings: Settings, name: str | None = None) -> Backend:
             import torch
             if run.threads:
                 torch.set_num_threads(run.threads)
+            if run.mmap_threshold_mib:
+                fix_mmap_threshold(run.mmap_threshold_mib)
             torch.manual_seed(0)
         LOADED[key] = cls(settings.features, Path(run.weights_dir), run.device, Path(run.wheels_dir))
     return LOADED[key]
@@ -1770,6 +1790,11 @@ def snap_scale(scale: float, step: float) -> float:
     return float(np.exp(k * np.round(np.log(scale) / k)))
 
 
+# views kept in memory besides the disk cache: links and map matches reuse a frame's views within a few
+# frames of each other (0.5 MiB each at 1024 ALIKED keypoints)
+VIEWS_IN_MEMORY = 256
+
+
 class QueryViews:
     """Views of frames, cached in memory and on disk under <cache>/<features key>/ so a second run or a
     tuning trial skips decoding and extraction. A view's key holds the image file (path, size, mtime),
@@ -1779,7 +1804,7 @@ class QueryViews:
                  folder: Path | None, decoder: FrameDecoder, stopwatch: Stopwatch):
         self.backend, self.preprocess_cfg, self.scale_step = backend, preprocess_cfg, scale_step
         self.folder, self.decoder, self.stopwatch = folder, decoder, stopwatch
-        self.memory: dict[str, QueryView] = {}
+        self.memory: OrderedDict[str, QueryView] = OrderedDict()   # most recently used last
         self.hits = self.misses = 0
 
     def working_scale(self, frame: Frame) -> float:
@@ -1823,9 +1848,11 @@ class QueryViews:
         clock = clock or Stopwatch()
         key = self.key(frame, turn, scale)
         v = self.memory.get(key)
-        if v is None and self.folder is not None and self._file(key).is_file():
+        if v is not None:
+            self.memory.move_to_end(key)
+        elif self.folder is not None and self._file(key).is_file():
             feats, extra = Features.load(self._file(key))
-            v = self.memory[key] = QueryView(feats, (int(extra["size"][0]), int(extra["size"][1])), extra["to_view"])
+            v = self._keep(key, QueryView(feats, (int(extra["size"][0]), int(extra["size"][1])), extra["to_view"]))
         self.hits += v is not None
         self.misses += v is None
         if v is not None:
@@ -1835,9 +1862,17 @@ class QueryViews:
         feats = self.backend.extract(img)
         self.stopwatch.count("extract")
         clock.tick("extract", t0)
-        v = self.memory[key] = QueryView(feats, (img.shape[1], img.shape[0]), to_view)
+        v = QueryView(feats, (img.shape[1], img.shape[0]), to_view)
         if self.folder is not None:
             feats.save(self._file(key), size=np.array(v.size), to_view=to_view)
+        return self._keep(key, v)
+
+    def _keep(self, key: str, v: QueryView) -> QueryView:
+        """Keep a view in memory; with the disk cache, only the VIEWS_IN_MEMORY used last (a flight's
+        views would otherwise hold half a GiB: a view is reloaded from disk in milliseconds)."""
+        self.memory[key] = v
+        if self.folder is not None and len(self.memory) > VIEWS_IN_MEMORY:
+            self.memory.popitem(last=False)
         return v
 
 
@@ -2320,11 +2355,15 @@ class Search:
 
     def scale(self, frame: Frame) -> float:
         """The view scale the map's level asks for at the calibrated height: the frame's own working
-        scale when that is close enough, so links and map matches share one extraction."""
+        scale when that is close enough, so links and map matches share one extraction; never above the
+        frame's own resolution (upsampling adds no detail: a height sweep's highest candidates asked for
+        1846 x 1384 px views of 1200 x 900 frames, and 5.6 GiB)."""
         views = self.engine.views
         ideal = self.calib.expected_scale(frame) * self.engine.map_features.level * self.s.search.virtual_zoom
         own = views.working_scale(frame)
-        return own if abs(np.log(ideal / own)) <= np.log(SHARED_VIEW) else snap_scale(ideal, views.scale_step)
+        if abs(np.log(ideal / own)) <= np.log(SHARED_VIEW):
+            return own
+        return min(1.0, snap_scale(ideal, views.scale_step))
 
     def view(self, frame: Frame, turn: int, clock: Stopwatch) -> QueryView:
         return self.engine.views.view(frame, self.scale(frame), turn, clock)
@@ -3464,15 +3503,20 @@ def register_train(engine: Engine, settings: Settings, dataset: Dataset, k: floa
                    flight: FlightSolution, checkpoint: Checkpoint, log=print) -> tuple[dict[int, Estimate], bool]:
     """Train frames matched to the map at their truths (a narrow window, at the heading the train flight
     gives them): search.register_frames of them spread over the flights (0: all), enough for the
-    truth point and the height. When none of the first search.blind_after registers, the map matches
-    nothing here and the rest are not tried."""
+    truth point and the height. A frame whose keypoints find nothing is correlated at the flight's
+    heading and scale: where that lands on its truth, the map is matchable here (long autumn shadows
+    break keypoints, not the footprint's texture as a whole), but a correlation holds the given heading
+    and scale, so it teaches neither the height nor the truth point and is not kept as a registration.
+    When none of the first search.blind_after frames is found either way, the map matches nothing here
+    and the rest are not tried."""
     search = Search(engine, settings, Calibration.seed(k, lean))
     ids = dataset.train_ids
     check_map_covers_frames(dataset.map_path, engine.map_size, dataset.frames[ids[0]], k)
     order = spread_order(ids)[:settings.search.register_frames or None]
     known: dict[int, Estimate] = {}
     progress = Progress("register train", len(order), log)
-    registered, blind = 0, False
+    found, correlated = Counter(), []
+    blind = False
     for n, i in enumerate(order):
         f = dataset.frames[i]
         rec = checkpoint.get("register", i)
@@ -3481,24 +3525,45 @@ def register_train(engine: Engine, settings: Settings, dataset: Dataset, k: floa
         else:
             if n + 1 < len(order):
                 search.prefetch(dataset.frames[order[n + 1]])
-            pose = flight.poses[i]
-            heading = pose.heading if i in flight.oriented else None
-            centre = search.footprint_centre(f, f.truth, pose.heading, pose.scale) if heading is not None else f.truth
-            est = search.find_guarded(f, centre, settings.search.search_radius, heading, widen=False)
+            est = register_one(search, f, flight.poses[i], i in flight.oriented)
             checkpoint.put("register", i, est.to_record())
         progress.step()
-        registered += est.H is not None
-        known[i] = dataclasses.replace(est, x=f.truth[0], y=f.truth[1], source=Source.TRUTH)
-        if registered == 0 and n + 1 >= settings.search.blind_after:
+        found[est.source] += 1
+        if est.source is Source.CORRELATED:
+            correlated.append(f"id {i} at {np.hypot(est.x - f.truth[0], est.y - f.truth[1]):.0f} px")
+        known[i] = Estimate(i, *f.truth, Source.TRUTH, runtime=est.runtime) if est.source is Source.CORRELATED \
+            else dataclasses.replace(est, x=f.truth[0], y=f.truth[1], source=Source.TRUTH)
+        if found[Source.MAP] + found[Source.CORRELATED] == 0 and n + 1 >= settings.search.blind_after:
             blind = True
             log(f"registration: none of the first {n + 1} train frames (spread over the flight) matches the "
                 f"map; the rest are not tried and no frame is looked for on the map: the flight is placed "
                 f"by its truths and links alone")
             break
     progress.close()
+    log(f"registration: {found[Source.MAP]} of {sum(found.values())} train frames tried matched by keypoints, "
+        f"{found[Source.CORRELATED]} more found by correlation only" +
+        (f" ({', '.join(correlated[:6])}{', ...' if len(correlated) > 6 else ''})" if correlated else ""))
     for i in ids:
         known.setdefault(i, Estimate(i, *dataset.frames[i].truth, Source.TRUTH))
     return known, not blind
+
+
+def register_one(search: Search, frame: Frame, pose: Pose, oriented: bool) -> Estimate:
+    """One train frame matched to the map at its truth: keypoints at the flight's heading (any turn
+    where the flight leaves it unknown; source MAP, judged against its truth by the calibration), else a
+    correlation at that heading and scale, which counts (CORRELATED) only where it puts the truth point
+    within graph.fix_outlier_px of the truth; else UNMATCHED."""
+    s, truth = search.s, frame.truth
+    heading = pose.heading if oriented else None
+    centre = search.footprint_centre(frame, truth, pose.heading, pose.scale) if oriented else truth
+    est = search.find_guarded(frame, centre, s.search.search_radius, heading, widen=False)
+    if est.H is None and oriented and s.correlation.enabled:
+        fix = search.correlate(frame, truth, [pose.heading], pose.scale, s.search.search_radius)
+        if fix.H is not None and np.hypot(fix.x - truth[0], fix.y - truth[1]) <= s.graph.fix_outlier_px:
+            return dataclasses.replace(fix, runtime=est.runtime + fix.runtime)
+        return dataclasses.replace(est, runtime=est.runtime + fix.runtime, peak_ratio=fix.peak_ratio,
+                                   error=f"{est.error}; {fix.error or 'correlation far from the truth'}")
+    return est
 
 
 def links_of_train_legs(linker: Linker, dataset: Dataset, flight: FlightSolution, temporal: list[Link],
@@ -3565,8 +3630,7 @@ def prepare(settings: Settings, dataset: Dataset, out: Path, checkpoint: Checkpo
         registration, map_matches = register_train(engine, settings, dataset, height.k, lean, flight, checkpoint, log)
     n_reg = sum(e.H is not None for e in registration.values())
     log(f"links: {len(temporal)} to the next frames, {len(cross)} between train frames of adjacent legs "
-        f"({linker.matched} pairs matched this run); train frames registered: {n_reg} of "
-        f"{sum(e.runtime > 0 or e.H is not None for e in registration.values())} tried ({len(train)} in all)")
+        f"({linker.matched} pairs matched this run)")
     lean_source = LeanSource.DEFAULT
     if n_reg < settings.truth.min_frames:
         with stopwatch.phase("solve"):

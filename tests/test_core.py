@@ -184,6 +184,23 @@ def test_prefetched_decode_equals_direct_decode_and_keeps_errors(demo_data, tmp_
         dec.get(bad, 200)
 
 
+def test_views_in_memory_are_bounded_and_reloaded_from_disk(demo_data, tmp_path, monkeypatch):
+    """With the disk cache, memory keeps only the views used last; an evicted view comes back from disk
+    as it was extracted, without a second extraction."""
+    monkeypatch.setattr(U, "VIEWS_IN_MEMORY", 2)
+    s = sift()
+    clock = U.Stopwatch()
+    views = U.build_views(s, U.build_backend(s), tmp_path, clock)
+    ds = U.load_dataset(demo_data)
+    frames = [ds.frames[i] for i in ds.train_ids[:3]]
+    first = [views.view(f, 0.25) for f in frames]
+    assert len(views.memory) == 2 and clock.passes["other"]["extract"] == 3
+    again = views.view(frames[0], 0.25)                  # evicted: from disk
+    assert clock.passes["other"]["extract"] == 3 and len(views.memory) == 2
+    assert np.array_equal(again.features.keypoints, first[0].features.keypoints) and again.size == first[0].size
+    assert np.array_equal(again.to_view, first[0].to_view)
+
+
 # ----------------------------------------------------------------------------- a whole submit (SIFT)
 
 @pytest.fixture(scope="module")

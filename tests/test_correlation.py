@@ -69,3 +69,38 @@ def test_a_window_that_does_not_hold_the_frame_gives_no_fix(scene):
     est = search.correlate(frame, (TRUTH[0] + 700, TRUTH[1] + 150), [HEADING], SCALE, 120.0)
     assert est.H is None and est.source is U.Source.UNMATCHED
     assert "x the next" in est.error and est.peak_ratio < search.s.correlation.min_ratio
+
+
+def registration(scene, truth) -> U.Estimate:
+    """The frame registered at `truth` (as a train frame), its keypoints refused by an inlier count no
+    match reaches: what is left is the correlation at the flight's heading and scale."""
+    search, frame = scene
+    s = U.load_settings(overrides=[f"features.backend={search.s.features.backend}", "geometry.min_inliers=100000"])
+    train = U.Frame(1, frame.path, frame.width, frame.height, frame.fx, frame.fy, frame.cx, frame.cy, "train", truth)
+    return U.register_one(U.Search(search.engine, s, search.calib), train, U.Pose(*truth, HEADING, SCALE), True)
+
+
+def test_a_train_frame_keypoints_miss_is_registered_by_correlation_at_its_truth(scene):
+    est = registration(scene, TRUTH)
+    assert est.source is U.Source.CORRELATED, est.error
+    assert np.hypot(est.x - TRUTH[0], est.y - TRUTH[1]) < 5.0
+
+
+def test_a_correlation_far_from_the_train_truth_is_no_registration(scene):
+    """The truth 100 px off: the frame's true place is still in the correlation's radius and is found
+    there, 100 px from the truth, beyond graph.fix_outlier_px: unmatched."""
+    search, _ = scene
+    assert search.s.graph.fix_outlier_px < 100
+    est = registration(scene, (TRUTH[0] + 100, TRUTH[1]))
+    assert est.source is U.Source.UNMATCHED and est.H is None
+    assert "correlation far from the truth" in est.error
+
+
+def test_a_view_is_never_larger_than_its_frame(scene):
+    """A height far above the truth (a sweep's highest candidate) asks for the frame at several times its
+    own size: the view stays at the frame's own resolution."""
+    search, frame = scene
+    high = U.Search(search.engine, search.s, U.Calibration.seed(20 * SCALE * FOCAL, (0.0, 0.0)))
+    assert high.calib.expected_scale(frame) * search.engine.map_features.level > 2
+    assert high.scale(frame) == 1.0
+    assert high.view(frame, 0, U.Stopwatch()).size == SIZE
