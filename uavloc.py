@@ -1681,8 +1681,6 @@ def build_backend(settings: Settings, name: str | None = None) -> Backend:
             import torch
             if run.threads:
                 torch.set_num_threads(run.threads)
-            if run.mmap_threshold_mib:
-                fix_mmap_threshold(run.mmap_threshold_mib)
             torch.manual_seed(0)
         LOADED[key] = cls(settings.features, Path(run.weights_dir), run.device, Path(run.wheels_dir))
     return LOADED[key]
@@ -3587,6 +3585,8 @@ def prepare(settings: Settings, dataset: Dataset, out: Path, checkpoint: Checkpo
             log=print) -> Prepared:
     """The backend choice (checkpointed), the links, the height, the map's engine at the level that
     height calls for, the train frames as a flight, and their registration at their truths."""
+    if settings.run.mmap_threshold_mib:     # a flight's many frames, not one (--mode locate: no gain, 1 s more)
+        fix_mmap_threshold(settings.run.mmap_threshold_mib)
     map_gray = read_image(dataset.map_path)
     train = [dataset.frames[i] for i in dataset.train_ids]
     guess = footprint_guess((map_gray.shape[1], map_gray.shape[0]), train[0], settings.height)
