@@ -3266,6 +3266,16 @@ def flight_leans(frames: Mapping[int, Frame], links: list[Link], anchors: Mappin
     return out
 
 
+def keypoints_else_correlation(est: Estimate, fix: Estimate, accepted: bool) -> Estimate:
+    """A keypoint search `est` that found nothing and the correlation `fix` tried after it: the fix where
+    `accepted`, else `est` with the correlation's peak ratio and why it failed; either with both times."""
+    runtime = est.runtime + fix.runtime
+    if accepted:
+        return dataclasses.replace(fix, runtime=runtime, stages=est.stages)
+    why = fix.error or "correlation far from the truth"
+    return dataclasses.replace(est, runtime=runtime, peak_ratio=fix.peak_ratio, error=f"{est.error}; {why}".lstrip("; "))
+
+
 def look_at_map(search: Search, frame: Frame, pose: Pose, placed: bool, area, budget_s: float | None) -> Estimate:
     """A frame's own map fix, looked for where the graph puts it: a window of sigma_radius x its sigma at
     its heading when the graph places it within search.placed_sigma_px; else a widening search from
@@ -3282,10 +3292,7 @@ def look_at_map(search: Search, frame: Frame, pose: Pose, placed: bool, area, bu
         return est
     # the keypoints found nothing: the graph's heading and scale leave a translation to find
     fix = search.correlate(frame, (pose.x, pose.y), [pose.heading], pose.scale, radius)
-    if fix.H is not None:
-        return dataclasses.replace(fix, runtime=est.runtime + fix.runtime, stages=est.stages)
-    return dataclasses.replace(est, runtime=est.runtime + fix.runtime, error=f"{est.error}; {fix.error}".lstrip("; "),
-                               peak_ratio=fix.peak_ratio)
+    return keypoints_else_correlation(est, fix, fix.H is not None)
 
 
 def localize_flight(search: Search, linker: Linker, dataset: Dataset, known: Mapping[int, Estimate], targets: list[int],
@@ -3557,10 +3564,8 @@ def register_one(search: Search, frame: Frame, pose: Pose, oriented: bool) -> Es
     est = search.find_guarded(frame, centre, s.search.search_radius, heading, widen=False)
     if est.H is None and oriented and s.correlation.enabled:
         fix = search.correlate(frame, truth, [pose.heading], pose.scale, s.search.search_radius)
-        if fix.H is not None and np.hypot(fix.x - truth[0], fix.y - truth[1]) <= s.graph.fix_outlier_px:
-            return dataclasses.replace(fix, runtime=est.runtime + fix.runtime)
-        return dataclasses.replace(est, runtime=est.runtime + fix.runtime, peak_ratio=fix.peak_ratio,
-                                   error=f"{est.error}; {fix.error or 'correlation far from the truth'}")
+        near = fix.H is not None and np.hypot(fix.x - truth[0], fix.y - truth[1]) <= s.graph.fix_outlier_px
+        return keypoints_else_correlation(est, fix, near)
     return est
 
 
