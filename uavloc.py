@@ -15,7 +15,8 @@ Glossary (one name per concept):
   map px       a pixel of map.png; image px: a pixel of the original frame file
   view         a frame decoded at its working size (preprocess.max_side), maybe turned by 90-degree
                steps, with its features; views are cached in memory and on disk; a frame's upright
-               view is turned so that its heading lies nearest north (links across legs meet there)
+               view is turned so that its heading lies nearest north: its links and its map search
+               all use it (the heading carried along the chain from a pair of train frames)
   turn         a view turned by 0, 90, 180 or 270 degrees (exact): the map is matched north up, a frame
                turned nearest north up (its upright view); links across a leg's end meet at a turn too
   height k     map px x focal length / image px (= altitude / map GSD); scale: map px per image px = k / f
@@ -96,6 +97,26 @@ class WeightsError(UavlocError):
 class FrameError(UavlocError):
     """A frame raised an unexpected error and --strict asked to stop there."""
     exit_code = 5
+
+
+class Recent(OrderedDict):
+    """A dict that keeps its `limit` most recently stored or used items (None: every item)."""
+
+    def __init__(self, limit: int | None):
+        super().__init__()
+        self.limit = limit
+
+    def use(self, key):
+        """The item at `key` (None if absent), now the most recently used."""
+        if key in self:
+            self.move_to_end(key)
+        return self.get(key)
+
+    def __setitem__(self, key, value):
+        super().__setitem__(key, value)
+        self.move_to_end(key)
+        while self.limit is not None and len(self) > self.limit:
+            self.popitem(last=False)
 
 
 def digest(obj, n: int = 12) -> str:
@@ -1000,12 +1021,11 @@ class FrameDecoder:
 
     def __init__(self, prefetch: bool, keep: int = 4):
         self.pool = ThreadPoolExecutor(1, thread_name_prefix="uavloc-decode") if prefetch else None
-        self.items: OrderedDict[tuple, np.ndarray | Future] = OrderedDict()
-        self.keep = keep
+        self.items: Recent = Recent(keep)           # (path, side) -> gray image, or its decoding Future
 
     def prefetch(self, path: Path, side: int, full_size: tuple[int, int] | None = None) -> None:
         if self.pool is not None and (path, side) not in self.items:
-            self._store((path, side), self.pool.submit(load_gray, path, side, full_size))
+            self.items[path, side] = self.pool.submit(load_gray, path, side, full_size)
 
     def get(self, path: Path, side: int, full_size: tuple[int, int] | None = None) -> np.ndarray:
         item = self.items.get((path, side))
@@ -1013,14 +1033,10 @@ class FrameDecoder:
             item = load_gray(path, side, full_size)
         elif isinstance(item, Future):
             item = item.result()          # an error in the thread (a corrupt image) is raised here
-        self._store((path, side), item)
+        self.items[path, side] = item
         return item
 
-    def _store(self, key: tuple, item) -> None:
-        self.items[key] = item
-        self.items.move_to_end(key)
-        while len(self.items) > self.keep:
-            self.items.popitem(last=False)
+
 # ----------------------------------------------------------------------------- geometry
 
 # a view's quarter turns (rotation_h's sense, exact), most likely first: the same heading along a leg,
@@ -1788,8 +1804,9 @@ def snap_scale(scale: float, step: float) -> float:
     return float(np.exp(k * np.round(np.log(scale) / k)))
 
 
-# views kept in memory besides the disk cache: links and map matches reuse a frame's views within a few
-# frames of each other (0.5 MiB each at 1024 ALIKED keypoints)
+# views kept in memory besides the disk cache (all of them without it): links and map matches reuse a
+# frame's views within a few frames of each other (0.5 MiB each at 1024 ALIKED keypoints; a flight's
+# would hold half a GiB, and one is reloaded from disk in milliseconds)
 VIEWS_IN_MEMORY = 256
 
 
@@ -1802,7 +1819,7 @@ class QueryViews:
                  folder: Path | None, decoder: FrameDecoder, stopwatch: Stopwatch):
         self.backend, self.preprocess_cfg, self.scale_step = backend, preprocess_cfg, scale_step
         self.folder, self.decoder, self.stopwatch = folder, decoder, stopwatch
-        self.memory: OrderedDict[str, QueryView] = OrderedDict()   # most recently used last
+        self.memory: Recent = Recent(VIEWS_IN_MEMORY if folder is not None else None)
         self.hits = self.misses = 0
 
     def working_scale(self, frame: Frame) -> float:
@@ -1845,12 +1862,10 @@ class QueryViews:
         """The frame at `scale` x its size, turned by `turn`, with its features (cached)."""
         clock = clock or Stopwatch()
         key = self.key(frame, turn, scale)
-        v = self.memory.get(key)
-        if v is not None:
-            self.memory.move_to_end(key)
-        elif self.folder is not None and self._file(key).is_file():
+        v = self.memory.use(key)
+        if v is None and self.folder is not None and self._file(key).is_file():
             feats, extra = Features.load(self._file(key))
-            v = self._keep(key, QueryView(feats, (int(extra["size"][0]), int(extra["size"][1])), extra["to_view"]))
+            v = self.memory[key] = QueryView(feats, (int(extra["size"][0]), int(extra["size"][1])), extra["to_view"])
         self.hits += v is not None
         self.misses += v is None
         if v is not None:
@@ -1863,14 +1878,7 @@ class QueryViews:
         v = QueryView(feats, (img.shape[1], img.shape[0]), to_view)
         if self.folder is not None:
             feats.save(self._file(key), size=np.array(v.size), to_view=to_view)
-        return self._keep(key, v)
-
-    def _keep(self, key: str, v: QueryView) -> QueryView:
-        """Keep a view in memory; with the disk cache, only the VIEWS_IN_MEMORY used last (a flight's
-        views would otherwise hold half a GiB: a view is reloaded from disk in milliseconds)."""
         self.memory[key] = v
-        if self.folder is not None and len(self.memory) > VIEWS_IN_MEMORY:
-            self.memory.popitem(last=False)
         return v
 
 
@@ -1941,10 +1949,18 @@ class Linker:
                                    (self.g.scale_low, self.g.scale_high)) is None
         return Link(fa.id, fb.id, H, rec["inliers"], (turn - turn_a) % 360) if ok else None
 
-    def match(self, fa: Frame, fb: Frame, turns=TURNS) -> Link | None:
-        """The first turn at which the frames match."""
+    def match(self, fa: Frame, fb: Frame, turns=TURNS, turn_a: int = 0) -> Link | None:
+        """The first turn (relative to a's view, turned by `turn_a`) at which b's view meets a's."""
         for turn in turns:
-            link = self.attempt(fa, fb, turn)
+            link = self.attempt(fa, fb, (turn_a + turn) % 360, turn_a)
+            if link is not None:
+                return link
+        return None
+
+    def match_back(self, fa: Frame, fb: Frame, turn_b: int) -> Link | None:
+        """The first turn of a's view (relative to b's, turned by `turn_b`) at which it meets b's."""
+        for turn in TURNS:
+            link = self.attempt(fa, fb, turn_b, (turn_b - turn) % 360)
             if link is not None:
                 return link
         return None
@@ -1964,35 +1980,118 @@ def match_views(backend: Backend, threshold: float, g: GeometrySettings, va: Que
     return H, int(inl.sum()), len(i0)
 
 
-def bridge(linker: Linker, frames: Mapping[int, Frame], before: list[int], after: list[int]) -> Link | None:
-    """The strongest link between a frame `before` a break in the chain and one `after` it, at any turn
-    (the pair at the break itself was tried already): a weak link at a sharp turn bends the chain, and
-    the candidates are few."""
-    links = [link for p in before for q in after if (p, q) != (before[-1], after[0])
-             and (link := linker.match(frames[p], frames[q])) is not None]
-    return max(links, key=lambda k: k.inliers, default=None)
+def pair_motion(link: Link, fa: Frame, fb: Frame) -> tuple[float, float]:
+    """k and a's heading from two train frames matched to each other: their image displacement (the
+    symmetric mean of a's principal point carried into b and b's carried back into a, so zoom and lean
+    cancel) against the distance between their truths; the heading from the motion's direction in the
+    image against its direction on the map."""
+    H = link.H
+    fwd = project(H, [fa.principal_point])[0] - fb.principal_point
+    bwd = project(np.linalg.inv(H), [fb.principal_point])[0] - fa.principal_point
+    moved = np.sqrt(np.hypot(*fwd) * np.hypot(*bwd))
+    travel = np.subtract(fb.truth, fa.truth)
+    k = np.hypot(*travel) * np.sqrt(fa.focal * fb.focal) / max(moved, 1e-9)
+    # the camera's motion in b's image (from where a's centre lies in b to b's centre) is the truths'
+    # displacement on the map turned by the frame's heading
+    heading = np.degrees(np.arctan2(travel[1], travel[0]) - np.arctan2(-fwd[1], -fwd[0]))
+    return float(k), angle_diff(float(heading), 0.0)
+
+
+# a pair that moved less than this fraction of the frame measures its attitude jitter, not its motion
+MIN_PAIR_SHIFT = 0.04
+
+
+def chain_seed(linker: Linker, frames: Mapping[int, Frame], run: list[int], tries: int = 3) -> tuple[int, float]:
+    """Where a run's chain of headings starts, and its heading: the first train frame that links straight
+    to the next one, a train frame too (their motion against their truths gives its heading:
+    `pair_motion`); else the run's first frame, as it is (heading 0). Up to `tries` pairs are tried: each
+    try may extract two views at turn 0 that the chain does not use."""
+    pairs = [i for i in run[:-1] if frames[i].truth is not None and frames[i + 1].truth is not None]
+    for i in pairs[:tries]:
+        link = linker.match(frames[i], frames[i + 1], (0,))
+        if link is not None and link.straight(frames[i]) and link.shift(frames[i], frames[i + 1]) >= MIN_PAIR_SHIFT:
+            return i, pair_motion(link, frames[i], frames[i + 1])[1]
+    return run[0], 0.0
+
+
+@dataclass
+class Chain:
+    """One run of ids walked frame to frame: each frame's link to the next id (None at a break), the
+    bridges across its breaks and each frame's heading (degrees; its view's turn follows from it)."""
+    step: dict[int, Link | None]
+    bridges: dict[tuple[int, int], Link]       # by (a, b): two breaks in a row may pick the same one
+    heading: dict[int, float]
+
+    def turn(self, i: int) -> int:
+        return upright_turn(self.heading[i])
+
+
+def walk_chain(linker: Linker, frames: Mapping[int, Frame], run: list[int], progress: Progress) -> Chain:
+    """A run's frames linked to the next id, forwards and backwards from its seed (`chain_seed`). Each
+    frame is seen at the turn that brings it nearest north-up: its heading is carried along the chain
+    (each link's rotation) and across a break by the strongest link across it (up to two frames before
+    it, two after: a bridge); with no bridge the frame after the break is taken as it is. So a frame's
+    view is its upright one, which its links across legs and its map search use too: one extraction a
+    frame, where a frame's own view and its upright one were two."""
+    seed, seed_heading = chain_seed(linker, frames, run)
+    chain = Chain({}, {}, {seed: seed_heading})
+    step, heading = chain.step, chain.heading
+
+    def meet(p: int, q: int) -> Link | None:
+        """Frames p (its heading known) and q linked, q's view turned to meet p's."""
+        a, b = sorted((p, q))
+        return linker.match(frames[a], frames[b], turn_a=chain.turn(a)) if p == a else \
+            linker.match_back(frames[a], frames[b], chain.turn(b))
+
+    def meet_next(p: int, q: int) -> Link | None:
+        """Consecutive frames: `meet`, else at the frames' own orientation (a learned feature is not
+        turn-invariant: a marginal pair may link at one orientation and not at another)."""
+        return meet(p, q) or linker.match(frames[min(p, q)], frames[max(p, q)])
+
+    def carried(link: Link, p: int) -> float:
+        """The heading of the link's other frame, from p's."""
+        yaw = homography_yaw(link.H, frames[link.a].principal_point)
+        return heading[p] - yaw if p == link.a else heading[p] + yaw
+
+    start, members = run.index(seed), set(run)
+    walk = [(run[n], run[n + 1], 1) for n in range(start, len(run) - 1)] + \
+           [(run[n], run[n - 1], -1) for n in range(start, 0, -1)]
+    for k, m, d in walk:                                       # k's heading is known; m's comes from it
+        progress.step()
+        if min(k, m) in step:                                  # linked from the far side of a break
+            continue
+        if d == 1 and m + 1 in members:
+            linker.views.prefetch(frames[m + 1], linker.views.working_scale(frames[m + 1]))
+        link = step[min(k, m)] = meet_next(k, m)
+        if link is not None:
+            heading[m] = carried(link, k)
+            continue
+        across = [(x, p, q) for p in (k, k - d, k - 2 * d) for q in (m, m + d)
+                  if p in heading and q in members and (p, q) != (k, m) and (x := meet(p, q)) is not None]
+        if not across:
+            heading[m] = 0.0                                   # nothing tells: the frame as it is
+            continue
+        bridge, p, q = max(across, key=lambda x: x[0].inliers)
+        chain.bridges[bridge.a, bridge.b] = bridge
+        heading[q] = carried(bridge, p)
+        if q != m:                                             # the bridge skips m: m met from its far side
+            link = step[min(q, m)] = meet_next(q, m)
+            heading[m] = carried(link, q) if link is not None else heading[q]
+    return chain
 
 
 def temporal_links(linker: Linker, dataset: Dataset, ids: list[int], log=print) -> list[Link]:
     """Each frame linked to the next ones of its flight while they overlap: the next id always (at the
-    first turn of its view that matches: a leg's end flips the heading), then further ids along a
-    straight leg while the shift the next id showed, times the id gap, stays within links.max_shift.
-    Where the next id does not link (a sharp turn), the chain is bridged by the strongest link across
-    the break (up to two frames before it, two after). No link across an id jump."""
+    first turn of its view that matches: a leg's end flips the heading; bridged across a break:
+    `walk_chain`), then further ids along a straight leg while the shift the next id showed, times the
+    id gap, stays within links.max_shift. No link across an id jump."""
     frames, cfg = dataset.frames, linker.cfg
     out: list[Link] = []
     progress = Progress("links", len(ids), log)
     for run in id_runs(ids):
-        step: dict[int, Link | None] = {}
-        for n, (a, b) in enumerate(zip(run, run[1:])):
-            if n + 2 < len(run):
-                linker.views.prefetch(frames[run[n + 2]], linker.views.working_scale(frames[run[n + 2]]))
-            step[a] = linker.match(frames[a], frames[b])
-            progress.step()
-        # two breaks in a row may pick the same bridge: each pair once
-        bridges = {(k.a, k.b): k for n, a in enumerate(run[:-1]) if step[a] is None
-                   and (k := bridge(linker, frames, run[max(0, n - 2):n + 1], run[n + 1:n + 3])) is not None}
-        out.extend(bridges.values())
+        chain = walk_chain(linker, frames, run, progress)
+        out.extend(chain.bridges.values())
+        step = chain.step
         for a in run:
             first = step.get(a)
             if first is None:
@@ -2005,7 +2104,7 @@ def temporal_links(linker: Linker, dataset: Dataset, ids: list[int], log=print) 
             while a + g <= run[-1] and g * shift <= cfg.max_shift and all(
                     step.get(a + j) is not None and step[a + j].turn == 0 and step[a + j].straight(frames[a + j])
                     for j in range(1, g)):
-                link = linker.match(frames[a], frames[a + g], (0,))
+                link = linker.attempt(frames[a], frames[a + g], chain.turn(a + g), chain.turn(a))
                 if link is None:
                     break
                 out.append(link)
@@ -2616,27 +2715,6 @@ class Height:
     @classmethod
     def from_record(cls, d: dict) -> "Height":
         return cls(d["k"], d["spread"], HeightSource(d["source"]), tuple(tuple(p) for p in d["pairs"]))
-
-
-def pair_motion(link: Link, fa: Frame, fb: Frame) -> tuple[float, float]:
-    """k and a's heading from two train frames matched to each other: their image displacement (the
-    symmetric mean of a's principal point carried into b and b's carried back into a, so zoom and lean
-    cancel) against the distance between their truths; the heading from the motion's direction in the
-    image against its direction on the map."""
-    H = link.H
-    fwd = project(H, [fa.principal_point])[0] - fb.principal_point
-    bwd = project(np.linalg.inv(H), [fb.principal_point])[0] - fa.principal_point
-    moved = np.sqrt(np.hypot(*fwd) * np.hypot(*bwd))
-    travel = np.subtract(fb.truth, fa.truth)
-    k = np.hypot(*travel) * np.sqrt(fa.focal * fb.focal) / max(moved, 1e-9)
-    # the camera's motion in b's image (from where a's centre lies in b to b's centre) is the truths'
-    # displacement on the map turned by the frame's heading
-    heading = np.degrees(np.arctan2(travel[1], travel[0]) - np.arctan2(-fwd[1], -fwd[0]))
-    return float(k), angle_diff(float(heading), 0.0)
-
-
-# a pair that moved less than this fraction of the frame measures its attitude jitter, not its motion
-MIN_PAIR_SHIFT = 0.04
 
 
 def height_from_links(links: list[Link], dataset: Dataset, cfg: HeightSettings) -> Height | None:
@@ -3301,8 +3379,8 @@ def localize_flight(search: Search, linker: Linker, dataset: Dataset, known: Map
     """Place `targets` with the `known` train frames (truths, and their registrations where they agree)
     and the `free` frames (in the graph for their links only: validation's test frames) as one pose
     graph: solved from truths and links first; links across legs chosen from that solution; each target
-    matched to the map where the graph puts it (`map_matches` off: not at all); solved with those
-    fixes; fixes far from the solution rejected and frames without a fix matched again where the
+    matched to the map where the graph puts it (`map_matches` off: not at all; solved again after the
+    first strong fix among frames no truth reaches); solved with those fixes; fixes far from the solution rejected and frames without a fix matched again where the
     solution moved them, graph.rounds times. A frame no measurement reaches is interpolated by id and
     says so."""
     s, calib, frames = search.s, search.calib, dataset.frames
@@ -3370,6 +3448,10 @@ def localize_flight(search: Search, linker: Linker, dataset: Dataset, known: Map
         searched_at[i] = (pose.x, pose.y)
         if est[i].H is not None:
             fixed[i] = est[i]
+            # the first strong fix among frames no truth reaches places the rest of them: solved again, they
+            # are looked for where it puts them, at one turn, not each searched for over the area at four
+            if not reached(sol, i, map_size) and est[i].inliers >= s.search.strong_inliers:
+                sol = solve()
         if progress is not None:
             progress.step()
     if progress is not None:

@@ -1,6 +1,7 @@
 import ast
 import dataclasses
 import json
+import shutil
 
 import numpy as np
 import pandas as pd
@@ -237,6 +238,31 @@ def test_every_test_frame_says_how_the_graph_placed_it(sift_run, demo_data):
     assert set(diag["source"]) <= {s.value for s in U.Source if s.placed} and set(diag["fix"]) == {"used"}
     assert (diag["sigma_px"] < 10).all()
     assert "13" in str(diag.loc[12, "linked"]).split() and "11" in str(diag.loc[12, "linked"]).split()
+
+
+def test_the_first_fix_of_frames_no_truth_reaches_places_the_rest_of_them(demo_data, tmp_path, monkeypatch):
+    """Test frames 1-3 cut off from the train frames (train frame 4 removed: an id jump): frame 1 is
+    searched for over the map, and its strong fix places 2 and 3 through their links, so they are looked for
+    where the graph puts them (at one turn, in a small window), not searched for as 1 was."""
+    data = tmp_path / "data"
+    shutil.copytree(demo_data, data)
+    (data / "train_data/train_images/0004.JPG").unlink()
+    for name in ("train_cam.csv", "train_pos.csv"):
+        table = pd.read_csv(data / "train_data" / name)
+        table[table["id"] != 4].to_csv(data / "train_data" / name, index=False)
+    looked, look_at_map = [], U.look_at_map
+
+    def spy(search, frame, pose, placed, area, budget_s):
+        looked.append((frame.id, placed))
+        return look_at_map(search, frame, pose, placed, area, budget_s)
+
+    monkeypatch.setattr(U, "look_at_map", spy)
+    # SIFT finds frame 1 with a dozen inliers here: "strong" (search.strong_inliers) is set to that
+    s = sift("preprocess.max_side=640", "run.validate=false", "report.enabled=false", "search.strong_inliers=10")
+    sub = U.read_solution(U.submit(s, data, tmp_path / "out", log=U.quiet)).set_index("id")
+    assert [c for c in looked if c[0] <= 3][:3] == [(1, False), (2, True), (3, True)]
+    truth = U.read_solution(demo_data.parent / "solution.csv").set_index("id")
+    assert np.hypot(*(sub.loc[[1, 2, 3]] - truth.loc[[1, 2, 3]]).to_numpy().T).max() < 5
 
 
 def test_the_leaning_cameras_truth_point_is_learned(sift_run):

@@ -52,6 +52,32 @@ def test_links_follow_the_leg_while_frames_overlap_and_turn_at_its_end(leg):
     assert not links[(5, 6)].straight(ds.frames[5]) and links[(4, 5)].straight(ds.frames[4])
 
 
+@pytest.mark.weights
+@pytest.mark.skipif(not weights_present("aliked"), reason="aliked weights absent")
+def test_each_frame_is_linked_at_its_upright_view(tmp_path):
+    """A leg flown heading 180, then back heading 0: the chain starts from the first train pair turned
+    north-up (their motion against their truths: heading 180, turn 180), and each later frame is seen at
+    the turn at which it met the one before it (across the leg's end, turned back by 180). So every
+    frame's view is its upright one, which its map search uses too (ALIKED: not rotation invariant)."""
+    map_gray = U.synthetic_map(1800, 1200, seed=3)[..., 1]
+    spots = [((1000.0 - 110 * n, 600.0), 180.0) for n in range(3)] + [((800.0, 560.0), 0.0), ((910.0, 560.0), 0.0)]
+    frames = {}
+    for n, (xy, heading) in enumerate(spots, start=1):
+        path = crop_frame(map_gray, xy, 1.25, (640, 480), tmp_path / f"{n:04d}.JPG", heading)
+        frames[n] = U.Frame(n, path, 640, 480, 600.0, 600.0, 320.0, 240.0, "train", xy)
+    s = U.load_settings(overrides=["features.backend=aliked"])
+    views = U.build_views(s, U.build_backend(s), tmp_path, U.Stopwatch())
+    links = {(k.a, k.b): k for k in U.temporal_links(U.Linker(views, s), U.Dataset(tmp_path, tmp_path / "map.png",
+                                                                                  frames), sorted(frames), log=U.quiet)}
+    assert {(1, 2), (2, 3), (3, 4), (4, 5)} <= set(links)
+    assert links[(3, 4)].turn == 180 and links[(1, 2)].turn == 0
+    for n, (_, heading) in enumerate(spots, start=1):
+        f = frames[n]
+        assert views.cached(f, views.working_scale(f), U.upright_turn(heading)), n
+    # turn 0 is frame 1 and 2's own view (the seed pair) and frame 5's upright one; 3 was never seen at 0
+    assert not views.cached(frames[3], views.working_scale(frames[3]), 0)
+
+
 def test_one_pair_gives_the_height_and_the_heading(leg):
     """k = 1.25 x 600 = 750 from a single pair; its heading 0 (image x is map x)."""
     ds, linker, s = leg
