@@ -1949,18 +1949,12 @@ class Linker:
                                    (self.g.scale_low, self.g.scale_high)) is None
         return Link(fa.id, fb.id, H, rec["inliers"], (turn - turn_a) % 360) if ok else None
 
-    def match(self, fa: Frame, fb: Frame, turns=TURNS, turn_a: int = 0) -> Link | None:
-        """The first turn (relative to a's view, turned by `turn_a`) at which b's view meets a's."""
+    def match(self, fa: Frame, fb: Frame, turns=TURNS, turn_a: int = 0, turn_b: int | None = None) -> Link | None:
+        """The first of `turns` at which the views meet: b's view turned by it relative to a's (turned by
+        `turn_a`); or, given `turn_b` (b's view's turn), a's view turned back by it relative to b's."""
         for turn in turns:
-            link = self.attempt(fa, fb, (turn_a + turn) % 360, turn_a)
-            if link is not None:
-                return link
-        return None
-
-    def match_back(self, fa: Frame, fb: Frame, turn_b: int) -> Link | None:
-        """The first turn of a's view (relative to b's, turned by `turn_b`) at which it meets b's."""
-        for turn in TURNS:
-            link = self.attempt(fa, fb, turn_b, (turn_b - turn) % 360)
+            ta, tb = (turn_a, (turn_a + turn) % 360) if turn_b is None else ((turn_b - turn) % 360, turn_b)
+            link = self.attempt(fa, fb, tb, ta)
             if link is not None:
                 return link
         return None
@@ -2041,7 +2035,7 @@ def walk_chain(linker: Linker, frames: Mapping[int, Frame], run: list[int], prog
         """Frames p (its heading known) and q linked, q's view turned to meet p's."""
         a, b = sorted((p, q))
         return linker.match(frames[a], frames[b], turn_a=chain.turn(a)) if p == a else \
-            linker.match_back(frames[a], frames[b], chain.turn(b))
+            linker.match(frames[a], frames[b], turn_b=chain.turn(b))
 
     def meet_next(p: int, q: int) -> Link | None:
         """Consecutive frames: `meet`, else at the frames' own orientation (a learned feature is not
@@ -3380,8 +3374,9 @@ def localize_flight(search: Search, linker: Linker, dataset: Dataset, known: Map
     and the `free` frames (in the graph for their links only: validation's test frames) as one pose
     graph: solved from truths and links first; links across legs chosen from that solution; each target
     matched to the map where the graph puts it (`map_matches` off: not at all; solved again after the
-    first strong fix among frames no truth reaches); solved with those fixes; fixes far from the solution rejected and frames without a fix matched again where the
-    solution moved them, graph.rounds times. A frame no measurement reaches is interpolated by id and
+    first strong fix among frames no truth reaches); solved with those fixes; fixes far from the
+    solution rejected and frames without a fix matched again where the solution moved them,
+    graph.rounds times. A frame no measurement reaches is interpolated by id and
     says so."""
     s, calib, frames = search.s, search.calib, dataset.frames
     cfg, gtsam = s.graph, gtsam_module(s)
