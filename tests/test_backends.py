@@ -128,3 +128,30 @@ def test_the_match_threshold_is_an_argument_of_the_call(backend, weights_dir):
     keep = loose[2] > 0.6
     assert np.array_equal(strict[0], loose[0][keep]) and np.array_equal(strict[1], loose[1][keep])
     assert b.match(f0, (640, 480), f1, (640, 480), 0.05)[0].tolist() == loose[0].tolist()   # no state left behind
+
+
+@pytest.mark.parametrize("backend", backends_param("aliked", "xfeat", "disk"))
+def test_the_extractors_memory_layout_changes_no_feature(backend, weights_dir):
+    """On CPU ALIKED and XFeat run in channels-last layout (faster there), DISK in the default one. Its
+    extractor copied to the other layout finds the same keypoints and descriptors, up to float rounding."""
+    import copy
+
+    import torch
+    s = U.load_settings(overrides=[f"features.backend={backend}"], flags={"run.weights_dir": str(weights_dir)})
+    b = U.build_backend(s)
+    built = b.extractor
+    in_channels_last = next(p for p in built.parameters() if p.dim() == 4).is_contiguous(memory_format=torch.channels_last)
+    assert in_channels_last == (b.channels_last and b.device.type == "cpu")
+    img = U.synthetic_map(448, 336, 7)[..., 1]
+    ours = b.extract(img)
+    other = torch.contiguous_format if in_channels_last else torch.channels_last
+    try:
+        b.extractor = copy.deepcopy(built).to(memory_format=other)
+        theirs = b.extract(img)
+    finally:
+        b.extractor = built
+    d = np.hypot(*(ours.keypoints[:, None] - theirs.keypoints[None]).transpose(2, 0, 1))
+    nearest = d.argmin(1)
+    same = d[np.arange(len(d)), nearest] < 0.01
+    assert len(ours.keypoints) > 200 and same.mean() > 0.98, same.mean()
+    assert np.abs(ours.descriptors[same] - theirs.descriptors[nearest[same]]).max() < 1e-3

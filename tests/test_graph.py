@@ -175,6 +175,33 @@ def test_the_lean_is_found_from_train_frames_of_opposite_headings(gtsam):
                               log=U.quiet) is None
 
 
+def test_registrations_teach_the_lean_only_where_they_pin_it_down():
+    """Train frames registered at their truths with the leans given: a tight few (the median known to
+    within truth.lean_step) hold, and the calibration takes their lean; as many scattered ones (a map
+    that mostly fails, its few matches wrong) do not, and the flight's own lean is kept; two are too few."""
+    cfg = U.load_settings().truth
+
+    def registered(leans):
+        out = []
+        for n, lean in enumerate(leans):
+            truth = (1000.0 + 300 * n, 800.0)
+            f = frame(n + 1, truth)
+            out.append((f, image_to_map((*truth, 30.0 * n, 0.9), f, lean)))
+        return out
+
+    tight = registered([(0.0, 0.060), (0.002, 0.058), (-0.001, 0.061), (0.001, 0.059)])
+    scattered = registered([(0.02, 0.02), (0.0, 0.13), (0.03, 0.09)])
+    assert np.allclose(U.truth_leans(tight)[0], (0.0, 0.06), atol=1e-9)
+    assert U.registered_lean_holds(tight, cfg) and not U.registered_lean_holds(scattered, cfg)
+    assert not U.registered_lean_holds(tight[:2], cfg)
+    height = U.Height(600.0, 0.0, U.HeightSource.GIVEN)
+    flight = ((-0.02, 0.06), U.LeanSource.FLIGHT)
+    assert U.fit_calibration(tight, 4, height, cfg, ((0.0, 0.06), U.LeanSource.DEFAULT), log=U.quiet).lean_source \
+        is U.LeanSource.REGISTERED
+    kept = U.fit_calibration(scattered, 3, height, cfg, flight, log=U.quiet)
+    assert kept.lean == (-0.02, 0.06) and kept.lean_source is U.LeanSource.FLIGHT
+
+
 def test_a_link_between_leaning_cameras_measures_the_relative_pose_exactly():
     """Levelled, the link between two leaning cameras is the similarity between their poses, exactly."""
     gtsam = U.gtsam_module(U.load_settings())
