@@ -2010,7 +2010,7 @@ def chain_seed(linker: Linker, frames: Mapping[int, Frame], run: list[int], trie
     try may extract two views at turn 0 that the chain does not use."""
     pairs = [i for i in run[:-1] if frames[i].truth is not None and frames[i + 1].truth is not None]
     for i in pairs[:tries]:
-        link = linker.match(frames[i], frames[i + 1], (0,))
+        link = linker.attempt(frames[i], frames[i + 1], 0)
         if link is not None and link.straight(frames[i]) and link.shift(frames[i], frames[i + 1]) >= MIN_PAIR_SHIFT:
             return i, pair_motion(link, frames[i], frames[i + 1])[1]
     return run[0], 0.0
@@ -3884,7 +3884,7 @@ def plot_overview(map_gray: np.ndarray, dataset: Dataset, val: pd.DataFrame | No
     # drawn from a copy at about the figure's own resolution: matplotlib resamples a float RGBA copy of
     # what it is given, 0.67 GiB for twoflights' 5427 x 3139 map (the run's peak memory, at its very end)
     f = min(1.0, OVERVIEW_SIDE / max(h, w))
-    small = cv2.resize(map_gray, (max(1, round(w * f)), max(1, round(h * f))), interpolation=cv2.INTER_AREA)
+    small = cv2.resize(map_gray, None, fx=f, fy=f, interpolation=cv2.INTER_AREA) if f < 1 else map_gray
     ax.imshow(small, cmap="gray", extent=(-0.5, w - 0.5, h - 0.5, -0.5))
     tr = np.array([dataset.frames[i].truth for i in dataset.train_ids])
     ax.scatter(tr[:, 0], tr[:, 1], s=8, c="white", edgecolors="k", linewidths=0.3, label="train")
