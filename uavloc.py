@@ -457,6 +457,8 @@ class FeatureSettings(Section):
     map_tile_pad: int
     map_keypoints_per_tile: int
     max_map_keypoints: int
+    max_footprint_keypoints: int
+    map_match_keypoints: int
     match_threshold: float
     sift_ratio: float
     half_precision: bool
@@ -523,6 +525,8 @@ class SearchSettings(Section):
     max_radius: float
     placed_sigma_px: float
     crop_factor: float
+    footprint_window: bool
+    heading_tolerance: float
     virtual_zoom: float
     relocalize: bool
     relocalize_growth: float
@@ -1082,6 +1086,26 @@ def jacobian(H: np.ndarray, pt) -> np.ndarray:
     u, v = project(H, [pt])[0]
     return np.array([[H[0, 0] - u * H[2, 0], H[0, 1] - u * H[2, 1]],
                      [H[1, 0] - v * H[2, 0], H[1, 1] - v * H[2, 1]]]) / w
+
+
+def placed(frame: Frame, centre, heading: float, scale: float) -> np.ndarray:
+    """Image px -> map px of a frame seen straight down: its principal point at `centre` (map px), its
+    x-axis at `heading`, `scale` map px per image px (a similarity)."""
+    a = np.radians(heading)
+    turn_and_scale = np.array([[np.cos(a), -np.sin(a), 0], [np.sin(a), np.cos(a), 0], [0, 0, 1 / scale]]) * scale
+    return translate_h(*centre) @ turn_and_scale @ translate_h(*np.negative(frame.principal_point))
+
+
+def covers(to_map: np.ndarray, frame: Frame, grow: float) -> Callable[[np.ndarray], np.ndarray]:
+    """Which map px (N, 2) a frame placed by `to_map` (image px -> map px) can see, its edges moved out
+    by `grow` image px (a position or heading not known exactly)."""
+    to_image = np.linalg.inv(to_map)
+    (w, h) = frame.size
+
+    def seen(xy: np.ndarray) -> np.ndarray:
+        u = project(to_image, xy)
+        return (u[:, 0] >= -grow) & (u[:, 0] <= w + grow) & (u[:, 1] >= -grow) & (u[:, 1] <= h + grow)
+    return seen
 
 
 def homography_yaw(H: np.ndarray, pt) -> float:
@@ -1775,9 +1799,11 @@ class MapFeatures:
         self.tiles[tx, ty] = f
         return f
 
-    def window(self, box: tuple[float, float, float, float], limit: int):
-        """The strongest `limit` keypoints inside a box of map.png px (x0, y0, x1, y1), in the level's px
-        relative to the box's corner; with the window's size and its px -> map.png px."""
+    def window(self, box: tuple[float, float, float, float], limit: int,
+               seen: Callable[[np.ndarray], np.ndarray] | None = None):
+        """The strongest `limit` keypoints inside a box of map.png px (x0, y0, x1, y1), and where `seen`
+        is given only those it keeps (a predicate on map.png px), in the level's px relative to the box's
+        corner; with the window's size and its px -> map.png px."""
         h, w = self.image.shape
         u0, v0 = max(0.0, box[0] * self.level), max(0.0, box[1] * self.level)
         u1, v1 = min(float(w), box[2] * self.level), min(float(h), box[3] * self.level)
@@ -1788,6 +1814,8 @@ class MapFeatures:
         feats = Features.concatenate(parts) if parts else Features.empty(0)
         kp = feats.keypoints
         inside = (kp[:, 0] >= u0) & (kp[:, 0] < u1) & (kp[:, 1] >= v0) & (kp[:, 1] < v1)
+        if seen is not None:
+            inside &= seen(kp / self.level)
         feats = feats.subset(inside).strongest(limit).shifted([-u0, -v0])
         size = (int(np.ceil(u1 - u0)) + 1, int(np.ceil(v1 - v0)) + 1)
         return feats, size, np.linalg.inv(scale_h(self.level, self.level)) @ translate_h(u0, v0)
@@ -2484,18 +2512,40 @@ class Search:
         x, y = np.add(truth_xy, scale * rot @ d)
         return float(x), float(y)
 
-    def match_window(self, frame: Frame, turn: int, centre, radius: float, clock: Stopwatch) -> Attempt:
-        """Match the frame's view turned by `turn` against the map in a window around `centre`."""
+    def window(self, frame: Frame, centre, radius: float, heading: float | None):
+        """Where a search around `centre` (the footprint's centre) looks: a box of map px, how many map
+        keypoints it hands the matcher and which it keeps (None: all in the box). At any heading: a square
+        of the footprint's diagonal x crop_factor, plus the radius. At a known heading (with
+        search.footprint_window): only what the footprint can cover, grown by the radius and by what a
+        heading off by search.heading_tolerance moves a corner; the rest cannot match, and left out it
+        costs the matcher nothing (and its tiles need no extraction)."""
+        scale = self.calib.expected_scale(frame)
+        half = 0.5 * np.hypot(*frame.size) * scale * self.s.search.crop_factor + radius
+        (x0, y0), (x1, y1) = np.subtract(centre, half), np.add(centre, half)
+        limit, seen = self.s.features.max_map_keypoints, None
+        if heading is not None and self.s.search.footprint_window:
+            grow = radius / scale + 0.5 * np.hypot(*frame.size) * np.radians(self.s.search.heading_tolerance)
+            S = placed(frame, centre, heading, scale)
+            (w, h) = frame.size
+            corners = project(S, [(-grow, -grow), (w + grow, -grow), (w + grow, h + grow), (-grow, h + grow)])
+            (x0, y0), (x1, y1) = np.maximum(corners.min(0), (x0, y0)), np.minimum(corners.max(0), (x1, y1))
+            limit, seen = self.s.features.max_footprint_keypoints, covers(S, frame, grow)
+        mw, mh = self.engine.map_size
+        x0, y0 = float(np.clip(x0, 0, mw)), float(np.clip(y0, 0, mh))
+        return (x0, y0, float(np.clip(x1, x0, mw)), float(np.clip(y1, y0, mh))), limit, seen
+
+    def match_window(self, frame: Frame, turn: int, centre, radius: float, clock: Stopwatch,
+                     heading: float | None = None) -> Attempt:
+        """Match the frame's view turned by `turn` against the map in the window around `centre`."""
         v = self.view(frame, turn, clock)
         t0 = time.perf_counter()
-        half = 0.5 * np.hypot(*frame.size) * self.calib.expected_scale(frame) * self.s.search.crop_factor + radius
-        w, h = self.engine.map_size
-        box = (max(0.0, centre[0] - half), max(0.0, centre[1] - half), min(w, centre[0] + half), min(h, centre[1] + half))
-        sub, size, to_map = self.engine.map_features.window(box, self.s.features.max_map_keypoints)
-        i0, i1, _ = self.engine.backend.match(v.features, v.size, sub, size, self.threshold)
+        box, limit, seen = self.window(frame, centre, radius, heading)
+        sub, size, to_map = self.engine.map_features.window(box, limit, seen)
+        own = v.features.strongest(self.s.features.map_match_keypoints)
+        i0, i1, _ = self.engine.backend.match(own, v.size, sub, size, self.threshold)
         self.engine.views.stopwatch.count("match")
         t0 = clock.tick("match", t0)
-        p0, p1 = v.features.keypoints[i0], sub.keypoints[i1]
+        p0, p1 = own.keypoints[i0], sub.keypoints[i1]
         Hv, inl = estimate_homography(p0, p1, self.s.geometry)
         clock.tick("geometry", t0)
         attempt = Attempt(None, int(inl.sum()), len(i0), turn, box,
@@ -2549,7 +2599,7 @@ class Search:
         best: Attempt | None = None
         source = Source.MAP
         for o in turns_for(heading):
-            a = self.match_window(frame, o, centre, radius, clock)
+            a = self.match_window(frame, o, centre, radius, clock, heading)
             if a.better_than(best):
                 best = a
             if best.H is not None and (best.inliers >= cfg.strong_inliers or self.agrees(best.H, frame, heading)):

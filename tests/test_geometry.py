@@ -55,6 +55,30 @@ def test_the_turns_tried_against_the_map_start_upright_and_add_the_next_near_hal
     assert sorted(U.turns_for(None)) == [0, 90, 180, 270]
 
 
+@pytest.mark.parametrize("heading", [0.0, 30.0, -100.0, 180.0])
+def test_a_window_at_a_known_heading_keeps_what_the_footprint_can_cover(heading):
+    """A frame's footprint on the map, from an exact similarity (its heading as homography_yaw reads
+    it): the points just inside its edges grown by `grow` image px are kept, those just outside are not,
+    at every heading."""
+    frame = U.Frame(1, None, 400, 300, 500.0, 500.0, 210.0, 140.0, "test")
+    scale, a = 2.0, np.radians(heading)
+    to_map = np.array([[scale * np.cos(a), -scale * np.sin(a), 1000.0],
+                       [scale * np.sin(a), scale * np.cos(a), 600.0], [0, 0, 1]])
+    assert abs(U.angle_diff(U.homography_yaw(to_map, frame.principal_point), heading)) < 1e-9
+    centre = U.project(to_map, [frame.principal_point])[0]
+    assert np.allclose(U.placed(frame, centre, heading, scale), to_map)
+    grow = 25.0
+    seen = U.covers(U.placed(frame, centre, heading, scale), frame, grow)
+    # image points just inside and just outside the grown rectangle: its corners and edge midpoints
+    for (x, y) in [(0, 0), (400, 0), (400, 300), (0, 300), (200, 0), (400, 150), (200, 300), (0, 150)]:
+        out_x, out_y = np.sign(x - 200), np.sign(y - 150)
+        inside = (x + out_x * (grow - 0.5), y + out_y * (grow - 0.5))
+        outside = (x + out_x * (grow + 0.5), y + out_y * (grow + 0.5))
+        kept = seen(U.project(to_map, [inside, outside]))
+        assert kept.tolist() == [True, False], ((x, y), heading)
+    assert seen(U.project(to_map, [(10.0, 280.0), frame.principal_point])).all()
+
+
 def test_jacobian_yaw_scale_of_known_similarity():
     a, s = np.deg2rad(35), 0.4
     H = np.array([[s * np.cos(a), -s * np.sin(a), 100], [s * np.sin(a), s * np.cos(a), 50], [0, 0, 1]])
