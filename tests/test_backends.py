@@ -51,6 +51,33 @@ def test_a_frame_is_found_at_every_turn_within_8px(calibrated, solution, turn, t
     assert np.hypot(est.x - truth[0], est.y - truth[1]) < 8
 
 
+def test_a_frame_far_from_every_quarter_turn_is_found_in_a_view_turned_to_its_heading(calibrated, solution,
+                                                                                       tmp_path):
+    """The frame turned on disk by 45 degrees (its empty corners black), its heading known: no quarter turn
+    brings it within search.exact_turn_beyond of north-up, so its view is turned to the degree, and
+    it is found as the frame itself is."""
+    search, ds = calibrated
+    frame, truth = middle_test_frame(ds, solution)
+    upright, _ = search.find(frame, truth, 150, None)
+    assert upright.H is not None, upright.error
+    img = U.read_image(frame.path, 1)
+    turned_img, m = U.rotate_image(img, 45)
+    path = tmp_path / "turned45.JPG"
+    cv2.imwrite(str(path), turned_img, [cv2.IMWRITE_JPEG_QUALITY, 95])
+    cx, cy = U.project(m, [frame.principal_point])[0]
+    f = (frame.fx + frame.fy) / 2
+    turned = U.Frame(frame.id, path, turned_img.shape[1], turned_img.shape[0], f, f, cx, cy, "test")
+    heading = U.homography_yaw(upright.H @ np.linalg.inv(m), turned.principal_point)
+    a = np.radians(-45)                      # the lean, in focal units, turns with the image
+    ox, oy = search.calib.lean
+    lean = (ox * np.cos(a) - oy * np.sin(a), ox * np.sin(a) + oy * np.cos(a))
+    s45 = U.Search(search.engine, search.s, dataclasses.replace(search.calib, lean=lean, pose=None))
+    assert U.turns_for(heading, search.s.search.exact_turn_beyond) == [round(-heading) % 360]
+    est, _ = s45.find(turned, truth + [60, -40], 150, heading)
+    assert est.H is not None and est.turn % 90 != 0, est.error
+    assert np.hypot(est.x - truth[0], est.y - truth[1]) < 8
+
+
 def test_frame_far_from_its_prior_is_relocalized(calibrated, solution):
     """A prior 700 px off with a 50 px radius: the widening search (radii, then tiles) finds the frame."""
     search, ds = calibrated

@@ -41,18 +41,18 @@ def test_a_view_turned_upright_points_its_x_axis_nearest_map_x(heading):
     assert abs(yaw) <= 45 + 1e-9 and U.upright_turn(heading) in (0, 90, 180, 270)
 
 
-@pytest.mark.parametrize("heading, n", [(0.0, 1), (100.0, 1), (-170.0, 1), (44.0, 2), (-130.0, 2), (260.0, 1)])
-def test_the_turns_tried_against_the_map_start_upright_and_add_the_next_near_halfway(heading, n):
-    """The map is matched north up: the frame's view is turned upright first, and where its heading lies
-    within 15 degrees of halfway between two quarter turns, by the other one too; without a heading, all."""
+@pytest.mark.parametrize("heading", [0.0, 100.0, -170.0, 44.0, -130.0, 260.0, 12.0])
+def test_the_view_matched_against_the_map_is_turned_upright(heading):
+    """The map is matched north up: the frame's view is turned by the quarter turn that brings it within
+    20 degrees of north-up, or else to the degree; without a heading every quarter turn is tried."""
     c, s = np.cos(np.radians(heading)), np.sin(np.radians(heading))
     to_map = np.array([[c, -s, 500.0], [s, c, 300.0], [0, 0, 1]])
-    turns = U.turns_for(heading)
-    assert turns[0] == U.upright_turn(heading) and len(turns) == n
-    for t in turns:
-        yaw = U.homography_yaw(to_map @ np.linalg.inv(U.rotation_h(t, 640, 480)[0]), (100.0, 200.0))
-        assert abs(yaw) <= (30 if n == 1 else 60) + 1e-9, (t, yaw)
-    assert sorted(U.turns_for(None)) == [0, 90, 180, 270]
+    (turn,) = U.turns_for(heading, 20)
+    yaw = U.homography_yaw(to_map @ np.linalg.inv(U.rotation_h(turn, 640, 480)[0]), (100.0, 200.0))
+    assert abs(yaw) <= (20 if turn % 90 == 0 else 0.5) + 1e-9, (turn, yaw)
+    assert (turn % 90 == 0) == (abs(U.angle_diff(heading, -U.upright_turn(heading))) <= 20)
+    assert sorted(U.turns_for(None, 20)) == [0, 90, 180, 270]
+    assert sorted(U.turns_for(None, 20, diagonals=True)) == [0, 45, 90, 135, 180, 225, 270, 315]
 
 
 @pytest.mark.parametrize("heading", [0.0, 30.0, -100.0, 180.0])
@@ -66,9 +66,9 @@ def test_a_window_at_a_known_heading_keeps_what_the_footprint_can_cover(heading)
                        [scale * np.sin(a), scale * np.cos(a), 600.0], [0, 0, 1]])
     assert abs(U.angle_diff(U.homography_yaw(to_map, frame.principal_point), heading)) < 1e-9
     centre = U.project(to_map, [frame.principal_point])[0]
-    assert np.allclose(U.placed(frame, centre, heading, scale), to_map)
+    assert np.allclose(U.straight_down(frame, centre, heading, scale), to_map)
     grow = 25.0
-    seen = U.covers(U.placed(frame, centre, heading, scale), frame, grow)
+    seen = U.covers(U.straight_down(frame, centre, heading, scale), frame, grow)
     # image points just inside and just outside the grown rectangle: its corners and edge midpoints
     for (x, y) in [(0, 0), (400, 0), (400, 300), (0, 300), (200, 0), (400, 150), (200, 300), (0, 150)]:
         out_x, out_y = np.sign(x - 200), np.sign(y - 150)
@@ -171,3 +171,26 @@ def test_a_link_carries_the_cameras_tilt_from_one_frame_to_the_next(lean_a, lean
     H = Pb @ np.linalg.inv(Pa)                                           # image a -> ground -> image b
     assert np.allclose(U.carried_lean(H, f, lean_a, f), lean_b, atol=1e-9)
     assert np.allclose(U.carried_lean(np.linalg.inv(H), f, lean_b, f), lean_a, atol=1e-9)
+
+
+def test_a_heading_far_from_every_quarter_turn_turns_the_view_to_the_degree():
+    """Within `exact_beyond` of a quarter turn the view its links use; beyond it, the turn that brings
+    the frame north-up to the whole degree; all four quarter turns without a heading."""
+    assert U.turns_for(None, 20) == [0, 180, 90, 270]
+    assert U.turns_for(-92.0, 20) == [90] and U.turns_for(178.0, 20) == [180]
+    assert U.turns_for(125.7, 20) == [234]                    # 35.7 degrees from the quarter turn 270
+    assert U.turns_for(125.7, 40) == [270]
+
+
+def test_keypoints_on_a_turned_views_empty_corners_are_dropped():
+    """A 400 x 300 frame turned by 30 degrees: the view's middle lies on the frame, its corners on
+    nothing, and a point 4 px inside the frame's edge is dropped (EMPTY_CORNER_MARGIN is 8 view px: 16
+    image px in a view at half size)."""
+    to_view, (w, h) = U.rotation_h(30, 400, 300)
+    edge = U.project(to_view, [(200, 4), (200, 20), (200, 150)])
+    corners = np.array([(0, 0), (w - 1, 0), (0, h - 1), (w - 1, h - 1)], float)
+    assert U.on_frame(edge, to_view, (400, 300)).tolist() == [False, True, True]
+    assert not U.on_frame(corners, to_view, (400, 300)).any()
+    half = U.scale_h(0.5, 0.5)                               # at half size the margin is 16 image px
+    assert U.on_frame(U.project(to_view @ half, [(100, 12), (100, 20)]), to_view @ half, (400, 300)).tolist() \
+        == [False, True]
