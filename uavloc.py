@@ -1061,6 +1061,12 @@ def translate_h(dx: float, dy: float) -> np.ndarray:
     return np.array([[1, 0, dx], [0, 1, dy], [0, 0, 1.0]])
 
 
+def turn_h(heading: float) -> np.ndarray:
+    """Turn by `heading` degrees about the origin (x towards y): image x-axis -> that heading on the map."""
+    a = np.radians(heading)
+    return np.array([[np.cos(a), -np.sin(a), 0], [np.sin(a), np.cos(a), 0], [0, 0, 1.0]])
+
+
 def rotation_h(angle_deg: float, w: int, h: int) -> tuple[np.ndarray, tuple[int, int]]:
     """Rotate an image counterclockwise about its centre onto a canvas that holds all of it."""
     a = np.deg2rad(angle_deg)
@@ -1094,16 +1100,15 @@ def jacobian(H: np.ndarray, pt) -> np.ndarray:
 def straight_down(frame: Frame, centre, heading: float, scale: float) -> np.ndarray:
     """Image px -> map px of a frame seen straight down: its principal point at `centre` (map px), its
     x-axis at `heading`, `scale` map px per image px (a similarity)."""
-    a = np.radians(heading)
-    turn_and_scale = np.array([[np.cos(a), -np.sin(a), 0], [np.sin(a), np.cos(a), 0], [0, 0, 1 / scale]]) * scale
-    return translate_h(*centre) @ turn_and_scale @ translate_h(*np.negative(frame.principal_point))
+    return translate_h(*centre) @ np.diag([scale, scale, 1.0]) @ turn_h(heading) \
+        @ translate_h(*np.negative(frame.principal_point))
 
 
-def covers(to_map: np.ndarray, frame: Frame, grow: float) -> Callable[[np.ndarray], np.ndarray]:
-    """Which map px (N, 2) a frame placed by `to_map` (image px -> map px) can see, its edges moved out
-    by `grow` image px (a position or heading not known exactly)."""
+def covers(to_map: np.ndarray, size: tuple[float, float], grow: float) -> Callable[[np.ndarray], np.ndarray]:
+    """Which points (N, 2) an image of `size` (w, h) placed by `to_map` (image px -> map or view px) can
+    see, its edges moved out by `grow` image px (a position or heading not known exactly; in by -grow)."""
     to_image = np.linalg.inv(to_map)
-    (w, h) = frame.size
+    (w, h) = size
 
     def seen(xy: np.ndarray) -> np.ndarray:
         u = project(to_image, xy)
@@ -1247,10 +1252,9 @@ EMPTY_CORNER_MARGIN = 8
 
 def on_frame(keypoints: np.ndarray, to_view: np.ndarray, frame_size: tuple[int, int]) -> np.ndarray:
     """Which view keypoints lie on the frame's own pixels, EMPTY_CORNER_MARGIN view px inside its edges."""
-    u = project(np.linalg.inv(to_view), keypoints)
     margin = EMPTY_CORNER_MARGIN / np.sqrt(abs(np.linalg.det(to_view[:2, :2])))     # in image px
     (w, h) = frame_size
-    return (u[:, 0] >= margin) & (u[:, 0] <= w - 1 - margin) & (u[:, 1] >= margin) & (u[:, 1] <= h - 1 - margin)
+    return covers(to_view, (w - 1, h - 1), -margin)(keypoints)          # pixel centres run 0 .. w - 1
 # ----------------------------------------------------------------------------- features
 # One small class per backend in one table (BACKENDS), after cvg/LightGlue's table of feature types:
 # each names its weight files, whether it needs torch, and how much map resolution it needs.
@@ -2520,9 +2524,7 @@ class Search:
         """Where the frame's principal point lands on the map, from its truth point's position, its
         heading and scale: the window's centre (the camera leans, so the footprint lies ahead)."""
         d = np.subtract(frame.principal_point, self.calib.truth_pixel(frame))
-        a = np.radians(heading)
-        rot = np.array([[np.cos(a), -np.sin(a)], [np.sin(a), np.cos(a)]])
-        x, y = np.add(truth_xy, scale * rot @ d)
+        x, y = np.add(truth_xy, scale * turn_h(heading)[:2, :2] @ d)
         return float(x), float(y)
 
     def window(self, frame: Frame, centre, radius: float, heading: float | None):
@@ -2542,7 +2544,7 @@ class Search:
             (w, h) = frame.size
             corners = project(S, [(-grow, -grow), (w + grow, -grow), (w + grow, h + grow), (-grow, h + grow)])
             (x0, y0), (x1, y1) = np.maximum(corners.min(0), (x0, y0)), np.minimum(corners.max(0), (x1, y1))
-            limit, seen = self.s.features.max_footprint_keypoints, covers(S, frame, grow)
+            limit, seen = self.s.features.max_footprint_keypoints, covers(S, frame.size, grow)
         mw, mh = self.engine.map_size
         x0, y0 = float(np.clip(x0, 0, mw)), float(np.clip(y0, 0, mh))
         return (x0, y0, float(np.clip(x1, x0, mw)), float(np.clip(y1, y0, mh))), limit, seen
@@ -2623,8 +2625,9 @@ class Search:
             if budget_s is None:         # no typical frame known (--mode locate): this frame's first search is
                 budget_s = max(cfg.budget_min_s, cfg.budget_frames * (time.perf_counter() - t_start))
             tried, out_of_time = 0, False
+            every_turn = turns_for(None, cfg.exact_turn_beyond, cfg.diagonal_turns)
             for stage in self.widening_stages(frame, centre, radius, area):
-                for c, r, o in [(c, r, o) for c, r in stage for o in turns_for(None, 0, cfg.diagonal_turns)]:
+                for c, r, o in [(c, r, o) for c, r in stage for o in every_turn]:
                     if time.perf_counter() - t_start > budget_s:
                         out_of_time = True
                         break
@@ -2707,21 +2710,19 @@ class Search:
         gray = preprocess(raw, self.s.preprocess)
         # the frame's own pure black (a frame turned on disk: its empty corners) carries nothing either;
         # specks of it smaller than 5 x 5 px are a dark scene's, not empty
-        seen = 1 - cv2.morphologyEx((raw <= 2).astype(np.uint8), cv2.MORPH_OPEN, np.ones((5, 5), np.uint8))
+        frame_valid = 1 - cv2.morphologyEx((raw <= 2).astype(np.uint8), cv2.MORPH_OPEN, np.ones((5, 5), np.uint8))
         to_gray = scale_h(gray.shape[1] / frame.width, gray.shape[0] / frame.height)
         tp = self.calib.truth_pixel(frame)
         peaks: list[Peak] = []
         for heading in headings:
-            a = np.radians(heading)
-            turn = np.array([[np.cos(a), -np.sin(a), 0], [np.sin(a), np.cos(a), 0], [0, 0, 1]])
-            A = scale_h(scale * level, scale * level) @ turn @ np.linalg.inv(to_gray)   # gray px -> template px
+            A = scale_h(scale * level, scale * level) @ turn_h(heading) @ np.linalg.inv(to_gray)   # gray px -> template px
             corners = project(A, [[0, 0], [gray.shape[1], 0], [gray.shape[1], gray.shape[0]], [0, gray.shape[0]]])
             A = translate_h(*-corners.min(0)) @ A
             tw, th = (int(np.ceil(v)) for v in corners.max(0) - corners.min(0))
             if tw >= crop.shape[1] or th >= crop.shape[0]:
                 continue
             template = cv2.warpAffine(gray, A[:2], (tw, th), flags=cv2.INTER_LINEAR)
-            inside = cv2.warpAffine(seen, A[:2], (tw, th), flags=cv2.INTER_NEAREST)
+            inside = cv2.warpAffine(frame_valid, A[:2], (tw, th), flags=cv2.INTER_NEAREST)
             inside = cv2.erode(inside, np.ones((5, 5), np.uint8)).astype(np.float32)
             score = dense.scores(backend.dense(template), inside)
             # only shifts that put the truth point within `radius` of truth_xy

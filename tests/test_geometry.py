@@ -68,7 +68,7 @@ def test_a_window_at_a_known_heading_keeps_what_the_footprint_can_cover(heading)
     centre = U.project(to_map, [frame.principal_point])[0]
     assert np.allclose(U.straight_down(frame, centre, heading, scale), to_map)
     grow = 25.0
-    seen = U.covers(U.straight_down(frame, centre, heading, scale), frame, grow)
+    seen = U.covers(U.straight_down(frame, centre, heading, scale), frame.size, grow)
     # image points just inside and just outside the grown rectangle: its corners and edge midpoints
     for (x, y) in [(0, 0), (400, 0), (400, 300), (0, 300), (200, 0), (400, 150), (200, 300), (0, 150)]:
         out_x, out_y = np.sign(x - 200), np.sign(y - 150)
