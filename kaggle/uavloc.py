@@ -1783,43 +1783,50 @@ def features_key(settings: Settings, backend: Backend) -> dict:
 
 class MapFeatures:
     """The map's keypoints at `level` x map.png resolution, north up: a frame is turned to meet it, never
-    the map, so the map is extracted once. Tiles are extracted when a window first needs them, with
-    context around each whose keypoints are dropped, and cached on disk: a flight pays for the part of
-    the map it covers."""
+    the map, so the map is extracted once, in parts, as windows need them, each with context around it
+    whose keypoints are dropped, and cached on disk. `tiled` (a flight): the parts are tiles, so a flight
+    pays for the part of the map it covers. Not `tiled` (`--mode locate`: one frame): a part is one
+    window, extracted whole; a window about a tile wide straddles two to four tiles, two to four times
+    the work (DISK on a CPU: about 5 s a 768 px tile)."""
 
     def __init__(self, image: np.ndarray, level: float, backend: Backend, cfg: FeatureSettings,
-                 folder: Path | None, stopwatch: Stopwatch):
+                 folder: Path | None, stopwatch: Stopwatch, tiled: bool = True):
         self.image, self.level, self.backend, self.cfg = image, level, backend, cfg
-        self.folder, self.stopwatch = folder, stopwatch
-        self.tiles: dict[tuple[int, int], Features] = {}
+        self.folder, self.stopwatch, self.tiled = folder, stopwatch, tiled
+        self.parts: dict[str, Features] = {}
         self.extracted = 0
 
-    def tile(self, tx: int, ty: int) -> Features:
-        """Keypoints of one tile, in the map's px at the level."""
-        if (tx, ty) in self.tiles:
-            return self.tiles[tx, ty]
-        path = self.folder / f"t{tx}_{ty}.npz" if self.folder is not None else None
+    def part(self, x0: int, y0: int, x1: int, y1: int, name: str) -> Features:
+        """Keypoints of the level's px [x0, x1) x [y0, y1), as many per px as a tile holds: from memory,
+        from the disk cache (`name`.npz), or extracted with map_tile_pad px of context around it."""
+        if name in self.parts:
+            return self.parts[name]
+        path = self.folder / f"{name}.npz" if self.folder is not None else None
         if path is not None and path.is_file():
-            self.tiles[tx, ty] = Features.load(path)[0]
-            return self.tiles[tx, ty]
+            self.parts[name] = Features.load(path)[0]
+            return self.parts[name]
         with self.stopwatch.phase("map features"):
             h, w = self.image.shape
             t, pad = self.cfg.map_tile, self.cfg.map_tile_pad
-            x, y = tx * t, ty * t
-            ox, oy = max(0, x - pad), max(0, y - pad)
-            crop = np.ascontiguousarray(self.image[oy:min(h, y + t + pad), ox:min(w, x + t + pad)])
+            ox, oy = max(0, x0 - pad), max(0, y0 - pad)
+            crop = np.ascontiguousarray(self.image[oy:min(h, y1 + pad), ox:min(w, x1 + pad)])
             if crop.std() < 1:                                       # blank (no-data) area of the map
                 f = Features.empty(0)
             else:
-                f = self.backend.extract(crop, self.cfg.map_keypoints_per_tile).shifted([ox, oy])
+                budget = max(1, round(self.cfg.map_keypoints_per_tile * (x1 - x0) * (y1 - y0) / t ** 2))
+                f = self.backend.extract(crop, budget).shifted([ox, oy])
                 self.stopwatch.count("extract")
                 kp = f.keypoints
-                f = f.subset((kp[:, 0] >= x) & (kp[:, 0] < x + t) & (kp[:, 1] >= y) & (kp[:, 1] < y + t))
+                f = f.subset((kp[:, 0] >= x0) & (kp[:, 0] < x1) & (kp[:, 1] >= y0) & (kp[:, 1] < y1))
             self.extracted += 1
         if path is not None:
             f.save(path)
-        self.tiles[tx, ty] = f
+        self.parts[name] = f
         return f
+
+    def tile(self, tx: int, ty: int) -> Features:
+        t = self.cfg.map_tile
+        return self.part(tx * t, ty * t, (tx + 1) * t, (ty + 1) * t, f"t{tx}_{ty}")
 
     def window(self, box: tuple[float, float, float, float], limit: int,
                seen: Callable[[np.ndarray], np.ndarray] | None = None):
@@ -1829,9 +1836,13 @@ class MapFeatures:
         h, w = self.image.shape
         u0, v0 = max(0.0, box[0] * self.level), max(0.0, box[1] * self.level)
         u1, v1 = min(float(w), box[2] * self.level), min(float(h), box[3] * self.level)
-        t = self.cfg.map_tile
-        parts = [self.tile(i, j) for j in range(int(v0 // t), int(np.ceil(v1 / t)))
-                 for i in range(int(u0 // t), int(np.ceil(u1 / t)))]
+        if self.tiled:
+            t = self.cfg.map_tile
+            parts = [self.tile(i, j) for j in range(int(v0 // t), int(np.ceil(v1 / t)))
+                     for i in range(int(u0 // t), int(np.ceil(u1 / t)))]
+        else:
+            x0, y0, x1, y1 = int(u0), int(v0), int(np.ceil(u1)), int(np.ceil(v1))
+            parts = [self.part(x0, y0, x1, y1, f"w{x0}_{y0}_{x1}_{y1}")]
         parts = [p for p in parts if len(p.keypoints)]
         feats = Features.concatenate(parts) if parts else Features.empty(0)
         kp = feats.keypoints
@@ -2386,10 +2397,10 @@ def frame_detail(frames: list[Frame], views: QueryViews, k: float) -> tuple[floa
 
 
 def build_engine(settings: Settings, map_path: Path, map_gray: np.ndarray, out: Path, k: float,
-                 frames: list[Frame], views: QueryViews, log=print) -> Engine:
-    """The map's features at the level the frames' detail at height k calls for (tiles extracted as
-    windows need them, cached on disk under a key of the map file, the level, the CLAHE grid and
-    everything else the features depend on)."""
+                 frames: list[Frame], views: QueryViews, log=print, tiled: bool = True) -> Engine:
+    """The map's features at the level the frames' detail at height k calls for (`tiled`: tiles
+    extracted as windows need them, cached on disk under a key of the map file, the level, the CLAHE
+    grid and everything else the features depend on; else each window whole, see MapFeatures)."""
     backend = views.backend
     detail, footprint = frame_detail(frames, views, k)
     level = backend.map_level(settings.features, detail)
@@ -2404,10 +2415,11 @@ def build_engine(settings: Settings, map_path: Path, map_gray: np.ndarray, out: 
     folder = out / "cache" / f"map_{key}" if settings.run.feature_cache else None
     if folder is not None:
         folder.mkdir(parents=True, exist_ok=True)
-    mf = MapFeatures(image, level, backend, settings.features, folder, views.stopwatch)
+    mf = MapFeatures(image, level, backend, settings.features, folder, views.stopwatch, tiled)
+    parts = f"tiles of {settings.features.map_tile} px extracted as windows need them" if tiled else \
+        "each window extracted whole"
     log(f"map features: level {level:.3g} (frames at height {k:.0f}: {detail:.2f} working px per map px), "
-        f"tiles of {settings.features.map_tile} px extracted as windows need them; backend {backend.name} on "
-        f"{backend.device_name}")
+        f"{parts}; backend {backend.name} on {backend.device_name}")
     dense = None
     if settings.correlation.enabled:
         try:
@@ -2875,16 +2887,18 @@ class BackendChoice:
 
 
 def choose_backend(settings: Settings, probes: list[Probe], views: QueryViews, map_path: Path, map_gray: np.ndarray,
-                   out: Path, k_guess: float, log=print) -> tuple[BackendChoice, QueryViews, list[Estimate | None]]:
+                   out: Path, k_guess: float, log=print,
+                   tiled: bool = True) -> tuple[BackendChoice, QueryViews, list[Estimate | None]]:
     """The backend as set, unless it registers fewer than features.fallback_below of the probes at
     their truths and the fallback preset (real autumn frames against a summer map: DISK + CLAHE)
-    registers more. Only the probes' windows of the map are extracted. Returns the choice, the views of
-    the chosen backend (`views` are the set backend's) and its match of each probe (None: not found)."""
+    registers more. Only the probes' windows of the map are extracted (`tiled`: see MapFeatures).
+    Returns the choice, the views of the chosen backend (`views` are the set backend's) and its match of
+    each probe (None: not found)."""
     fb, frames = settings.features.fallback, [p.frame for p in probes]
     k = float(np.median([p.k for p in probes if p.k])) if any(p.k for p in probes) else k_guess
 
     def registered(s: Settings, v: QueryViews) -> list[Estimate | None]:
-        engine = build_engine(s, map_path, map_gray, out, k, frames, v, log=quiet)
+        engine = build_engine(s, map_path, map_gray, out, k, frames, v, quiet, tiled)
         return [register_probe(engine, s, p, k) for p in probes]
 
     found = registered(settings, views)
@@ -4682,20 +4696,21 @@ def locate(settings: Settings, query: LocateQuery, out: Path, log=print) -> dict
         # heading, so the keypoint searches after it look at one turn in a small window, not four in the radius
         n = settings.correlation.headings
         headings = [query.yaw] if query.yaw is not None else [360.0 * j / n for j in range(n)]
-        engine = build_engine(settings, map_path, map_gray, out, height.k, [frame], views, quiet)
+        engine = build_engine(settings, map_path, map_gray, out, height.k, [frame], views, quiet, tiled=False)
         corr = Search(engine, settings, Calibration.seed(height.k, lean, lean_source)).correlate(
             frame, query.prior, headings, height.k / frame.focal, radius)
         if corr.H is not None:
             centre = project(corr.H, [frame.principal_point])[0]
             probe = Probe(frame, (float(centre[0]), float(centre[1])), settings.search.search_radius,
                           homography_yaw(corr.H, frame.principal_point), height.k, None)
-    choice, views, (found,) = choose_backend(settings, [probe], views, map_path, map_gray, out, guess, log)
+    choice, views, (found,) = choose_backend(settings, [probe], views, map_path, map_gray, out, guess, log,
+                                             tiled=False)
     if choice.preset:
         settings = settings.with_preset(choice.preset)
     if height is None:
         height = Height(shown_height(found, frame), 0.0, HeightSource.SWEEP) if found is not None else \
             Height(guess, 0.0, HeightSource.GUESS)
-    engine = build_engine(settings, map_path, map_gray, out, height.k, [frame], views, log)
+    engine = build_engine(settings, map_path, map_gray, out, height.k, [frame], views, log, tiled=False)
     search = Search(engine, settings, Calibration.seed(height.k, lean, lean_source))
     if found is not None:          # the backend choice's own keypoint match of this frame
         x, y = search.truth_xy(frame, found.H, found.inliers)

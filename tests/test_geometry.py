@@ -1,8 +1,11 @@
+from pathlib import Path
+
 import numpy as np
 import cv2
 import pytest
 
 import uavloc as U
+from conftest import sift
 
 
 def test_scale_matches_cv2_resize_convention():
@@ -194,3 +197,37 @@ def test_keypoints_on_a_turned_views_empty_corners_are_dropped():
     half = U.scale_h(0.5, 0.5)                               # at half size the margin is 16 image px
     assert U.on_frame(U.project(to_view @ half, [(100, 12), (100, 20)]), to_view @ half, (400, 300)).tolist() \
         == [False, True]
+
+
+def test_a_window_extracted_whole_finds_what_its_tiles_find_in_one_extraction(tmp_path):
+    """Dark blobs on a flat map at known centres; a window across four 256 px tiles. Tiled, the four
+    tiles are extracted; whole (--mode locate), the window once, kept for the next turn and cached on
+    disk. Either way SIFT puts a keypoint within 0.5 map px of every blob inside the window, and none
+    outside it."""
+    s = sift("features.map_tile=256", "features.map_tile_pad=32")
+    image = np.full((900, 1200), 160, np.uint8)
+    centres = [(x, y) for x in range(40, 1200, 70) for y in range(40, 900, 70)]
+    for x, y in centres:
+        cv2.circle(image, (x, y), 4, 40, -1)
+    image = cv2.GaussianBlur(image, (0, 0), 2)
+    box = (200.0, 150.0, 480.0, 430.0)
+    inside = np.array([c for c in centres if box[0] + 10 <= c[0] <= box[2] - 10 and box[1] + 10 <= c[1] <= box[3] - 10])
+    backend = U.build_backend(s)
+
+    def window(tiled: bool, folder: Path) -> tuple[np.ndarray, U.MapFeatures]:
+        mf = U.MapFeatures(image, 1.0, backend, s.features, folder, U.Stopwatch(), tiled)
+        feats, size, to_map = mf.window(box, 10_000)
+        return U.project(to_map, feats.keypoints), mf
+
+    for tiled, extractions in ((True, 4), (False, 1)):
+        folder = tmp_path / f"tiled_{tiled}"
+        folder.mkdir()
+        xy, mf = window(tiled, folder)
+        assert mf.extracted == extractions
+        mf.window(box, 10_000)                                   # the next turn's search: nothing extracted
+        assert mf.extracted == extractions
+        assert ((xy >= box[:2]) & (xy < box[2:])).all()
+        nearest = np.linalg.norm(inside[:, None, :] - xy[None, :, :], axis=2).min(axis=1)
+        assert nearest.max() < 0.5, (tiled, nearest.max())
+        again, mf = window(tiled, folder)                        # a later run: read from the disk cache
+        assert mf.extracted == 0 and np.array_equal(again, xy)
