@@ -33,6 +33,8 @@ Glossary (one name per concept):
   placed       reached by the graph from a truth or a fix; unreached frames are interpolated by id
   backend      a feature extractor + matcher (BACKENDS); preset: a named set of settings
   window       the part of the map one search looks at
+  tile         a square of the map whose keypoints a flight's windows share (extracted once, cached);
+               --mode locate, one frame, extracts its window whole instead
 
 Use from Python: `uavloc.submit(uavloc.load_settings(), Path("data"), Path("build/run"))` returns the
 path of the submission it wrote.
