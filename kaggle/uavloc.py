@@ -2418,10 +2418,10 @@ def build_engine(settings: Settings, map_path: Path, map_gray: np.ndarray, out: 
     if folder is not None:
         folder.mkdir(parents=True, exist_ok=True)
     mf = MapFeatures(image, level, backend, settings.features, folder, views.stopwatch, tiled)
-    parts = f"tiles of {settings.features.map_tile} px extracted as windows need them" if tiled else \
+    how = f"tiles of {settings.features.map_tile} px extracted as windows need them" if tiled else \
         "each window extracted whole"
     log(f"map features: level {level:.3g} (frames at height {k:.0f}: {detail:.2f} working px per map px), "
-        f"{parts}; backend {backend.name} on {backend.device_name}")
+        f"{how}; backend {backend.name} on {backend.device_name}")
     dense = None
     if settings.correlation.enabled:
         try:
