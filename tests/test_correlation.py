@@ -104,3 +104,23 @@ def test_a_view_is_never_larger_than_its_frame(scene):
     assert high.calib.expected_scale(frame) * search.engine.map_features.level > 2
     assert high.scale(frame) == 1.0
     assert high.view(frame, 0, U.Stopwatch()).size == SIZE
+
+
+def test_locate_answers_with_a_confident_correlation_and_extracts_no_keypoint(scene, tmp_path, monkeypatch):
+    """--mode locate at a known height: the correlation goes first, and its confident peak is the answer.
+    No keypoint of the frame or the map is extracted (DISK on a CPU: seconds a window); the JSON says
+    whose dense descriptors found it and at what heading."""
+    search, frame = scene
+
+    def no_keypoints(*_args):
+        raise AssertionError("a keypoint extraction after a confident correlation")
+
+    monkeypatch.setattr(U.LightGlueBackend, "extract", no_keypoints)
+    u, v = frame.cx / frame.width, frame.cy / frame.height          # the truth point: the frame's centre
+    query = U.LocateQuery(frame.path.parent / "map.png", frame.path, frame.fx, frame.fy, frame.cx, frame.cy,
+                          (TRUTH[0] + 120, TRUTH[1] - 70), 250.0, (u, v), SCALE * FOCAL, yaw=HEADING)
+    res = U.locate(search.s, query, tmp_path, log=U.quiet)
+    assert res["source"] == "correlated" and res["matched"] and res["map_level"] is None
+    assert np.hypot(res["x"] - TRUTH[0], res["y"] - TRUTH[1]) < 5.0
+    assert abs(U.angle_diff(res["heading"], HEADING)) < 0.5 and res["backend"] == search.s.correlation.backend
+    assert res["peak_ratio"] >= search.s.correlation.min_ratio and res["height_from"] == "given"
