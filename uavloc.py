@@ -27,7 +27,9 @@ Glossary (one name per concept):
                is the lean
   pose         a frame's truth point on the map, its heading and its scale (a GTSAM Similarity2)
   truth        a train frame's GPS position (a tight position prior in the graph)
-  fix          a frame's own match against the map (a robust prior on its whole pose)
+  fix          a frame's own match against the map (a robust prior on its whole pose); a correlation
+               fix: its dense descriptors correlated with the map's at a known heading and scale (a
+               position only); in --mode locate a confident one is the answer
   link         two frames of one flight matched to each other (a relative pose between them)
   registration the train frames matched to the map at their truths
   placed       reached by the graph from a truth or a fix; unreached frames are interpolated by id
